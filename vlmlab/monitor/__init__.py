@@ -1,0 +1,3 @@
+from vlmlab.monitor.memory import Monitor
+
+__all__ = ["Monitor"]
