@@ -1,0 +1,132 @@
+"""Import a real seed folder (challenge layout) with per-sample validation.
+
+Input: a folder like the challenge's `input/pretrain_stage_1_10k/`: a DJ jsonl, the images
+it names (paths relative to the folder) and optionally `stage_1.json` (human prompts by id).
+Every line is checked; a bad one becomes a reject with a reason code and never stops the
+import. Only a whole unusable input (no folder, no jsonl, nothing valid) stops it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections import Counter
+from pathlib import Path, PurePosixPath
+
+from PIL import Image, UnidentifiedImageError
+
+from vlmlab.data.formats import FormatError, caption_of, dj_to_llava, prompts_by_id, read_llava, write_llava
+from vlmlab.io import fail
+
+# every reason code a reject can carry, in the order the checks run
+REASONS = ("non_utf8", "bad_json", "bad_schema", "duplicate_id", "missing_image_token", "missing_eoc_token",
+           "empty_caption", "bad_image_path", "missing_image", "unreadable_image", "truncated_image")
+
+
+def check_image(root: Path, rel: str) -> tuple[str, str] | None:
+    """None if root/rel decodes completely, else (reason, detail). Details name `rel` only,
+    so rejects.jsonl does not depend on where the dataset folder lies."""
+    path = root / rel
+    if not path.is_file():
+        return "missing_image", f"{rel} does not exist"
+    try:
+        with Image.open(path) as im:
+            try:
+                im.load()   # full decode: a cut-off file opens fine and fails only here
+            except (OSError, SyntaxError) as e:
+                return "truncated_image", f"{rel}: {e}"
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        return "unreadable_image", f"{rel}: {e}"
+    return None
+
+
+def check_line(raw: bytes, seen_ids: set[str], root: Path) -> tuple[dict | None, tuple[str, str] | None]:
+    """(parsed row, None) if the line is a usable sample, else (row or None, (reason, detail))."""
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return None, ("non_utf8", str(e))
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as e:
+        return None, ("bad_json", e.msg)
+    if not isinstance(row, dict) or not isinstance(row.get("id"), (str, int)) or not isinstance(row.get("text"), str):
+        return None, ("bad_schema", "need an object with 'id' (str) and 'text' (str)")
+    images = row.get("images")
+    if not isinstance(images, list) or len(images) != 1 or not isinstance(images[0], str):
+        return row, ("bad_schema", "'images' must be a list of exactly one path")
+    sid = str(row["id"])
+    if sid in seen_ids:
+        return row, ("duplicate_id", f"id {sid} appeared on an earlier line")
+    seen_ids.add(sid)
+    try:
+        caption_of(row["text"])
+    except FormatError as e:
+        return row, (e.reason, e.detail)
+    rel = PurePosixPath(images[0])
+    if rel.is_absolute() or ".." in rel.parts:
+        return row, ("bad_image_path", f"{images[0]} is not a path inside the dataset folder")
+    bad = check_image(root, images[0])
+    return (row, bad) if bad else (row, None)
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(src, dst)      # same filesystem: no second copy of 10k images
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
+def import_seed(src: str | os.PathLike, jsonl: str, stage1_json: str, out: str | os.PathLike, seed: int) -> dict:
+    """Validate `src/jsonl`, write dj.jsonl, llava.json, rejects.jsonl and images/ under `out`.
+
+    Returns counts: lines, samples, rejects.<reason>, rejects.total, prompts_restored, prompts_from_pool.
+    """
+    src, out = Path(src), Path(out)
+    how = "set data.path in params.yaml to a folder laid out like input/pretrain_stage_1_10k/"
+    if not str(src) or not src.is_dir():
+        raise fail(f"data.path '{src}': no such folder; {how}")
+    path = src / jsonl
+    if not path.is_file():
+        found = sorted(p.name for p in src.glob("*.jsonl"))
+        raise fail(f"{path}: no such file (jsonl files there: {found or 'none'}); set data.jsonl in params.yaml")
+    prompts = {}
+    if stage1_json and (src / stage1_json).is_file():
+        try:
+            prompts = prompts_by_id(read_llava(src / stage1_json))
+        except (ValueError, KeyError, IndexError, TypeError) as e:
+            raise fail(f"{src / stage1_json}: not a LLaVA json list ({e}); fix or remove it, or set data.stage1_json: ''")
+
+    rows, rejects, seen = [], [], set()
+    lines = 0
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            lines += 1
+            row, bad = check_line(raw.rstrip(b"\r\n"), seen, src)
+            if bad:
+                sid = row.get("id") if isinstance(row, dict) else None
+                rejects.append({"line": lineno, "id": sid, "reason": bad[0], "detail": bad[1]})
+            else:
+                rows.append(row)
+    if not rows:
+        top = Counter(r["reason"] for r in rejects).most_common(3)
+        raise fail(f"{path}: 0 of {lines} lines are usable samples (top reasons: {top}); "
+                   f"check that images lie under {src} at the paths the jsonl names")
+
+    out.mkdir(parents=True, exist_ok=True)
+    for row in rows:
+        _link_or_copy(src / row["images"][0], out / row["images"][0])
+    with open(out / "dj.jsonl", "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)   # key order and text kept as read
+    with open(out / "rejects.jsonl", "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rejects)
+    write_llava(out / "llava.json", dj_to_llava(rows, prompts, seed))
+
+    by_reason = Counter(r["reason"] for r in rejects)
+    restored = sum(str(r["id"]) in prompts for r in rows)
+    return {"lines": lines, "samples": len(rows),
+            "rejects": {**{k: by_reason.get(k, 0) for k in REASONS}, "total": len(rejects)},
+            "prompts_restored": restored, "prompts_from_pool": len(rows) - restored}

@@ -1,0 +1,191 @@
+"""Build the tiny world's data sets (the seed set and the world-only sets) bit-for-bit reproducibly.
+
+Every item's randomness comes from its own Generator seeded with (seed, split, index), so the
+output does not depend on worker scheduling, and held-out eval splits are separate streams:
+no eval scene is drawn from a training split's stream. JPEG bytes are fixed by the encoder
+settings below and the pinned Pillow.
+"""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import multiprocessing as mp
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from vlmlab.data.formats import dj_text, write_llava
+from vlmlab.world import text
+from vlmlab.world.scene import render, sample_scene
+
+# split -> (RNG stream id, first id). Ids are 9 digits, like the challenge's, unique across splits.
+SPLITS = {
+    "raw": (0, 0),
+    "curated": (1, 10_000_000),
+    "instruct": (2, 20_000_000),
+    "eval_textvqa": (3, 90_000_000),
+    "eval_caption": (4, 91_000_000),
+    "eval_mmbench": (5, 92_000_000),
+}
+CORPUS_STREAM = 6   # world_text_corpus (LM pretraining); labels.LABEL_STREAM is 7
+
+
+@dataclass(frozen=True)
+class WorldConfig:
+    seed: int = 0
+    raw_size: int = 10000      # seed set
+    curated_size: int = 2000   # dense captions
+    instruct_size: int = 3000  # stage-2 conversations
+    eval_textvqa: int = 300
+    eval_caption: int = 200
+    eval_mmbench: int = 150
+    image_size: int = 96       # stored side (the high-res view)
+    noise_rate: float = 0.35   # share of noisy raw captions
+    jpeg_quality: int = 90
+    workers: int = 2           # processes; results do not depend on it
+
+    @classmethod
+    def from_params(cls, params: dict) -> "WorldConfig":
+        known = set(cls.__dataclass_fields__)
+        return cls(seed=params["seed"], **{k: v for k, v in params["world"].items() if k in known})
+
+
+def item_id(split: str, index: int) -> str:
+    return f"{SPLITS[split][1] + index:09d}"
+
+
+def image_path(sample_id: str) -> str:
+    return f"images/{sample_id[:5]}/{sample_id}.jpg"
+
+
+def _make_item(job: tuple) -> tuple[str, bytes, dict]:
+    """One scene of one split: (id, JPEG bytes, the texts that split needs)."""
+    split, index, cfg = job
+    rng = np.random.default_rng([cfg.seed, SPLITS[split][0], index])
+    scene = sample_scene(rng)
+    buf = io.BytesIO()
+    # fixed encoder settings: no optimize pass, 4:2:0, no EXIF/ICC/timestamps
+    render(scene, cfg.image_size).save(buf, format="JPEG", quality=cfg.jpeg_quality, subsampling=2, optimize=False)
+    if split == "raw":
+        texts = {"caption": text.web_caption(scene, rng, cfg.noise_rate),
+                 "prompt": text.CAPTION_PROMPTS[int(rng.integers(len(text.CAPTION_PROMPTS)))]}
+    elif split == "curated":
+        texts = {"caption": text.dense_caption(scene, rng),
+                 "prompt": text.CAPTION_PROMPTS[int(rng.integers(len(text.CAPTION_PROMPTS)))]}
+    elif split == "instruct":
+        texts = {"conversations": text.instruct_conversation(scene, rng)}
+    elif split == "eval_textvqa":
+        texts = text.textvqa_item(scene, rng)
+    elif split == "eval_caption":
+        texts = {"captions": [text.dense_caption(scene, rng) for _ in range(5)]}
+    else:
+        texts = text.mmbench_item(scene, rng)
+    return item_id(split, index), buf.getvalue(), texts
+
+
+def _items(split: str, n: int, cfg: WorldConfig, pool):
+    jobs = [(split, i, cfg) for i in range(n)]
+    return pool.imap(_make_item, jobs, chunksize=64) if pool else map(_make_item, jobs)
+
+
+def _save_image(root: Path, sample_id: str, data: bytes) -> str:
+    rel = image_path(sample_id)
+    (root / rel).parent.mkdir(parents=True, exist_ok=True)
+    (root / rel).write_bytes(data)
+    return rel
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+
+
+def _caption_set(out: Path, split: str, cfg: WorldConfig, n: int, pool) -> int:
+    """A DJ jsonl + LLaVA json caption set (raw alt-text or curated dense captions)."""
+    rows, records = [], []
+    for sid, data, t in _items(split, n, cfg, pool):
+        rel = _save_image(out, sid, data)
+        rows.append({"id": sid, "text": dj_text(t["caption"]), "images": [rel]})
+        records.append({"id": sid, "conversations": [{"from": "human", "value": f"<image>\n{t['prompt']}"},
+                                                     {"from": "gpt", "value": t["caption"]}], "image": rel})
+    _write_jsonl(out / "dj.jsonl", rows)
+    write_llava(out / "llava.json", records)
+    return len(rows)
+
+
+def build_world(out_raw: str | Path | None, out_world: str | Path, params: dict) -> dict[str, int]:
+    """Write the raw seed set to `out_raw` (skipped if None: real data import) and the
+    world-only sets (curated, instruct, eval) to `out_world`. Returns sample counts."""
+    cfg = WorldConfig.from_params(params)
+    out_world = Path(out_world)
+    counts = {}
+    ctx = mp.get_context("fork")
+    with (ctx.Pool(cfg.workers) if cfg.workers > 1 else _NoPool()) as pool:
+        pool = pool if cfg.workers > 1 else None
+        if out_raw is not None:
+            out_raw = Path(out_raw)
+            counts["raw"] = _caption_set(out_raw, "raw", cfg, cfg.raw_size, pool)
+            (out_raw / "rejects.jsonl").write_text("", encoding="utf-8")   # generated data has none
+        counts["curated"] = _caption_set(out_world / "curated", "curated", cfg, cfg.curated_size, pool)
+
+        inst = out_world / "instruct"
+        records = []
+        for sid, data, t in _items("instruct", cfg.instruct_size, cfg, pool):
+            records.append({"id": sid, "image": _save_image(inst, sid, data), "conversations": t["conversations"]})
+        write_llava(inst / "llava.json", records)
+        counts["instruct"] = len(records)
+
+        ev = out_world / "eval"
+        questions, annotations = [], []
+        for qid, (sid, data, t) in enumerate(_items("eval_textvqa", cfg.eval_textvqa, cfg, pool)):
+            rel = _save_image(ev, sid, data)
+            questions.append({"question_id": sid, "image": rel, "text": f"{t['question']}\n{text.SHORT_ANSWER}",
+                              "category": "default"})
+            annotations.append({"question_id": qid, "image_id": sid, "question": t["question"],
+                                "answers": t["answers"], "question_type": t["kind"]})
+        _write_jsonl(ev / "textvqa_questions.jsonl", questions)
+        (ev / "textvqa_annotations.json").write_text(json.dumps({"dataset_name": "world_textvqa", "data": annotations},
+                                                                indent=1), encoding="utf-8")
+        counts["eval_textvqa"] = len(questions)
+
+        caps = [{"id": sid, "image": _save_image(ev, sid, data), "captions": t["captions"]}
+                for sid, data, t in _items("eval_caption", cfg.eval_caption, cfg, pool)]
+        _write_jsonl(ev / "captions.jsonl", caps)
+        counts["eval_caption"] = len(caps)
+
+        lines = ["\t".join(("index", "question", "hint", "A", "B", "C", "D", "answer", "category", "image"))]
+        for index, (sid, data, t) in enumerate(_items("eval_mmbench", cfg.eval_mmbench, cfg, pool)):
+            fields = [str(index), t["question"], t["hint"], t["A"], t["B"], t["C"], t["D"], t["answer"],
+                      t["category"], base64.b64encode(data).decode("ascii")]
+            lines.append("\t".join(fields))
+        (ev / "mmbench.tsv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+        counts["eval_mmbench"] = cfg.eval_mmbench
+    return counts
+
+
+class _NoPool:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def world_text_corpus(n: int, seed: int) -> list[str]:
+    """n world sentences (captions, questions, answers, prompts) for language-model pretraining.
+
+    Drawn from their own RNG stream, so the LM never sees the eval scenes' texts verbatim.
+    """
+    out: list[str] = []
+    i = 0
+    while len(out) < n:
+        rng = np.random.default_rng([seed, CORPUS_STREAM, i])
+        scene = sample_scene(rng)
+        out.append(text.dense_caption(scene, rng))
+        out.append(text.web_caption(scene, rng, 0.0))
+        qa = text.textvqa_item(scene, rng)
+        out.append(f"{qa['question']} {qa['answer']}")
+        out += [t["value"].removeprefix("<image>\n") for t in text.instruct_conversation(scene, rng)]
+        i += 1
+    return out[:n]
