@@ -13,7 +13,7 @@ import shutil
 from collections import Counter
 from pathlib import Path, PurePosixPath
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageFile, UnidentifiedImageError
 
 from vlmlab.data.formats import FormatError, caption_of, dj_to_llava, prompts_by_id, read_llava, write_llava
 from vlmlab.io import fail
@@ -29,6 +29,8 @@ def check_image(root: Path, rel: str) -> tuple[str, str] | None:
     path = root / rel
     if not path.is_file():
         return "missing_image", f"{rel} does not exist"
+    # Data-Juicer switches PIL to accept truncated files process-wide; a validator must not
+    lenient, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False
     try:
         with Image.open(path) as im:
             try:
@@ -37,6 +39,8 @@ def check_image(root: Path, rel: str) -> tuple[str, str] | None:
                 return "truncated_image", f"{rel}: {e}"
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         return "unreadable_image", f"{rel}: {e}"
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = lenient
     return None
 
 
