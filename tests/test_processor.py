@@ -1,0 +1,80 @@
+"""MgmProcessor: chat template, image expansion, labels, both views, padding, save/load."""
+import pytest
+import torch
+from PIL import Image
+
+from vlmlab.models.processor import IGNORE_INDEX, MgmProcessor
+from vlmlab.models.tokenizer import train_world_tokenizer
+
+TEXTS = ["a small red circle on the left .", "what does the sign say ?", "the sign says hello .", "two"]
+
+
+@pytest.fixture(scope="module")
+def processor():
+    return MgmProcessor(train_world_tokenizer(TEXTS), image_size=32, image_size_aux=96, num_image_tokens=16)
+
+
+def test_conversation_labels_only_answers_and_their_end(processor):
+    conv = [{"from": "human", "value": "<image>\nwhat does the sign say ?"}, {"from": "gpt", "value": "hello"},
+            {"from": "human", "value": "how many ?"}, {"from": "gpt", "value": "two ."}]
+    enc = processor.encode_conversation(conv, Image.new("RGB", (96, 96), "red"))
+    ids, labels = enc["input_ids"].tolist(), enc["labels"].tolist()
+    assert ids.count(processor.image_token_id) == 16
+    assert ids[0] == processor.tokenizer.bos_token_id
+    learned = [t for t, l in zip(ids, labels) if l != IGNORE_INDEX]
+    assert processor.tokenizer.convert_ids_to_tokens(learned) == ["hello", "<end_of_turn>", "two", ".", "<end_of_turn>"]
+    assert all(l in (t, IGNORE_INDEX) for t, l in zip(ids, labels))
+    text = processor.tokenizer.decode(ids)
+    assert text.count("<start_of_turn> user") == 2 and text.count("<start_of_turn> model") == 2
+    assert enc["pixel_values"].shape == (3, 32, 32) and enc["pixel_values_aux"].shape == (3, 96, 96)
+
+
+def test_missing_placeholder_is_added_and_extra_ones_refused(processor):
+    image = Image.new("RGB", (50, 40), "blue")
+    enc = processor.encode_conversation([{"from": "human", "value": "what ?"}, {"from": "gpt", "value": "two"}], image)
+    assert enc["input_ids"].tolist().count(processor.image_token_id) == 16
+    with pytest.raises(ValueError, match="2 <image> tokens"):
+        processor.encode_conversation([{"from": "human", "value": "<image> <image>"}, {"from": "gpt", "value": "x"}], image)
+    with pytest.raises(ValueError, match="unknown speaker"):
+        processor.encode_conversation([{"from": "robot", "value": "<image>"}], image)
+
+
+def test_prompt_ends_where_the_answer_starts(processor):
+    enc = processor.encode_prompt("what does the sign say ?", Image.new("RGB", (96, 96)))
+    tokens = processor.tokenizer.convert_ids_to_tokens(enc["input_ids"].tolist()[-3:])
+    assert tokens == ["<end_of_turn>", "<start_of_turn>", "model"]
+    assert "labels" not in enc
+
+
+def test_views_are_centre_cropped_and_clip_normalised(processor):
+    image = Image.new("RGB", (192, 96), (255, 255, 255))
+    image.paste((0, 0, 0), (0, 0, 48, 96))  # black strip on the left, cropped away by the centre crop
+    views = processor.images(image)
+    white = (1.0 - torch.tensor(processor.image_mean)) / torch.tensor(processor.image_std)
+    assert torch.allclose(views["pixel_values_aux"].amin((1, 2)), white, atol=1e-5)
+    assert views["pixel_values"].shape == (3, 32, 32)
+
+
+def test_pad_left_and_right(processor):
+    a = processor.encode_prompt("two", Image.new("RGB", (96, 96)))
+    b = processor.encode_prompt("what does the sign say ?", Image.new("RGB", (96, 96)))
+    left = processor.pad([a, b], "left")
+    n = len(b["input_ids"]) - len(a["input_ids"])
+    assert left["attention_mask"][0].tolist() == [0] * n + [1] * len(a["input_ids"])
+    assert torch.equal(left["input_ids"][0, n:], a["input_ids"])
+    right = processor.pad([dict(a, labels=a["input_ids"]), dict(b, labels=b["input_ids"])], "right")
+    assert right["labels"][0, -n:].tolist() == [IGNORE_INDEX] * n
+    assert left["pixel_values_aux"].shape == (2, 3, 96, 96)
+
+
+def test_save_load_roundtrip_and_decode(processor, tmp_path):
+    processor.save_pretrained(tmp_path)
+    again = MgmProcessor.from_pretrained(tmp_path)
+    conv = [{"from": "human", "value": "<image>\nwhat ?"}, {"from": "gpt", "value": "the sign says hello ."}]
+    image = Image.new("RGB", (96, 96), "green")
+    x, y = processor.encode_conversation(conv, image), again.encode_conversation(conv, image)
+    assert all(torch.equal(x[k], y[k]) for k in x)
+    answer = [t for t, l in zip(y["input_ids"].tolist(), y["labels"].tolist()) if l != IGNORE_INDEX]
+    assert again.batch_decode([answer]) == ["the sign says hello."]
+    with pytest.raises(FileNotFoundError, match="no processor here"):
+        MgmProcessor.from_pretrained(tmp_path / "nowhere")

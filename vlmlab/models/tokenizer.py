@@ -1,0 +1,40 @@
+"""The tiny world's tokenizer: word level, trained with the `tokenizers` library on world text.
+
+A closed world has a closed vocabulary, so whole words are the natural unit: one token per
+word keeps sequences short (fast on a CPU) and nothing is ever out of vocabulary when the
+world's own word list (`vocab.corpus_words()`) is added to what the trainer saw.
+Special tokens sit at Gemma's ids (pad 0, eos 1, bos 2, unk 3) so the chat template and
+generation settings are the same for the tiny and the real model.
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
+PAD, EOS, BOS, UNK = "<pad>", "<eos>", "<bos>", "<unk>"
+IMAGE_TOKEN = "<image>"
+START_OF_TURN, END_OF_TURN = "<start_of_turn>", "<end_of_turn>"
+SPECIAL_TOKENS = [PAD, EOS, BOS, UNK, IMAGE_TOKEN, START_OF_TURN, END_OF_TURN]
+TEMPLATE_WORDS = ["user", "model"]  # the chat template's own words (processor.py)
+
+
+def train_world_tokenizer(texts: Iterable[str], extra_words: Iterable[str] = ()) -> PreTrainedTokenizerFast:
+    """Word-level tokenizer over `texts`; `extra_words` (the world's full word list) are always in."""
+    tok = Tokenizer(models.WordLevel(unk_token=UNK))
+    # words and punctuation runs become tokens; whitespace (incl. the template's newlines) vanishes
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    trainer = trainers.WordLevelTrainer(special_tokens=SPECIAL_TOKENS, min_frequency=1, show_progress=False)
+    extra = sorted({w for w in list(extra_words) + TEMPLATE_WORDS if w})
+    tok.train_from_iterator(list(texts) + [" ".join(extra)], trainer=trainer)
+    return wrap(tok)
+
+
+def wrap(tok: Tokenizer) -> PreTrainedTokenizerFast:
+    """A transformers tokenizer around a `tokenizers` one (save_pretrained/from_pretrained, decode)."""
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token=PAD, eos_token=EOS, bos_token=BOS, unk_token=UNK,
+        additional_special_tokens=[IMAGE_TOKEN, START_OF_TURN, END_OF_TURN],
+        clean_up_tokenization_spaces=True,  # "a cat ." -> "a cat."
+        model_max_length=1024)
