@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Iterable
 
-from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 PAD, EOS, BOS, UNK = "<pad>", "<eos>", "<bos>", "<unk>"
@@ -18,13 +18,16 @@ IMAGE_TOKEN = "<image>"
 START_OF_TURN, END_OF_TURN = "<start_of_turn>", "<end_of_turn>"
 SPECIAL_TOKENS = [PAD, EOS, BOS, UNK, IMAGE_TOKEN, START_OF_TURN, END_OF_TURN]
 TEMPLATE_WORDS = ["user", "model"]  # the chat template's own words (processor.py)
+WORD_PATTERN = r"[a-z0-9]+|[^\sa-z0-9]"  # = vlmlab.world.vocab.tokenize_words
 
 
 def train_world_tokenizer(texts: Iterable[str], extra_words: Iterable[str] = ()) -> PreTrainedTokenizerFast:
     """Word-level tokenizer over `texts`; `extra_words` (the world's full word list) are always in."""
     tok = Tokenizer(models.WordLevel(unk_token=UNK))
-    # words and punctuation runs become tokens; whitespace (incl. the template's newlines) vanishes
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    # the world's own word split (vocab.tokenize_words): lower-case words/numbers and single
+    # punctuation marks are tokens; whitespace (incl. the template's newlines) vanishes
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(WORD_PATTERN), behavior="removed", invert=True)
     trainer = trainers.WordLevelTrainer(special_tokens=SPECIAL_TOKENS, min_frequency=1, show_progress=False)
     extra = sorted({w for w in list(extra_words) + TEMPLATE_WORDS if w})
     tok.train_from_iterator(list(texts) + [" ".join(extra)], trainer=trainer)
