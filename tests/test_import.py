@@ -128,3 +128,14 @@ def test_prepare_stage_fails_cleanly_and_leaves_nothing(tmp_path):
     assert proc.returncode != 0
     assert proc.stderr.strip().count("\n") == 0 and "no such folder" in proc.stderr
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_importing_a_generated_world_set_gives_back_the_same_bytes(tmp_path):
+    from vlmlab.world.generate import build_world
+    params = {"seed": 1, "world": {"raw_size": 12, "curated_size": 2, "instruct_size": 2, "eval_textvqa": 2,
+                                   "eval_caption": 2, "eval_mmbench": 2, "workers": 1}}
+    build_world(tmp_path / "raw", tmp_path / "world", params)
+    counts = import_seed(tmp_path / "raw", "dj.jsonl", "llava.json", tmp_path / "again", seed=0, workers=1)
+    assert counts["samples"] == 12 and counts["prompts_restored"] == 12
+    for name in ("dj.jsonl", "llava.json", "rejects.jsonl", "images/00000/000000011.jpg"):
+        assert (tmp_path / "again" / name).read_bytes() == (tmp_path / "raw" / name).read_bytes(), name
