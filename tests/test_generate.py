@@ -1,0 +1,71 @@
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vlmlab.evaluate.generate import GreedyDecoder, generate_answers
+from vlmlab.models import presets
+from vlmlab.models.mgm import MgmForConditionalGeneration
+from vlmlab.models.processor import MgmProcessor
+from vlmlab.models.tokenizer import train_world_tokenizer
+
+WORDS = "what is the color of shape sign word red blue green cube sphere cone a an on left right small big".split()
+MAX_NEW = 12
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matrices: threads only fight over the shared cores
+    torch.manual_seed(0)
+    tok = train_world_tokenizer([" ".join(WORDS)])
+    cfg = presets.build_config("tiny", vocab_size=len(tok), image_token_id=tok.convert_tokens_to_ids("<image>"),
+                               pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    model = MgmForConditionalGeneration(cfg).eval()
+    with torch.no_grad():  # a random model with large weights: varied answers whose argmax depends on every input
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 1.5 / p.shape[-1] ** 0.5)
+    rng = np.random.default_rng(0)
+    items = [{"prompt": " ".join(rng.choice(WORDS, size=int(rng.integers(2, 12)))),
+              "image": Image.fromarray(rng.integers(0, 255, (96, 96, 3), dtype=np.uint8))} for _ in range(9)]
+    yield model, MgmProcessor.for_model(tok, cfg), items
+    torch.set_num_threads(threads)
+
+
+def reference_answer(model, proc, item):
+    """One prompt at a time through transformers' own `generate` (MGM's model_vqa_loader does this)."""
+    e = proc.encode_prompt(item["prompt"], item["image"])
+    ids = e["input_ids"][None]
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=e["pixel_values"][None],
+                         pixel_values_aux=e["pixel_values_aux"][None], max_new_tokens=MAX_NEW, do_sample=False,
+                         eos_token_id=proc.stop_token_ids, pad_token_id=proc.tokenizer.pad_token_id)
+    return proc.decode(out[0, ids.shape[1]:])
+
+
+def test_batched_equals_one_at_a_time(tiny):
+    model, proc, items = tiny
+    reference = [reference_answer(model, proc, it) for it in items]
+    assert len(set(reference)) == len(reference)  # answers differ: the comparison can fail
+    assert generate_answers(model, proc, items, batch_size=4, max_new_tokens=MAX_NEW) == reference
+    assert generate_answers(model, proc, items, batch_size=4, max_new_tokens=MAX_NEW, cache="static",
+                            vision_batch=3) == reference
+    assert generate_answers(model, proc, items[::-1], batch_size=9, max_new_tokens=MAX_NEW) == reference[::-1]
+
+
+def test_token_ids_and_stopping(tiny):
+    model, proc, items = tiny
+    enc = [proc.encode_prompt(it["prompt"], it["image"]) for it in items]
+    dec = GreedyDecoder(model, proc.stop_token_ids, proc.tokenizer.pad_token_id, MAX_NEW)
+    alone = [dec(**{k: v for k, v in proc.pad([e]).items()})[0] for e in enc]
+    batch = proc.pad(enc, padding_side="left")
+    together = dec(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["pixel_values_aux"])
+    assert together == alone
+    assert any(len(a) < MAX_NEW for a in alone) and any(len(a) == MAX_NEW for a in alone)  # some rows stop early
+    assert not any(set(a) & set(proc.stop_token_ids) for a in alone)
+
+
+def test_bad_options_and_empty():
+    with pytest.raises(ValueError, match="compile=True needs"):
+        GreedyDecoder(torch.nn.Module(), [1], 0, 4, compile=True)
+    assert generate_answers(None, None, [], 4, 4) == []
