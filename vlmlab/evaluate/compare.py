@@ -1,0 +1,231 @@
+"""Compare runs: gather the metrics every stage wrote, tabulate them, pick the best model,
+check merged models against their adapters, and draw the overlays.
+
+Only what exists is reported: a run whose metrics file is absent (e.g. the enhanced set
+not synthesized yet) shows as "absent" and never as a number.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from vlmlab import io
+
+EVAL_KEYS = ["textvqa_acc", "bleu_1", "bleu_2", "bleu_3", "bleu_4", "cider", "mmbench_acc", "mmbench_circular_acc"]
+DATA_KEYS = [("samples", "samples"), ("rejects.total", "rejects"), ("caption_words.mean", "words/caption"),
+             ("caption_chars.mean", "chars/caption"), ("vocab_size", "vocabulary"),
+             ("duplicate_caption_share", "duplicate share")]
+TRAIN_KEYS = [("train_s", "train s"), ("samples_per_s", "samples/s"), ("tokens_per_s", "tokens/s"),
+              ("trainable.total", "trainable params"), ("train_loss", "stage-2 loss"), ("final_loss", "final loss")]
+PEAK_KEYS = [("monitor.wall_s", "wall s"), ("monitor.peak_rss_mb", "peak RSS MB"),
+             ("monitor.peak_gpu_mem_mb", "peak GPU MB"), ("monitor.peak_torch_alloc_mb", "peak torch alloc MB")]
+
+
+@dataclass
+class Collected:
+    data: dict[str, dict | None] = field(default_factory=dict)    # dataset -> flat metrics (None: absent)
+    train: dict[str, dict | None] = field(default_factory=dict)   # run -> flat metrics
+    merge: dict[str, dict | None] = field(default_factory=dict)   # run -> flat metrics
+    eval: dict[str, dict | None] = field(default_factory=dict)    # model -> flat metrics
+    model_paths: dict[str, str] = field(default_factory=dict)     # model -> folder
+
+
+def _read(path: Path) -> dict | None:
+    if not path.is_file():
+        return None
+    try:
+        return io.flatten(json.loads(path.read_text(encoding="utf-8")))
+    except (json.JSONDecodeError, AttributeError) as e:
+        raise io.fail(f"{path}: unreadable metrics ({e}); re-run the stage that writes it") from None
+
+
+def collect(root: Path, datasets: list[str], runs: list[str], models: dict[str, str]) -> Collected:
+    m = root / "metrics"
+    return Collected(
+        data={d: _read(m / "data" / f"{d}.json") for d in datasets},
+        train={r: _read(m / "train" / f"{r}.json") for r in runs},
+        merge={r: _read(m / "merge" / f"{r}.json") for r in runs if (m / "merge" / f"{r}.json").is_file()},
+        eval={name: _read(m / "eval" / f"{name}.json") for name in models},
+        model_paths=dict(models),
+    )
+
+
+def best_model(evals: dict[str, dict | None], metric: str) -> tuple[str, float] | None:
+    """(name, value) of the model with the highest `metric` among those evaluated; None if none has it."""
+    scored = [(name, m[metric]) for name, m in evals.items() if m and metric in m]
+    return max(scored, key=lambda x: x[1]) if scored else None
+
+
+def merged_pairs(model_paths: dict[str, str]) -> list[tuple[str, str]]:
+    """(merged model, adapter model) pairs: models/merged/<run> against models/runs/<run>."""
+    by_path = {Path(p).as_posix().rstrip("/"): n for n, p in model_paths.items()}
+    pairs = []
+    for name, path in model_paths.items():
+        p = Path(path)
+        if p.parent.name == "merged":
+            adapter = by_path.get((p.parent.parent / "runs" / p.name).as_posix())
+            if adapter:
+                pairs.append((name, adapter))
+    return pairs
+
+
+def merge_checks(col: Collected, tolerance: float) -> dict[str, dict]:
+    """Per merged model: the largest |difference| of the headline metrics against its adapter run."""
+    out = {}
+    for merged, adapter in merged_pairs(col.model_paths):
+        a, b = col.eval.get(merged), col.eval.get(adapter)
+        if not a or not b:
+            continue
+        diffs = {k: abs(a[k] - b[k]) for k in EVAL_KEYS if k in a and k in b}
+        worst = max(diffs.values()) if diffs else math.nan
+        out[merged] = {"adapter": adapter, "max_abs_diff": worst, "within_tolerance": worst <= tolerance,
+                       "diffs": diffs}
+    return out
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "absent"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, int) or (isinstance(v, float) and v.is_integer() and abs(v) >= 100):
+        return f"{int(v):,}"
+    if isinstance(v, float):
+        return f"{v:.4f}" if abs(v) < 10 else f"{v:,.1f}"
+    return str(v)
+
+
+def _table(title_col: str, rows: dict[str, dict | None], keys: list[tuple[str, str]]) -> list[str]:
+    head = [title_col] + [label for _, label in keys]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, m in rows.items():
+        if m is None:
+            cells = ["absent"] + [""] * (len(keys) - 1)
+        else:
+            cells = [_fmt(m[k]) if k in m else "—" for k, _ in keys]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def render_markdown(col: Collected, metric: str, tolerance: float, figures: dict[str, str]) -> str:
+    best = best_model(col.eval, metric)
+    checks = merge_checks(col, tolerance)
+    out = ["# Run comparison", ""]
+    if best:
+        out += [f"**Best model by `{metric}`: `{best[0]}` ({best[1]:.4f}).**", ""]
+    else:
+        out += [f"No evaluated model has `{metric}` yet.", ""]
+    out += ["## Evaluation", ""]
+    out += _table("model", col.eval, [(k, k) for k in EVAL_KEYS] + [("questions_per_s", "questions/s")])
+    out += ["", "Absent: the model's `evaluate` stage has not produced metrics/eval/<model>.json.", ""]
+    if checks:
+        out += ["## Merged LoRA vs adapter", "", f"Tolerance on every headline metric: {tolerance}.", "",
+                "| merged | adapter | max abs diff | within tolerance |", "|---|---|---|---|"]
+        out += [f"| {m} | {c['adapter']} | {c['max_abs_diff']:.4g} | {_fmt(c['within_tolerance'])} |" for m, c in checks.items()]
+        out += [""]
+    out += ["## Data: raw vs enhanced", ""] + _table("set", col.data, DATA_KEYS) + [""]
+    out += ["## Training cost", ""] + _table("run", col.train, TRAIN_KEYS) + [""]
+    peaks = {f"train {r}": m for r, m in col.train.items()}
+    peaks.update({f"evaluate {n}": m for n, m in col.eval.items()})
+    out += ["## Memory and time peaks (per stage)", ""] + _table("stage", peaks, PEAK_KEYS) + [""]
+    if figures:
+        out += ["## Figures", ""] + [f"![{k}]({v})" for k, v in figures.items()] + [""]
+    return "\n".join(out)
+
+
+def summary(col: Collected, metric: str, tolerance: float) -> dict:
+    """metrics/compare.json: numbers only (DVC drops strings); the best model is flagged per model."""
+    best = best_model(col.eval, metric)
+    models = {}
+    for name, m in col.eval.items():
+        if m:
+            models[name] = {k: m[k] for k in EVAL_KEYS if k in m}
+            models[name]["is_best"] = int(bool(best) and best[0] == name)
+    out = {"best_value": best[1] if best else math.nan, "models_evaluated": len(models), "models": models}
+    checks = merge_checks(col, tolerance)
+    if checks:
+        out["merged_vs_adapter"] = {n: {"max_abs_diff": c["max_abs_diff"], "within_tolerance": int(c["within_tolerance"])}
+                                    for n, c in checks.items()}
+    if not best:
+        del out["best_value"]  # no evaluated model: nothing to report rather than a NaN
+    return out
+
+
+# ------------------------------------------------------------------------- series for plots
+
+def eval_rows(col: Collected) -> list[dict]:
+    return [{"model": n, "metric": k, "value": m[k]} for n, m in col.eval.items() if m for k in EVAL_KEYS if k in m]
+
+
+def loss_rows(root: Path, runs: list[str]) -> list[dict]:
+    """dvclive's per-step loss of each train run (plots/train/<run>/plots/metrics/loss.tsv)."""
+    rows = []
+    for run in runs:
+        path = root / "plots" / "train" / run / "plots" / "metrics" / "loss.tsv"
+        if path.is_file():
+            with open(path, newline="") as f:
+                rows += [{"step": int(r["step"]), "loss": float(r["loss"]), "series": run}
+                         for r in csv.DictReader(f, delimiter="\t")]
+    return rows
+
+
+def memory_rows(root: Path) -> list[dict]:
+    """Memory over time of every monitored stage (plots/monitor/*.csv): GPU memory if any was used, else RSS."""
+    rows = []
+    for path in sorted((root / "plots" / "monitor").glob("*.csv")):
+        with open(path, newline="") as f:
+            samples = list(csv.DictReader(f))
+        if not samples:
+            continue
+        key = "gpu_mem_mb" if any(float(s.get("gpu_mem_mb") or 0) > 0 for s in samples) else "rss_mb"
+        rows += [{"t_s": float(s["t_s"]), "memory_mb": float(s[key]), "series": path.stem} for s in samples]
+    return rows
+
+
+def write_csv(path: Path, rows: list[dict], fields: list[str]) -> None:
+    with io.atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        w.writerows(rows)
+
+
+def draw(path: Path, kind: str, rows: list[dict]) -> bool:
+    """PNG of `kind` (metrics | loss | memory) from its rows; with no rows the PNG says so (False)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4), dpi=100)
+    if not rows:
+        ax.text(0.5, 0.5, f"no {kind} data yet", ha="center", va="center")
+        ax.set_axis_off()
+    elif kind == "metrics":
+        models = list(dict.fromkeys(r["model"] for r in rows))
+        metrics = list(dict.fromkeys(r["metric"] for r in rows))
+        width = 0.8 / len(models)
+        value = {(r["model"], r["metric"]): r["value"] for r in rows}
+        for i, model in enumerate(models):
+            xs = [j + i * width for j in range(len(metrics))]
+            ax.bar(xs, [value.get((model, k), 0.0) for k in metrics], width, label=model)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(metrics))], metrics, rotation=30, ha="right")
+        ax.set_ylabel("score (CIDEr-D on its own 0-10 scale)")
+    else:
+        x, y, group = {"loss": ("step", "loss"), "memory": ("t_s", "memory_mb")}[kind] + ("series",)
+        for name in dict.fromkeys(r[group] for r in rows):
+            pts = [r for r in rows if r[group] == name]
+            ax.plot([p[x] for p in pts], [p[y] for p in pts], label=name)
+        ax.set_xlabel({"step": "optimizer step", "t_s": "seconds"}[x])
+        ax.set_ylabel({"loss": "training loss", "memory_mb": "memory (MiB)"}[y])
+    if rows:
+        ax.legend(fontsize=8)
+    ax.set_title({"metrics": "evaluation metrics per model", "loss": "training loss per run",
+                  "memory": "memory over time per stage"}[kind])
+    fig.tight_layout()
+    with io.atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", metadata={"Software": None})
+    plt.close(fig)
+    return bool(rows)
