@@ -6,6 +6,11 @@ same stripped caption. LLaVA records keep the human prompt that the DJ seed drop
 Data-Juicer's `dj_to_llava --restore_questions`, it is restored by id from the original
 stage_1.json; ids it lacks get a prompt from the stage-1 pool, chosen by a seeded hash of
 the id (so a sample's prompt does not depend on file order).
+
+Why not call Data-Juicer's converter: `tools/fmt_conversion/.../dj_to_llava.py` is a CLI
+script (not part of the installed API), fails on an id that stage_1.json lacks and reads
+whole files only; this module keeps its semantics (tests check byte equality with its output
+on the real challenge lines) and works on in-memory rows.
 """
 from __future__ import annotations
 

@@ -4,6 +4,8 @@ Input: a folder like the challenge's `input/pretrain_stage_1_10k/`: a DJ jsonl, 
 it names (paths relative to the folder) and optionally `stage_1.json` (human prompts by id).
 Every line is checked; a bad one becomes a reject with a reason code and never stops the
 import. Only a whole unusable input (no folder, no jsonl, nothing valid) stops it.
+Written here because Data-Juicer's loaders either crash on such a line or drop it silently;
+the reasons must be counted.
 """
 from __future__ import annotations
 
