@@ -15,12 +15,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/generate.py` from a plain checkout
 from vlmlab.evaluate.generate import TEXTVQA_SUFFIX, GreedyDecoder, generate_answers
 from vlmlab.models import presets
 from vlmlab.models.mgm import MgmForConditionalGeneration
