@@ -1,0 +1,116 @@
+"""Official MGM checkpoints (their own key names) -> our model, with zero missing keys."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from vlmlab.io import StageError
+from vlmlab.models import MgmForConditionalGeneration, convert, presets
+from vlmlab.models.tokenizer import train_world_tokenizer
+
+KEYS = Path(__file__).parent / "data" / "mgm2b_keys.json"
+
+# Read by hand off MGM's modules (mgm_arch.py, clip_encoder.py, openclip_encoder.py -> timm
+# convnext_large, projector builder, MGMGemmaForCausalLM): names and shapes MGM-2B must carry.
+ANCHORS = {
+    "lm_head.weight": [256000, 2048],
+    "model.embed_tokens.weight": [256000, 2048],
+    "model.layers.17.self_attn.k_proj.weight": [256, 2048],   # 1 KV head x 256
+    "model.layers.0.mlp.down_proj.weight": [2048, 16384],
+    "model.norm.weight": [2048],
+    "model.vision_tower.vision_tower.vision_model.embeddings.position_embedding.weight": [577, 1024],
+    "model.vision_tower.vision_tower.vision_model.embeddings.patch_embedding.weight": [1024, 3, 14, 14],
+    "model.vision_tower.vision_tower.vision_model.pre_layrnorm.weight": [1024],
+    "model.vision_tower.vision_tower.vision_model.encoder.layers.23.mlp.fc1.weight": [4096, 1024],
+    "model.vision_tower.vision_tower.vision_model.post_layernorm.bias": [1024],
+    "model.vision_tower_aux.vision_stem.0.weight": [192, 3, 4, 4],
+    "model.vision_tower_aux.vision_stem.1.bias": [192],
+    "model.vision_tower_aux.vision_stages.1.downsample.1.weight": [384, 192, 2, 2],
+    "model.vision_tower_aux.vision_stages.2.blocks.26.gamma": [768],
+    "model.vision_tower_aux.vision_stages.3.blocks.2.conv_dw.weight": [1536, 1, 7, 7],
+    "model.vision_tower_aux.vision_stages.3.blocks.2.mlp.fc1.weight": [6144, 1536],
+    "model.mm_projector.0.weight": [2048, 1024],
+    "model.mm_projector.2.weight": [2048, 2048],
+    "model.vlm_uni_query_projector.1.weight": [1024, 1024],
+    "model.vlm_uni_aux_projector.1.weight": [1024, 2880],
+    "model.vlm_uni_val_projector.0.weight": [2880],
+}
+
+
+def test_fixture_matches_mgm_code_and_our_mapping():
+    fixture = json.loads(KEYS.read_text())
+    for key, shape in ANCHORS.items():
+        assert fixture[key] == shape, key
+    # Gemma 165 (incl. lm_head) + CLIP 391 (+ position_ids) + ConvNeXt-L 4+12+36*9 + glue 16
+    assert len(fixture) == 165 + 392 + 340 + 16
+    regenerated = convert.mgm_key_shapes(presets.build_config("mgm-2b"))
+    assert {k: v for k, v in fixture.items() if not k.endswith("position_ids")} == regenerated
+
+
+def test_mgm_2b_keys_cover_our_model_with_zero_missing():
+    fixture = json.loads(KEYS.read_text())
+    with torch.device("meta"):
+        model = MgmForConditionalGeneration(presets.build_config("mgm-2b"))
+    ours = {k: list(v.shape) for k, v in model.state_dict().items()}
+    mapped = {convert.mgm_key_to_ours(k): shape for k, shape in fixture.items()}
+    unused = [k for k in fixture if convert.mgm_key_to_ours(k) is None]
+    assert unused == ["model.vision_tower.vision_tower.vision_model.embeddings.position_ids"]
+    mapped.pop(None)
+    assert set(ours) - set(mapped) == set()       # zero missing
+    assert set(mapped) - set(ours) == set()       # nothing lands nowhere
+    assert all(mapped[k] == ours[k] for k in ours)
+
+
+def test_config_reader_accepts_the_real_mgm_2b_config(fixtures_dir):
+    cfg = convert.config_from_mgm(fixtures_dir / "better_synth" / "mgm_2b_pretrain_config.json")
+    ref = presets.build_config("mgm-2b")
+    assert cfg.mm_hidden_size_aux == 2880 and cfg.image_size == 336 and cfg.image_size_aux == 768
+    assert cfg.text_config.to_dict()["num_key_value_heads"] == 1
+    for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "head_dim", "vocab_size"):
+        assert getattr(cfg.text_config, key) == getattr(ref.text_config, key), key
+
+
+def _tiny_mgm_folder(tmp_path, with_extra=True):
+    """A tiny model saved as MGM saves itself: MGM key names, MGM config.json."""
+    torch.manual_seed(0)
+    model, processor = presets.build("tiny", train_world_tokenizer(["a red circle ."]))
+    state = {convert.ours_key_to_mgm(k): v.contiguous().clone() for k, v in model.state_dict().items()}
+    if with_extra:
+        state["model.vision_tower.vision_tower.vision_model.embeddings.position_ids"] = torch.arange(17)[None]
+    folder = tmp_path / "mgm"
+    folder.mkdir()
+    save_file(state, str(folder / "model.safetensors"))
+    return model, processor, folder, state
+
+
+def test_converter_loads_mgm_named_weights_exactly(tmp_path):
+    model, processor, folder, state = _tiny_mgm_folder(tmp_path)
+    target = MgmForConditionalGeneration(model.config)
+    report = convert.load_mgm_weights(target, convert.read_state_dict(folder))
+    assert report["missing"] == []
+    assert report["unused"] == ["model.vision_tower.vision_tower.vision_model.embeddings.position_ids"]
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, target.state_dict()[k]), k
+
+
+def test_converter_reports_partial_and_refuses_incomplete(tmp_path):
+    model, _, folder, state = _tiny_mgm_folder(tmp_path, with_extra=False)
+    stage1 = {k: v for k, v in state.items() if not k.startswith(("model.layers", "model.embed", "model.norm", "lm_head"))}
+    torch.save(stage1, tmp_path / "mm_projector.bin")
+    target = MgmForConditionalGeneration(model.config)
+    report = convert.load_mgm_weights(target, convert.read_state_dict(tmp_path / "mm_projector.bin"), partial=True)
+    assert report["missing"] and all(k.startswith("language_model.") for k in report["missing"])
+    assert torch.equal(target.mm_projector[0].weight, model.mm_projector[0].weight)
+    with pytest.raises(StageError, match="misses"):
+        convert.load_mgm_weights(MgmForConditionalGeneration(model.config), stage1)
+    with pytest.raises(StageError, match="no such checkpoint"):
+        convert.read_state_dict(tmp_path / "absent")
+
+
+def test_timm_convnext_names_compute_the_same_as_ours():
+    # the renaming is only valid if both modules compute the same thing: check on one block
+    assert convert.timm_convnext_key("vision_stages.0.blocks.1.mlp.fc2.bias") == "encoder.stages.0.layers.1.pwconv2.bias"
+    assert convert.timm_convnext_key("vision_stages.2.downsample.0.weight") == "encoder.stages.2.downsampling_layer.0.weight"
+    assert convert.timm_convnext_key("head.fc.weight") is None
