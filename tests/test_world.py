@@ -156,3 +156,12 @@ def test_labels_cover_their_classes():
 def test_world_text_corpus_is_seeded():
     a, b = world_text_corpus(50, seed=0), world_text_corpus(50, seed=0)
     assert a == b and len(a) == 50 and a != world_text_corpus(50, seed=1)
+
+
+def test_empty_sets_are_written_as_empty_files(tmp_path):
+    params = {"seed": 0, "world": {**TINY["world"], "raw_size": 2, "curated_size": 0, "instruct_size": 0,
+                                   "eval_textvqa": 0, "eval_caption": 0, "eval_mmbench": 0, "workers": 1}}
+    counts = build_world(None, tmp_path, params)
+    assert counts == {"curated": 0, "instruct": 0, "eval_textvqa": 0, "eval_caption": 0, "eval_mmbench": 0}
+    assert (tmp_path / "curated/dj.jsonl").read_text() == "" and json.loads((tmp_path / "instruct/llava.json").read_text()) == []
+    assert (tmp_path / "eval/mmbench.tsv").read_text().count("\n") == 1   # header only

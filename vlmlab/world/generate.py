@@ -103,6 +103,7 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
 
 def _caption_set(out: Path, split: str, cfg: WorldConfig, n: int, pool) -> int:
     """A DJ jsonl + LLaVA json caption set (raw alt-text or curated dense captions)."""
+    out.mkdir(parents=True, exist_ok=True)   # a set of size 0 is still a (empty) set
     rows, records = [], []
     for sid, data, t in _items(split, n, cfg, pool):
         rel = _save_image(out, sid, data)
@@ -129,14 +130,15 @@ def build_world(out_raw: str | Path | None, out_world: str | Path, params: dict)
             (out_raw / "rejects.jsonl").write_text("", encoding="utf-8")   # generated data has none
         counts["curated"] = _caption_set(out_world / "curated", "curated", cfg, cfg.curated_size, pool)
 
-        inst = out_world / "instruct"
+        inst, ev = out_world / "instruct", out_world / "eval"
+        inst.mkdir(parents=True, exist_ok=True)
+        ev.mkdir(parents=True, exist_ok=True)
         records = []
         for sid, data, t in _items("instruct", cfg.instruct_size, cfg, pool):
             records.append({"id": sid, "image": _save_image(inst, sid, data), "conversations": t["conversations"]})
         write_llava(inst / "llava.json", records)
         counts["instruct"] = len(records)
 
-        ev = out_world / "eval"
         questions, annotations = [], []
         for qid, (sid, data, t) in enumerate(_items("eval_textvqa", cfg.eval_textvqa, cfg, pool)):
             rel = _save_image(ev, sid, data)
