@@ -18,7 +18,7 @@ import yaml
 
 
 class StageError(SystemExit):
-    """A whole input is unusable: one clear line (what, where, how to fix), exit code 2."""
+    """A whole input is unusable: one clear line (what, where, how to fix) on stderr, exit code 1."""
 
     def __init__(self, message: str):
         super().__init__(message)
