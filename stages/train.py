@@ -1,0 +1,60 @@
+"""Stage `train@<run>`: the MGM two-stage recipe for one entry of `runs:` in params.yaml.
+
+    python stages/train.py --run baseline --base models/zoo --captions data/raw/llava.json \
+        --instruct data/world/instruct/llava.json --out models/runs/baseline \
+        --metrics metrics/train/baseline.json --plots plots/train/baseline \
+        --monitor plots/monitor/train_baseline --work work/train/baseline
+
+stage 1: connector on the run's captions; stage 2: the run's strategy (full | lora) on the
+instruction set. Re-run after an interruption, it resumes from the last checkpoint in --work.
+Launch with `deepspeed --num_gpus N` or `torchrun` instead of `python` (params train.launcher).
+"""
+import shutil
+from pathlib import Path
+
+import fire
+from dvclive import Live
+
+from vlmlab import io
+from vlmlab.data.collate import ConversationDataset, PadCollator
+from vlmlab.monitor import Monitor
+from vlmlab.train import recipe, strategies
+
+SEED_OFFSET = 400  # this stage's share of the master seed
+
+
+def main(run: str, base: str = "models/zoo", captions: str = "data/raw/llava.json",
+         instruct: str = "data/world/instruct/llava.json", out: str = "", metrics: str = "", plots: str = "",
+         monitor: str = "", work: str = "", params: str = "params.yaml") -> None:
+    p = io.load_params(params)
+    runs = p.get("runs") or {}
+    if run not in runs:
+        raise io.fail(f"run {run!r} is not in params.yaml runs: ({', '.join(runs) or 'empty'}); add it there")
+    cfg = recipe.TrainConfig.from_params(p["train"], runs[run], seed=p["seed"] + SEED_OFFSET)
+    out, metrics = out or f"models/runs/{run}", metrics or f"metrics/train/{run}.json"
+    plots, work = Path(plots or f"plots/train/{run}"), Path(work or f"work/train/{run}")
+
+    with Monitor(monitor or f"plots/monitor/train_{run}", p["train"].get("monitor_interval", 0.5)) as mon:
+        model, processor = recipe.load_base(base, cfg.attn_implementation)
+        data = [ConversationDataset(path, processor, max_length=cfg.max_length, workers=cfg.encode_workers,
+                                    desc=f"encode {path}") for path in (captions, instruct)]
+        resumed = recipe.prepare_work_dir(work, recipe.fingerprint(cfg, captions, instruct, base))
+        live = Live(str(plots), resume=resumed, dvcyaml=None, save_dvc_exp=False)
+        model, trainer, figures = recipe.two_stage(model, *data, PadCollator(processor.tokenizer.pad_token_id),
+                                                   cfg, work, live=live, base_path=base)
+        recipe.save_trained(model, trainer, out, processor, base_path=base)
+        live.end()
+    if not trainer.is_world_process_zero():
+        return
+    trainable = strategies.trainable_counts(model)
+    rejects = {f"{name}_{reason}": n for name, d in zip(("captions", "instruct"), data)
+               for reason, n in d.reject_counts().items()}
+    io.write_metrics(metrics, recipe.run_metrics(figures, trainable, {**rejects, "total": sum(rejects.values())},
+                                                 mon.peaks))
+    shutil.rmtree(work)  # finished: the checkpoints were only for resuming
+    print(f"train@{run}: {cfg.strategy}, stage-2 loss {figures['stage2']['loss']:.3f}, "
+          f"{trainable['total']:,} trainable params, {mon.peaks['wall_s']:.0f} s -> {out}")
+
+
+if __name__ == "__main__":
+    fire.Fire(main)

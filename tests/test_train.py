@@ -1,0 +1,241 @@
+"""Training: data encoding/collation, the strategies' parameter sets, the two-stage recipe, resume.
+
+Everything runs the real MgmForConditionalGeneration (tiny preset) on real tiny-world data
+(64 captions, 32 conversations), on CPU, seeded.
+"""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import TrainerCallback
+
+from vlmlab import io
+from vlmlab.data.collate import IGNORE_INDEX, ConversationDataset, PadCollator
+from vlmlab.models import presets
+from vlmlab.models.tokenizer import train_world_tokenizer
+from vlmlab.train import recipe, strategies
+from vlmlab.train.recipe import StageConfig, TrainConfig
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> Path:
+    """Tiny-world raw captions + instruction set, as `prepare` writes them."""
+    from vlmlab.world.generate import build_world
+
+    root = tmp_path_factory.mktemp("world")
+    params = {"seed": 3, "world": {"raw_size": 64, "curated_size": 1, "instruct_size": 32, "eval_textvqa": 1,
+                                   "eval_caption": 8, "eval_mmbench": 1, "workers": 1}}
+    build_world(root / "raw", root / "world", params)
+    return root
+
+
+def texts_of(*paths):
+    for path in paths:
+        for rec in json.loads(Path(path).read_text()):
+            for turn in rec["conversations"]:
+                yield turn["value"].replace("<image>", "")
+
+
+@pytest.fixture(scope="module")
+def base(world, tmp_path_factory) -> Path:
+    """A saved base folder (model + processor), as the zoo stage writes it, random-initialised."""
+    torch.manual_seed(0)
+    tok = train_world_tokenizer(texts_of(world / "raw/llava.json", world / "world/instruct/llava.json"))
+    model, processor = presets.build("tiny", tok)
+    folder = tmp_path_factory.mktemp("zoo") / "zoo"
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def data(world, base):
+    _, processor = recipe.load_base(base)
+    return (ConversationDataset(world / "raw/llava.json", processor),
+            ConversationDataset(world / "world/instruct/llava.json", processor), processor)
+
+
+def small_config(strategy="full", **kw) -> TrainConfig:
+    return TrainConfig(stage1=StageConfig(global_batch=16, micro_batch=8, lr=1e-3),
+                       stage2=StageConfig(global_batch=8, micro_batch=8, lr=2e-3),
+                       strategy=strategy, lora=strategies.LoraParams(r=4, alpha=8, dropout=0.1),
+                       save_steps=2, seed=7, **kw)
+
+
+@torch.no_grad()
+def mean_loss(model, dataset, pad_id) -> float:
+    model.eval()
+    batch = PadCollator(pad_id)(dataset.samples)
+    return float(model(**batch).loss)
+
+
+# ---------------------------------------------------------------- data
+
+def test_dataset_counts_missing_images_from_the_real_seed_file(fixtures_dir, base):
+    """The challenge's LLaVA json: 30 of 304 images are present; the other 274 are counted rejects."""
+    _, processor = recipe.load_base(base)
+    ds = ConversationDataset(fixtures_dir / "better_synth/stage_1.subset.json", processor,
+                             image_root=fixtures_dir / "better_synth")
+    assert len(ds) == 30
+    assert ds.reject_counts() == {"missing_image": 274}
+    # the 4 ALLaVA rows (3 with images) share nothing: every kept sample has its own pixels
+    assert len({id(s["pixel_values"]) for s in ds.samples}) == 30
+
+
+def test_collator_pads_right_and_masks_padding(data):
+    captions, _, processor = data
+    batch = PadCollator(processor.tokenizer.pad_token_id, pad_to_multiple_of=8)(captions.samples[:4])
+    B, T = batch["input_ids"].shape
+    lengths = [len(s["input_ids"]) for s in captions.samples[:4]]
+    assert B == 4 and T % 8 == 0 and T >= max(lengths)
+    assert batch["attention_mask"].sum(1).tolist() == lengths
+    assert (batch["labels"][batch["attention_mask"] == 0] == IGNORE_INDEX).all()
+    assert (batch["input_ids"][batch["attention_mask"] == 0] == processor.tokenizer.pad_token_id).all()
+    assert batch["pixel_values"].shape == (4, 3, 32, 32) and batch["pixel_values_aux"].shape == (4, 3, 96, 96)
+
+
+def test_images_shared_by_several_captions_are_encoded_once(world, base, tmp_path):
+    recs = json.loads((world / "raw/llava.json").read_text())[:4]
+    doubled = recs + [dict(r, id=r["id"] + "b") for r in recs]  # the enhanced set: several captions per image
+    path = tmp_path / "images"
+    path.symlink_to(world / "raw/images")
+    (tmp_path / "llava.json").write_text(json.dumps(doubled))
+    _, processor = recipe.load_base(base)
+    ds = ConversationDataset(tmp_path / "llava.json", processor, workers=2)
+    assert len(ds) == 8 and len({id(s["pixel_values_aux"]) for s in ds.samples}) == 4
+
+
+# ---------------------------------------------------------------- strategies
+
+def test_lora_trains_exactly_adapters_projector_and_mining(base):
+    model, _ = recipe.load_base(base)
+    lora = strategies.LoraParams(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj", "down_proj"])
+    expected_lora = sum(lora.r * (m.in_features + m.out_features) for name, m in model.language_model.named_modules()
+                        if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in lora.target_modules)
+    connector = {name: sum(p.numel() for p in getattr(model, name).parameters()) for name in strategies.CONNECTOR_MODULES}
+    peft_model = strategies.stage2(model, "lora", lora)
+    counts = strategies.trainable_counts(peft_model)
+    assert counts == {"lora": expected_lora, **connector, "total": expected_lora + sum(connector.values())}
+    # no LoRA inside the vision towers, although CLIP has its own q_proj/v_proj
+    assert not any(".lora_" in n and "vision_tower" in n for n, _ in peft_model.named_parameters())
+    assert expected_lora > 0
+
+
+def test_stage_parameter_sets(base):
+    model, _ = recipe.load_base(base)
+    assert set(strategies.trainable_counts(strategies.stage1(model))) == {*strategies.CONNECTOR_MODULES, "total"}
+    full = strategies.trainable_counts(strategies.stage2(model, "full"))
+    assert set(full) == {"language_model", *strategies.CONNECTOR_MODULES, "total"}
+
+
+# ---------------------------------------------------------------- recipe
+
+def test_stage1_leaves_language_model_and_towers_bit_identical(base, data, tmp_path):
+    captions, _, processor = data
+    model, _ = recipe.load_base(base)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    strategies.stage1(model)
+    recipe.run_stage(model, captions, PadCollator(processor.tokenizer.pad_token_id), small_config().stage1,
+                     small_config(), tmp_path / "s1")
+    after = model.state_dict()
+    frozen = [k for k in before if k.split(".")[0] in ("language_model", *strategies.TOWER_MODULES)]
+    trained = [k for k in before if k.split(".")[0] in strategies.CONNECTOR_MODULES]
+    assert frozen and all(torch.equal(before[k], after[k]) for k in frozen)
+    assert all(not torch.equal(before[k], after[k]) for k in trained if k.endswith("weight"))
+
+
+def test_tiny_run_loss_falls(base, data, tmp_path):
+    captions, instruct, processor = data
+    model, _ = recipe.load_base(base)
+    cfg = small_config()
+    cfg.stage2.epochs = 3
+    loss_before = mean_loss(model, instruct, processor.tokenizer.pad_token_id)
+    model, _, figures = recipe.two_stage(model, captions, instruct, PadCollator(processor.tokenizer.pad_token_id),
+                                         cfg, tmp_path / "work")
+    loss_after = mean_loss(model, instruct, processor.tokenizer.pad_token_id)
+    assert loss_after < 0.8 * loss_before, (loss_before, loss_after)
+    assert figures["stage2"]["final_loss"] < figures["stage2"]["first_loss"]
+    assert figures["stage1"]["steps"] == 4 and figures["stage2"]["steps"] == 12
+    assert figures["stage2"]["tokens"] == 3 * instruct.num_tokens  # non-padding tokens, every epoch
+
+
+class Interrupt(Exception):
+    pass
+
+
+class InterruptAt(TrainerCallback):
+    """Dies right after the checkpoint of step `step` of stage `stage` is written, like a killed job."""
+
+    def __init__(self, stage: int, step: int):
+        self.stage, self.step, self.calls = stage, step, 0
+
+    def on_train_begin(self, args, state, control, **kw):
+        self.calls += 1
+
+    def on_save(self, args, state, control, **kw):
+        if self.calls == self.stage and state.global_step == self.step:
+            raise Interrupt(f"stage {self.stage} step {self.step}")
+
+
+def train_lora(base, data, work, callbacks=()):
+    captions, instruct, processor = data
+    model, _ = recipe.load_base(base)
+    cfg = small_config("lora")
+    cfg.stage2.epochs = 2
+    model, _, figures = recipe.two_stage(model, captions, instruct, PadCollator(processor.tokenizer.pad_token_id),
+                                         cfg, work, callbacks=callbacks)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}, figures
+
+
+def test_interrupted_and_resumed_run_ends_with_the_same_weights(base, data, tmp_path):
+    reference, _ = train_lora(base, data, tmp_path / "straight")
+    work = tmp_path / "interrupted"
+    with pytest.raises(Interrupt):                      # killed in stage 1, after its step-2 checkpoint
+        train_lora(base, data, work, [InterruptAt(stage=1, step=2)])
+    with pytest.raises(Interrupt):                      # re-run: stage 1 resumes and ends; killed in stage 2
+        train_lora(base, data, work, [InterruptAt(stage=2, step=6)])
+    resumed, figures = train_lora(base, data, work)     # re-run: stage 1 skipped, stage 2 resumes mid-epoch
+    assert figures["stage1"]["skipped"] == 1 and figures["stage2"]["resumed_from_step"] == 6
+    assert reference.keys() == resumed.keys()
+    assert all(torch.equal(reference[k], resumed[k]) for k in reference)
+
+
+def test_work_dir_of_another_config_is_wiped_not_resumed(tmp_path):
+    work = tmp_path / "w"
+    assert recipe.prepare_work_dir(work, "aaa") is False
+    (work / "stage2").mkdir()
+    assert recipe.prepare_work_dir(work, "aaa") is True and (work / "stage2").exists()
+    assert recipe.prepare_work_dir(work, "bbb") is False and not (work / "stage2").exists()
+
+
+# ---------------------------------------------------------------- bad params: one clear line
+
+def one_line(excinfo) -> str:
+    msg = str(excinfo.value)
+    assert isinstance(excinfo.value, io.StageError) and "\n" not in msg
+    return msg
+
+
+def test_bad_params_give_one_clear_line(tmp_path):
+    train = {"stage1_global_batch": 16, "stage1_micro_batch": 8}
+    with pytest.raises(SystemExit) as e:
+        TrainConfig.from_params(train, {"data": "raw", "strategy": "qlora"}, seed=0)
+    assert "unknown training strategy 'qlora'" in one_line(e) and "full, lora" in one_line(e)
+    with pytest.raises(SystemExit) as e:
+        TrainConfig.from_params(train, {"data": "raw", "strategy": "lora", "lora_r": 0}, seed=0)
+    assert "r=0" in one_line(e) and "lora_r" in one_line(e)
+    with pytest.raises(SystemExit) as e:
+        TrainConfig.from_params(train, {"data": "raw", "strategy": "full", "lora_rank": 8}, seed=0)
+    assert "lora_rank" in one_line(e)
+    with pytest.raises(SystemExit) as e:
+        recipe.accumulation(StageConfig(global_batch=12, micro_batch=8), world=1)
+    assert "multiple" in one_line(e)
+    with pytest.raises(SystemExit) as e:
+        ConversationDataset(tmp_path / "data/enhanced/llava.json", processor=None)
+    assert "data/enhanced/llava.json" in one_line(e) and "not found" in one_line(e)
+    with pytest.raises(SystemExit) as e:
+        recipe.load_base(tmp_path / "models/zoo")
+    assert "zoo" in one_line(e)

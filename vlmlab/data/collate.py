@@ -1,0 +1,163 @@
+"""Training data: a LLaVA json + its image folder, encoded once; a collator that pads and stacks.
+
+Everything the processor does (chat template, `<image>` expansion, answer-only labels, both
+image resolutions) happens once per sample when the dataset is built, not in every epoch
+or worker: on a 2-core CPU re-decoding JPEGs each step would cost more than the model.
+Samples that share an image (the enhanced set re-captions each image several times) share
+one pair of pixel tensors.
+"""
+from __future__ import annotations
+
+import copy
+import json
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+from tqdm import tqdm
+
+from vlmlab import io
+
+IGNORE_INDEX = -100  # label of every non-answer token (as transformers' loss expects)
+
+
+def read_llava_json(path: str | Path) -> list[dict]:
+    path = Path(path)
+    if not path.is_file():
+        raise io.fail(f"{path}: training data not found (run the stage that makes it, e.g. `dvc repro prepare`)")
+    try:
+        records = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise io.fail(f"{path}: not valid JSON ({e.msg} at line {e.lineno}); expected a LLaVA json list") from None
+    if not isinstance(records, list) or not records:
+        raise io.fail(f"{path}: expected a non-empty JSON list of LLaVA records ({{id, image, conversations}})")
+    return records
+
+
+def _one(pixels) -> torch.Tensor:
+    """(1, 3, H, W) or (3, H, W) -> (3, H, W)."""
+    pixels = torch.as_tensor(pixels)
+    return pixels[0] if pixels.dim() == 4 else pixels
+
+
+class ConversationDataset(Dataset):
+    """LLaVA/MGM training json -> encoded samples (dicts of tensors), with counted rejects.
+
+    `image_root` is the folder the records' `image` paths are relative to (the json's own
+    folder for data/raw and data/enhanced). `max_samples` keeps the first N (0: all).
+    """
+
+    def __init__(self, json_path: str | Path, processor, image_root: str | Path | None = None,
+                 max_samples: int = 0, max_length: int = 0, workers: int = 1, desc: str = "encode"):
+        json_path = Path(json_path)
+        image_root = Path(image_root) if image_root is not None else json_path.parent
+        records = read_llava_json(json_path)
+        if max_samples:
+            records = records[:max_samples]
+        # Threads, not processes: PIL decoding/resizing and torch ops release the GIL, and
+        # worker processes would each pay seconds of imports. Each thread gets its own copy of
+        # the processor (a fast tokenizer must not be called from two threads at once) and a
+        # run of records sorted by image, so an image shared by several captions is decoded once.
+        order = sorted(range(len(records)), key=lambda i: str(records[i].get("image", "") if isinstance(records[i], dict) else ""))
+        workers = max(1, min(int(workers), len(records) // 256 or 1))
+        chunks = [order[len(order) * w // workers: len(order) * (w + 1) // workers] for w in range(workers)]
+        results: list = [None] * len(records)
+        bar = tqdm(total=len(records), desc=desc, mininterval=5, disable=None)
+
+        def encode_chunk(chunk: list[int], proc) -> None:
+            shared: dict[str, dict] = {}  # image path -> decoded image and its (low, high) pixel tensors
+            for i in chunk:
+                results[i] = self._encode(records[i], image_root, proc, shared, max_length)
+                bar.update()
+
+        if workers == 1:
+            encode_chunk(order, processor)
+        else:
+            with ThreadPoolExecutor(workers) as pool:
+                for f in [pool.submit(encode_chunk, c, copy.deepcopy(processor)) for c in chunks]:
+                    f.result()
+        bar.close()
+        self.samples: list[dict] = []
+        self.rejects: list[dict] = []
+        for line, (rec, (reason, detail, sample)) in enumerate(zip(records, results), 1):
+            if reason:
+                self.rejects.append({"line": line, "id": rec.get("id") if isinstance(rec, dict) else None,
+                                     "reason": reason, "detail": detail})
+            else:
+                self.samples.append(sample)
+        if not self.samples:
+            counts = Counter(r["reason"] for r in self.rejects)
+            raise io.fail(f"{json_path}: no usable training sample ({dict(counts)}); check the images under {image_root}")
+        self.num_tokens = sum(len(s["input_ids"]) for s in self.samples)
+
+    @staticmethod
+    def _encode(rec, image_root: Path, processor, shared: dict, max_length: int):
+        """-> (reject reason, detail, None) or (None, None, sample)."""
+        if not isinstance(rec, dict) or not isinstance(rec.get("conversations"), list) or not rec["conversations"]:
+            return "bad_record", "no conversations list", None
+        key = rec.get("image")
+        if not key:
+            return "no_image", "record has no image field", None
+        if key not in shared:
+            path = image_root / key
+            if not path.is_file():
+                return "missing_image", str(path), None
+            try:
+                with Image.open(path) as im:
+                    shared[key] = {"image": im.convert("RGB")}
+            except OSError as e:
+                return "bad_image", f"{path}: {e}", None
+        try:
+            enc = processor.encode_conversation(rec["conversations"], shared[key]["image"])
+        except (ValueError, KeyError) as e:
+            return "encode_error", str(e), None
+        input_ids = torch.as_tensor(enc["input_ids"]).reshape(-1)  # (T,)
+        labels = torch.as_tensor(enc["labels"]).reshape(-1)        # (T,)
+        if max_length and len(input_ids) > max_length:
+            return "too_long", f"{len(input_ids)} tokens > max_length {max_length}", None
+        if not bool((labels != IGNORE_INDEX).any()):
+            return "no_answer_tokens", "every label is masked", None
+        # one pair of pixel tensors per image, whatever the number of captions on it
+        pixels = shared[key].setdefault("pixels", (_one(enc["pixel_values"]), _one(enc["pixel_values_aux"])))
+        return None, None, {"input_ids": input_ids, "labels": labels,
+                            "pixel_values": pixels[0], "pixel_values_aux": pixels[1]}
+
+    def reject_counts(self) -> dict[str, int]:
+        return dict(Counter(r["reason"] for r in self.rejects))
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.samples[i]
+
+
+@dataclass
+class PadCollator:
+    """Right-pads input_ids (pad id) and labels (-100), builds the attention mask, stacks pixels."""
+
+    pad_token_id: int
+    pad_to_multiple_of: int = 8  # tensor-core friendly shapes on GPU; harmless on CPU
+
+    def __call__(self, batch: list[dict]) -> dict[str, torch.Tensor]:
+        longest = max(len(b["input_ids"]) for b in batch)
+        m = self.pad_to_multiple_of
+        T = -(-longest // m) * m if m else longest
+        B = len(batch)
+        input_ids = torch.full((B, T), self.pad_token_id, dtype=torch.long)   # (B, T)
+        labels = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)           # (B, T)
+        attention_mask = torch.zeros((B, T), dtype=torch.long)                # (B, T)
+        for i, b in enumerate(batch):
+            n = len(b["input_ids"])
+            input_ids[i, :n] = b["input_ids"]
+            labels[i, :n] = b["labels"]
+            attention_mask[i, :n] = 1
+        return {
+            "input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
+            "pixel_values": torch.stack([b["pixel_values"] for b in batch]),          # (B, 3, H, W)
+            "pixel_values_aux": torch.stack([b["pixel_values_aux"] for b in batch]),  # (B, 3, H', W')
+        }

@@ -1,0 +1,360 @@
+"""The MGM two-stage recipe on Hugging Face `Trainer`.
+
+stage 1 (pretrain): connector only (projector + patch-info mining) on caption data;
+stage 2 (instruction tuning): the run's strategy (`full` or `lora`) on conversations.
+
+Each stage is one `Trainer.train()` writing checkpoints to its own folder under the run's
+work dir, so an interrupted run re-run with the same config resumes from the last one: a
+finished stage 1 is kept (as its connector weights) and skipped, stage 2 resumes from
+its last checkpoint. A work dir made under another config is wiped, never resumed.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from vlmlab import io
+from vlmlab.seeding import seed_everything
+from vlmlab.train import strategies
+from vlmlab.train.live import LiveCallback
+from vlmlab.train.strategies import LoraParams
+
+
+@dataclass
+class StageConfig:
+    epochs: float = 1.0            # MGM: one pass over the data per stage
+    lr: float = 1e-3               # MGM stage 1: 1e-3; stage 2 (2B, full): 2e-5
+    global_batch: int = 256        # samples per optimizer step, all devices and accumulation (MGM: 256 / 128)
+    micro_batch: int = 16          # samples per device per forward; accumulation makes up the rest
+    warmup_ratio: float = 0.03     # share of steps with linear warmup
+    scheduler: str = "cosine"      # transformers lr_scheduler_type
+    weight_decay: float = 0.0      # MGM: 0
+
+
+@dataclass
+class TrainConfig:
+    stage1: StageConfig = field(default_factory=StageConfig)
+    stage2: StageConfig = field(default_factory=lambda: StageConfig(lr=2e-5, global_batch=128))
+    strategy: str = "full"                  # stage 2: full | lora
+    lora: LoraParams = field(default_factory=LoraParams)
+    gradient_checkpointing: bool = False    # trade compute for activation memory (large models on GPU)
+    attn_implementation: str = "sdpa"       # sdpa | eager | flash_attention_2 (where flash-attn is installed)
+    deepspeed: str = ""                     # configs/deepspeed/zero2.json etc.; "" = plain torch
+    save_steps: int = 50                    # checkpoint every N optimizer steps (resume granularity)
+    workers: int = 0                        # dataloader workers; data is pre-encoded, 0 is fastest on 2 cores
+    encode_workers: int = 1                 # threads pre-encoding each dataset
+    group_by_length: bool = True            # batches of similar length (less padding)
+    max_length: int = 0                     # reject samples longer than this many tokens (0: keep all)
+    seed: int = 0
+
+    def __post_init__(self):
+        strategies.check_strategy(self.strategy)
+        for name, sc in (("stage1", self.stage1), ("stage2", self.stage2)):
+            if sc.global_batch <= 0 or sc.micro_batch <= 0 or sc.epochs <= 0 or sc.lr <= 0:
+                raise io.fail(f"train.{name}: batch sizes, epochs and lr must be > 0 (got {asdict(sc)}) in params.yaml")
+
+    @classmethod
+    def from_params(cls, train: dict, run: dict, seed: int) -> "TrainConfig":
+        """params.yaml `train:` section + one entry of `runs:` -> config (one clear line on a bad key)."""
+        def stage(prefix: str) -> StageConfig:
+            keys = {f.name: train[f"{prefix}_{f.name}"] for f in StageConfig.__dataclass_fields__.values()
+                    if f"{prefix}_{f.name}" in train}
+            if "lr" in run and prefix == "stage2":
+                keys["lr"] = run["lr"]
+            return StageConfig(**keys)
+
+        unknown = set(run) - {"data", "strategy", "lr", "lora_r", "lora_alpha", "lora_dropout"}
+        if unknown:
+            raise io.fail(f"params.yaml runs: unknown key(s) {sorted(unknown)}; allowed: data, strategy, lr, lora_r, lora_alpha, lora_dropout")
+        strategy = strategies.check_strategy(run.get("strategy", "full"))
+        lora = LoraParams(r=run.get("lora_r", 16), alpha=run.get("lora_alpha", 32), dropout=run.get("lora_dropout", 0.05),
+                          target_modules=list(train.get("lora_targets", LoraParams().target_modules)))
+        return cls(stage1=stage("stage1"), stage2=stage("stage2"), strategy=strategy, lora=lora,
+                   gradient_checkpointing=bool(train.get("gradient_checkpointing", False)),
+                   attn_implementation=train.get("attn_implementation", "sdpa"),
+                   deepspeed=train.get("deepspeed", "") or "", save_steps=int(train.get("save_steps", 50)),
+                   workers=int(train.get("workers", 0)), encode_workers=int(train.get("encode_workers", 1)),
+                   group_by_length=bool(train.get("group_by_length", True)),
+                   max_length=int(train.get("max_length", 0)), seed=seed)
+
+
+def load_base(base: str | Path, attn_implementation: str = "sdpa"):
+    """(fp32 MGM model, processor) from a base folder such as models/zoo."""
+    import vlmlab.models  # noqa: F401  (registers mgm with the Auto classes)
+    from transformers import AutoModelForImageTextToText
+
+    from vlmlab.models.processor import MgmProcessor
+
+    base = Path(base)
+    if not (base / "config.json").is_file():
+        raise io.fail(f"{base}: no base model folder (config.json missing); run `dvc repro zoo` first")
+    # per sub-model: the ConvNeXt tower has no attention, so a plain "sdpa" would be refused for it
+    impl = {"": attn_implementation, "text_config": attn_implementation, "vision_config": attn_implementation}
+    model = AutoModelForImageTextToText.from_pretrained(str(base), dtype=torch.float32, attn_implementation=impl)
+    return model, MgmProcessor.from_pretrained(base)
+
+
+def on_gpu() -> bool:
+    return torch.cuda.is_available()
+
+
+def training_dtype() -> torch.dtype:
+    """bf16 on CUDA (mixed precision, fp32 master weights), fp32 on CPU."""
+    return torch.bfloat16 if on_gpu() else torch.float32
+
+
+def world_size() -> int:
+    import os
+
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def accumulation(sc: StageConfig, world: int) -> tuple[int, int]:
+    """(micro batch, accumulation steps) that make up exactly `global_batch` samples per step."""
+    micro = min(sc.micro_batch, max(1, sc.global_batch // world))
+    accum, rest = divmod(sc.global_batch, micro * world)
+    if rest or accum == 0:
+        raise io.fail(f"global batch {sc.global_batch} is not a multiple of micro batch {micro} x {world} device(s); "
+                      "fix train.stage*_global_batch / train.stage*_micro_batch in params.yaml")
+    return micro, accum
+
+
+def training_args(sc: StageConfig, cfg: TrainConfig, out_dir: Path, max_steps: int = -1):
+    from transformers import TrainingArguments
+
+    micro, accum = accumulation(sc, world_size())
+    return TrainingArguments(
+        output_dir=str(out_dir),
+        per_device_train_batch_size=micro,
+        gradient_accumulation_steps=accum,
+        num_train_epochs=sc.epochs,
+        max_steps=max_steps,
+        learning_rate=sc.lr,
+        lr_scheduler_type=sc.scheduler,
+        warmup_steps=sc.warmup_ratio,  # a float < 1 is a ratio of all steps
+        weight_decay=sc.weight_decay,
+        bf16=on_gpu(),
+        use_cpu=not on_gpu(),
+        activation_checkpointing=cfg.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False},  # frozen embeddings need no input grads
+        deepspeed=cfg.deepspeed or None,
+        logging_steps=1,
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=1,  # resume needs only the last one
+        report_to="none",    # LiveCallback logs both stages on one dvclive step axis
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        dataloader_num_workers=cfg.workers,
+        dataloader_pin_memory=on_gpu(),
+        remove_unused_columns=False,
+        label_names=["labels"],
+        include_num_input_tokens_seen="non_padding",
+        disable_tqdm=True,
+    )
+
+
+class EpochSeededLengthSampler(torch.utils.data.Sampler):
+    """transformers' length grouping (batches of similar length, shuffled), ordered by (seed, epoch) only.
+
+    Why not `train_sampling_strategy="group_by_length"`: its sampler draws from the global RNG,
+    so a run resumed mid-epoch would see other batches than the run it continues.
+    """
+
+    def __init__(self, lengths: list[int], group_size: int, seed: int):
+        self.lengths, self.group_size, self.seed, self.epoch = lengths, group_size, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:  # accelerate's dataloader calls it before each epoch
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self):
+        from transformers.trainer_pt_utils import get_length_grouped_indices
+
+        g = torch.Generator().manual_seed(self.seed * 1000 + self.epoch)
+        return iter(get_length_grouped_indices(self.lengths, self.group_size, generator=g))
+
+
+def make_trainer(model, args, dataset, collator, callbacks, group_by_length: bool):
+    from transformers import Trainer
+
+    class MgmTrainer(Trainer):
+        def _get_train_sampler(self, train_dataset=None):
+            if not group_by_length:
+                return super()._get_train_sampler(train_dataset)
+            ds = train_dataset if train_dataset is not None else self.train_dataset
+            return EpochSeededLengthSampler([len(s["input_ids"]) for s in ds.samples],
+                                            self.args.train_batch_size * self.args.gradient_accumulation_steps,
+                                            self.args.data_seed)
+
+    return MgmTrainer(model=model, args=args, train_dataset=dataset, data_collator=collator, callbacks=list(callbacks))
+
+
+def run_stage(model: nn.Module, dataset, collator, sc: StageConfig, cfg: TrainConfig, out_dir: Path,
+              callbacks=(), live=None, step_offset: int = 0, stage: int = 1, max_steps: int = -1):
+    """One `Trainer.train()`, resumed from the last checkpoint in `out_dir` if there is one.
+
+    Returns (trainer, figures): figures are the stage's final numbers (flat, for metrics).
+    """
+    from transformers.trainer_utils import get_last_checkpoint
+
+    args = training_args(sc, cfg, out_dir, max_steps)
+    logger = LiveCallback(live, len(dataset), args.train_batch_size * args.gradient_accumulation_steps * world_size(),
+                          step_offset=step_offset, stage=stage)
+    trainer = make_trainer(model, args, dataset, collator, [logger, *callbacks], cfg.group_by_length)
+    last = get_last_checkpoint(str(out_dir)) if out_dir.is_dir() else None
+    t0 = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=last)
+    wall = time.perf_counter() - t0
+    steps = logger.steps
+    # throughput over this process's steps only; the first step (allocator, lazy init) is left out when possible
+    timed = steps[1:] if len(steps) > 1 else steps
+    tokens = trainer.state.num_input_tokens_seen
+    figures = {
+        "loss": float(result.training_loss),
+        "final_loss": steps[-1]["loss"] if steps else float("nan"),
+        "first_loss": steps[0]["loss"] if steps else float("nan"),
+        "steps": int(trainer.state.global_step),
+        "samples": len(dataset) * float(sc.epochs),
+        "tokens": int(tokens),
+        "wall_s": round(wall, 2),
+        "samples_per_s": round(sum(r["samples_per_s"] * r["step_s"] for r in timed) / max(sum(r["step_s"] for r in timed), 1e-9), 2),
+        "tokens_per_s": round(sum(r["tokens_per_s"] * r["step_s"] for r in timed) / max(sum(r["step_s"] for r in timed), 1e-9), 1),
+        "resumed_from_step": int(last.rsplit("-", 1)[-1]) if last else 0,
+    }
+    return trainer, figures
+
+
+# ---------------------------------------------------------------- work dir and resume
+
+def fingerprint(cfg: TrainConfig, *paths: str | Path) -> str:
+    """Config + input files' bytes: a checkpoint is only resumed under the exact same run."""
+    h = hashlib.sha256(json.dumps(asdict(cfg), sort_keys=True, default=str).encode())
+    for p in paths:
+        p = Path(p)
+        files = sorted(q for q in p.rglob("*") if q.is_file()) if p.is_dir() else [p]
+        for f in files:
+            # weights/images by size (hashing GBs each run would be slow), small text files by content
+            h.update(f"{f.relative_to(p) if p.is_dir() else f.name}:{f.stat().st_size}".encode())
+            if f.suffix in {".json", ".jsonl", ".yaml", ".txt"} and f.stat().st_size < 64 * 2**20:
+                h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def prepare_work_dir(work: Path, fp: str) -> bool:
+    """Make `work` for this fingerprint; True if it already held this run's progress (resume)."""
+    stamp = work / "fingerprint.txt"
+    if work.is_dir() and stamp.is_file() and stamp.read_text().strip() == fp:
+        return True
+    if work.exists():
+        shutil.rmtree(work)  # another config's checkpoints must never be resumed
+    work.mkdir(parents=True)
+    stamp.write_text(fp + "\n")
+    return False
+
+
+def save_connector(model: nn.Module, path: Path) -> None:
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()
+             if k.split(".", 1)[0] in strategies.CONNECTOR_MODULES}
+    with io.atomic_path(path) as tmp:
+        save_file(state, str(tmp))
+
+
+def load_connector(model: nn.Module, path: Path) -> None:
+    from safetensors.torch import load_file
+
+    missing, unexpected = model.load_state_dict(load_file(str(path)), strict=False)
+    if unexpected:
+        raise io.fail(f"{path}: unexpected keys {unexpected[:3]}: stage-1 weights of another model; delete {path.parent}")
+
+
+# ---------------------------------------------------------------- the two stages
+
+def two_stage(model: nn.Module, captions, instruct, collator, cfg: TrainConfig, work: str | Path,
+              live=None, base_path: str | None = None, callbacks=(), max_steps: tuple[int, int] = (-1, -1)):
+    """Stage 1 then stage 2 on `model` (fp32, loaded from the base folder).
+
+    Returns (trained model — a PeftModel for `lora` —, the stage-2 Trainer, figures by stage).
+    """
+    work = Path(work)
+    s1_weights = work / "stage1" / "connector.safetensors"
+    s1_figures = work / "stage1" / "figures.json"
+    if s1_weights.is_file() and s1_figures.is_file():
+        load_connector(model, s1_weights)  # stage 1 finished in an earlier, interrupted run
+        fig1 = json.loads(s1_figures.read_text())
+        fig1["skipped"] = 1
+    else:
+        seed_everything(cfg.seed)
+        strategies.stage1(model)
+        _, fig1 = run_stage(model, captions, collator, cfg.stage1, cfg, work / "stage1", callbacks, live,
+                            stage=1, max_steps=max_steps[0])
+        save_connector(model, s1_weights)
+        io.write_json(s1_figures, fig1)
+        fig1["skipped"] = 0
+
+    seed_everything(cfg.seed + 1)  # same LoRA init whether or not stage 1 ran in this process
+    model = strategies.stage2(model, cfg.strategy, cfg.lora, base_path)
+    trainer, fig2 = run_stage(model, instruct, collator, cfg.stage2, cfg, work / "stage2", callbacks, live,
+                              step_offset=fig1["steps"], stage=2, max_steps=max_steps[1])
+    return model, trainer, {"stage1": fig1, "stage2": fig2}
+
+
+def save_trained(model: nn.Module, trainer, out: str | Path, processor=None, base_path: str | None = None) -> None:
+    """models/runs/<run>/: a complete MGM folder (full) or a peft adapter folder (lora), + processor.
+
+    Saved in the training dtype (bf16 on CUDA, fp32 on CPU); LoRA adapters name their base by
+    `base_path` (relative to the repository root, as vlmlab.infer.load_model expects).
+    """
+    if not trainer.is_world_process_zero():
+        return
+    from peft import PeftModel
+
+    with io.atomic_path(out) as tmp:
+        if isinstance(model, PeftModel):
+            if base_path is not None:
+                for conf in model.peft_config.values():
+                    conf.base_model_name_or_path = str(base_path)
+            model.save_pretrained(str(tmp))
+        elif cfg_is_zero3(trainer):
+            trainer.save_model(str(tmp))  # DeepSpeed gathers the partitioned 16-bit weights
+        else:
+            model.to(training_dtype()).save_pretrained(str(tmp))
+        if processor is not None:
+            processor.save_pretrained(str(tmp))
+
+
+def run_metrics(figures: dict, trainable: dict, rejects: dict, monitor: dict) -> dict:
+    """The run's final figures, flat enough for `dvc exp show` (nested dicts become dotted keys)."""
+    s1, s2 = figures["stage1"], figures["stage2"]
+    train_s = s1["wall_s"] * (1 - s1.get("skipped", 0)) + s2["wall_s"]
+    samples = s1["samples"] * (1 - s1.get("skipped", 0)) + s2["samples"]
+    return {
+        "train_loss": s2["loss"],            # stage 2 mean loss (answer tokens only)
+        "final_loss": s2["final_loss"],      # last logged stage-2 step
+        "stage1_loss": s1["final_loss"],
+        "wall_s": monitor.get("wall_s", train_s),
+        "train_s": round(train_s, 2),
+        "samples_per_s": round(samples / max(train_s, 1e-9), 2),
+        "tokens_per_s": round((s1["tokens"] * (1 - s1.get("skipped", 0)) + s2["tokens"]) / max(train_s, 1e-9), 1),
+        "stage1": {k: v for k, v in s1.items() if isinstance(v, (int, float))},
+        "stage2": {k: v for k, v in s2.items() if isinstance(v, (int, float))},
+        "trainable": trainable,
+        "rejects": rejects,
+        "monitor": monitor,
+    }
+
+
+def cfg_is_zero3(trainer) -> bool:
+    ds = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
+    return bool(ds and ds.zero_stage == 3)
