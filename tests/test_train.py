@@ -17,7 +17,15 @@ from vlmlab.models.tokenizer import train_world_tokenizer
 from vlmlab.train import recipe, strategies
 from vlmlab.train.recipe import StageConfig, TrainConfig
 
-torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models: one thread is faster than two fighting over a shared 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -146,7 +146,7 @@ def training_args(sc: StageConfig, cfg: TrainConfig, out_dir: Path, max_steps: i
         activation_checkpointing_kwargs={"use_reentrant": False},  # frozen embeddings need no input grads
         deepspeed=cfg.deepspeed or None,
         logging_steps=1,
-        save_strategy="steps",
+        save_strategy="steps" if cfg.save_steps > 0 else "no",  # 0: no checkpoints (benchmarks)
         save_steps=cfg.save_steps,
         save_total_limit=1,  # resume needs only the last one
         report_to="none",    # LiveCallback logs both stages on one dvclive step axis
