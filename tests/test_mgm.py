@@ -11,6 +11,15 @@ TEXTS = ["a small red circle on the left .", "a large blue square in the middle 
          "what does the sign say ?", "the sign says hello .", "how many shapes are there ? two"]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # tiny ops gain nothing from a second thread, and lose a lot when the cores are shared
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def tiny():
     torch.manual_seed(0)
@@ -88,6 +97,8 @@ def test_attention_implementations_agree(tiny, tmp_path):
     model.save_pretrained(tmp_path)
     eager = MgmForConditionalGeneration.from_pretrained(tmp_path, attn_implementation="eager").eval()
     assert eager.language_model.config._attn_implementation == "eager"
+    sdpa = MgmForConditionalGeneration.from_pretrained(tmp_path, attn_implementation="sdpa")
+    assert sdpa.language_model.config._attn_implementation == "sdpa"
     with torch.no_grad():
         a, b = model(**batch).logits, eager(**batch).logits
     mask = batch["attention_mask"].bool()

@@ -161,6 +161,8 @@ class MgmForConditionalGeneration(MgmPreTrainedModel, GenerationMixin):
         super().__init__(config)
         d_vis, d_aux, d_lm = config.mm_hidden_size, config.mm_hidden_size_aux, config.text_config.hidden_size
         self.vision_tower = AutoModel.from_config(config.vision_config)          # CLIPVisionModel
+        # a ConvNeXt has no attention: whatever implementation the LM and ViT use, it refuses all but eager
+        config.vision_aux_config._attn_implementation = "eager"
         self.vision_tower_aux = AutoModel.from_config(config.vision_aux_config)  # ConvNextModel
         # MGM drops the trunk's head (norm_pre/head = None): we never pool, so no final norm either
         self.vision_tower_aux.layernorm = nn.Identity()

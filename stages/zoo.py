@@ -1,0 +1,52 @@
+"""Stage `zoo`: the base MGM every run starts from, saved with its processor.
+
+    python stages/zoo.py --out models/zoo --metrics metrics/zoo.json --monitor plots/monitor/zoo
+
+zoo.source=tiny:  a word-level tokenizer, the LM, the ViT and the ConvNeXt are pretrained on
+                  tiny-world text and scene labels (vlmlab/models/zoo.py), then assembled.
+zoo.source=local: local checkpoints (an official MGM folder, or Gemma + CLIP + ConvNeXt) are
+                  checked, converted and assembled; nothing is downloaded.
+"""
+import time
+
+import fire
+import torch
+
+from vlmlab.io import atomic_path, fail, load_params, write_metrics
+from vlmlab.models import zoo
+from vlmlab.monitor import Monitor
+from vlmlab.seeding import seed_everything
+
+SEED_OFFSET = 300  # the zoo's RNG streams, apart from other stages'
+
+
+def main(out: str = "models/zoo", metrics: str = "metrics/zoo.json", monitor: str = "plots/monitor/zoo",
+         params: str = "params.yaml") -> None:
+    p = load_params(params)
+    z, m = p["zoo"], p["model"]
+    seed = int(p["seed"]) + SEED_OFFSET
+    seed_everything(seed)
+    torch.set_num_threads(int(z["threads"]))
+    start = time.perf_counter()
+    with Monitor(monitor, z["monitor_interval"]) as mon:
+        if z["source"] == "tiny":
+            if m["preset"] != "tiny":
+                raise fail(f"zoo.source=tiny builds the tiny preset, but model.preset is {m['preset']!r}")
+            model, processor, result = zoo.build_tiny(z, m["preset"], m["attn_implementation"], seed)
+        elif z["source"] == "local":
+            model, processor, result = zoo.build_local(z, m["attn_implementation"])
+        else:
+            raise fail(f"params.yaml zoo.source is {z['source']!r}; use 'tiny' or 'local'")
+        with atomic_path(out) as tmp:
+            model.save_pretrained(tmp)
+            processor.save_pretrained(tmp)
+    result["monitor"] = mon.peaks
+    write_metrics(metrics, result)
+    summary = {k: v for k, v in result.get("lm", {}).items() if "ppl" in k}
+    summary.update({f"{tower}_{k}": v for tower in ("vit", "convnext")
+                    for k, v in result.get(tower, {}).items() if k in ("acc_word", "chance_word")})
+    print(f"zoo: {result['params']['total']:,} parameters -> {out} {summary}, {time.perf_counter() - start:.1f} s")
+
+
+if __name__ == "__main__":
+    fire.Fire(main)

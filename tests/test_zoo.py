@@ -1,0 +1,98 @@
+"""The zoo stage's tiny components learn (held-out, vs. chance) and assemble into a loadable MGM."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from transformers import AutoModelForImageTextToText
+
+from vlmlab.models import presets, zoo
+from vlmlab.models.processor import MgmProcessor
+from vlmlab.models.tokenizer import train_world_tokenizer
+from vlmlab.world import generate, labels, vocab
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # tiny ops gain nothing from a second thread, and lose a lot when the cores are shared
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def world_tokenizer():
+    texts = generate.world_text_corpus(2000, 0)
+    return texts, train_world_tokenizer(texts, list(vocab.corpus_words()) + list(vocab.punctuation()))
+
+
+def test_tokenizer_covers_world_text_without_unknowns(world_tokenizer):
+    texts, tok = world_tokenizer
+    unseen = generate.world_text_corpus(300, 99)
+    ids = [i for t in unseen for i in tok(t, add_special_tokens=False)["input_ids"]]
+    assert tok.unk_token_id not in ids
+    assert len(tok) < 1000  # word level: a closed, small vocabulary
+
+
+def test_lm_beats_unigram_on_heldout_text(world_tokenizer):
+    texts, tok = world_tokenizer
+    cfg = presets.build_config("tiny", vocab_size=len(tok), image_token_id=4)
+    _, m = zoo.pretrain_lm(cfg.text_config, tok, texts, generate.world_text_corpus(200, 1),
+                           zoo.LoopConfig(steps=40, batch_size=32, lr=5e-3))
+    assert m["heldout_ppl"] < 0.5 * m["unigram_ppl"], m
+
+
+@pytest.mark.parametrize("tower", ["vision_config", "vision_aux_config"])
+def test_towers_beat_chance_on_heldout_scenes(tower):
+    cfg = presets.build_config("tiny", vocab_size=64, image_token_id=4)
+    size = cfg.image_size if tower == "vision_config" else cfg.image_size_aux
+    keep = {"sign_side": 2, "count": 3}
+    train = labels.labelled_images(1000, 0, size)
+    val = labels.labelled_images(200, 1, size)
+    pick = lambda d: (d[0], {k: d[1][k] for k in keep})  # noqa: E731
+    _, m = zoo.pretrain_tower(getattr(cfg, tower), cfg, keep, pick(train), pick(val),
+                              zoo.LoopConfig(steps=100, batch_size=32, lr=3e-3), tower)
+    assert m["acc_sign_side"] > m["chance_sign_side"] + 0.3, m
+    assert m["acc_count"] > m["chance_count"] + 0.15, m
+
+
+def test_assembled_model_carries_the_pretrained_parts(world_tokenizer, tmp_path):
+    _, tok = world_tokenizer
+    model, processor = presets.build("tiny", tok)
+    cfg = model.config
+    lm = type(model.language_model)(cfg.text_config)
+    vit = type(model.vision_tower)(cfg.vision_config)
+    cnx = type(model.vision_tower_aux)(cfg.vision_aux_config)
+    cnx.layernorm = torch.nn.Identity()
+    base = zoo.assemble(cfg, lm, vit, cnx)
+    assert torch.equal(base.vision_tower_aux.encoder.stages[2].layers[0].pwconv1.weight,
+                       cnx.encoder.stages[2].layers[0].pwconv1.weight)
+    assert torch.equal(base.language_model.model.layers[1].mlp.up_proj.weight, lm.model.layers[1].mlp.up_proj.weight)
+
+
+def test_zoo_stage_end_to_end(tmp_path):
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["zoo"].update(lm_texts=400, lm_heldout_texts=50, lm_steps=3, vit_images=64, vit_steps=2,
+                         convnext_images=64, convnext_steps=2, heldout_images=32, tower_batch_size=16)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    out, metrics = tmp_path / "zoo", tmp_path / "zoo.json"
+    run = subprocess.run([sys.executable, str(REPO / "stages/zoo.py"), "--out", str(out), "--metrics", str(metrics),
+                          "--monitor", str(tmp_path / "mon/zoo"), "--params", str(tmp_path / "params.yaml")],
+                         capture_output=True, text=True, cwd=REPO)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert (tmp_path / "mon/zoo.csv").is_file() and metrics.is_file()
+    model = AutoModelForImageTextToText.from_pretrained(out)
+    processor = MgmProcessor.from_pretrained(out)
+    assert model.config.image_token_id == processor.image_token_id
+    assert model.generation_config.eos_token_id == processor.stop_token_ids
+    # a bad source is one clear line and a non-zero exit
+    params["zoo"]["source"] = "hub"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    bad = subprocess.run([sys.executable, str(REPO / "stages/zoo.py"), "--out", str(tmp_path / "x"),
+                          "--metrics", str(tmp_path / "x.json"), "--monitor", str(tmp_path / "mon/x"), "--params", str(tmp_path / "params.yaml")], capture_output=True, text=True, cwd=REPO)
+    assert bad.returncode != 0 and "zoo.source" in bad.stderr.strip().splitlines()[-1]

@@ -1,0 +1,307 @@
+"""The tiny world's pretrained components, and their assembly into a base MGM.
+
+Real MGM starts from pretrained parts (Gemma-2B, CLIP, ConvNeXt); the tiny world has none,
+so the `zoo` stage makes them here, each on the task its real counterpart learnt from:
+  - a word-level tokenizer on world text;
+  - the LM on world text (next-token prediction), scored by held-out perplexity;
+  - the ViT (low-res) and ConvNeXt (high-res) on scene labels (sign word, main object's
+    shape/colour/size/column, object count, sign side), scored by held-out accuracy vs. chance.
+Each tower is trained through exactly the features MGM reads from it (ViT: patch tokens of
+the select layer; ConvNeXt: every stage), so what it learns is what the MGM uses.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import AutoModel, AutoModelForCausalLM
+
+from vlmlab.models.mgm import MgmConfig, MgmForConditionalGeneration
+from vlmlab.models.processor import CLIP_MEAN, CLIP_STD
+
+
+@dataclass
+class LoopConfig:
+    steps: int = 300            # optimizer steps
+    batch_size: int = 64
+    lr: float = 3e-3            # AdamW peak; linear warmup (5%) then cosine to 10%
+    weight_decay: float = 0.01
+    seed: int = 0
+
+
+def _schedule(step: int, steps: int) -> float:
+    warm = max(1, steps // 20)
+    if step < warm:
+        return (step + 1) / warm
+    t = (step - warm) / max(1, steps - warm)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def train_loop(module: nn.Module, loss_fn, n_items: int, loop: LoopConfig, desc: str) -> list[float]:
+    """Minibatch AdamW over item indices [0, n_items); loss_fn(index tensor) -> scalar loss."""
+    g = torch.Generator().manual_seed(loop.seed)
+    opt = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=loop.lr,
+                            weight_decay=loop.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _schedule(s, loop.steps))
+    module.train()
+    losses, order, pos = [], torch.randperm(n_items, generator=g), 0
+    bar = tqdm(range(loop.steps), desc=desc, mininterval=2.0)
+    for _ in bar:
+        if pos + loop.batch_size > n_items:
+            order, pos = torch.randperm(n_items, generator=g), 0
+        idx = order[pos:pos + loop.batch_size]
+        pos += loop.batch_size
+        loss = loss_fn(idx)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}", refresh=False)
+    module.eval()
+    return losses
+
+
+# -- language model ------------------------------------------------------------------------
+def encode_texts(tokenizer, texts: list[str], max_len: int) -> torch.Tensor:
+    """(n, max_len) ids: <bos> text <eos>, right-padded with pad (-> -100 in the labels)."""
+    rows = [[tokenizer.bos_token_id] + tokenizer(t, add_special_tokens=False)["input_ids"][: max_len - 2]
+            + [tokenizer.eos_token_id] for t in texts]
+    out = torch.full((len(rows), max_len), tokenizer.pad_token_id, dtype=torch.long)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = torch.tensor(r)
+    return out
+
+
+def _lm_batch(ids: torch.Tensor, pad_id: int) -> dict:
+    T = int((ids != pad_id).sum(1).max())  # trim the common padding
+    ids = ids[:, :T]
+    mask = (ids != pad_id).long()
+    return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+
+
+def pretrain_lm(text_config, tokenizer, train_texts: list[str], val_texts: list[str], loop: LoopConfig,
+                max_len: int = 64):
+    """A causal LM trained from scratch on world text. Returns (model, metrics)."""
+    torch.manual_seed(loop.seed)
+    model = AutoModelForCausalLM.from_config(text_config)
+    pad = tokenizer.pad_token_id
+    train, val = encode_texts(tokenizer, train_texts, max_len), encode_texts(tokenizer, val_texts, max_len)
+    losses = train_loop(model, lambda idx: model(**_lm_batch(train[idx], pad)).loss, len(train), loop, "zoo: LM")
+    # held-out perplexity (token-weighted) vs. the unigram model of the training text
+    nll, n_tok = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, len(val), 256):
+            b = _lm_batch(val[i:i + 256], pad)
+            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1]
+            tgt = b["labels"][:, 1:]
+            nll += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1),
+                                         ignore_index=-100, reduction="sum"))
+            n_tok += int((tgt != -100).sum())
+    counts = torch.bincount(train[:, 1:][train[:, 1:] != pad], minlength=len(tokenizer)).float() + 1.0
+    logp = (counts / counts.sum()).log()
+    val_tgt = val[:, 1:][val[:, 1:] != pad]
+    return model, {
+        "heldout_ppl": round(math.exp(nll / n_tok), 3),
+        "unigram_ppl": round(math.exp(-float(logp[val_tgt].mean())), 3),
+        "final_train_loss": round(float(np.mean(losses[-20:])), 4),
+        "train_texts": len(train_texts), "heldout_texts": len(val_texts),
+        "params": sum(p.numel() for p in model.parameters()),
+    }
+
+
+# -- vision towers -------------------------------------------------------------------------
+def normalise(images: np.ndarray) -> torch.Tensor:
+    """uint8 (n, S, S, 3) -> float (n, 3, S, S), CLIP-normalised as MgmProcessor does."""
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
+    return (x - torch.tensor(CLIP_MEAN)[:, None, None]) / torch.tensor(CLIP_STD)[:, None, None]
+
+
+class TowerClassifier(nn.Module):
+    """A tower plus one linear head per scene label, read from the features MGM uses."""
+
+    def __init__(self, tower_config, num_classes: dict[str, int], mgm: MgmConfig):
+        super().__init__()
+        self.kind = tower_config.model_type
+        self.tower = AutoModel.from_config(tower_config)
+        self.select_layer = mgm.mm_vision_select_layer
+        if self.kind == "convnext":
+            self.tower.layernorm = nn.Identity()  # as in the MGM (see mgm.py)
+            side = mgm.aux_grid // 2 ** (len(tower_config.hidden_sizes) - 1)
+            d = tower_config.hidden_sizes[-1] * side * side + mgm.mm_hidden_size_aux
+        else:
+            d = mgm.num_image_tokens * tower_config.hidden_size
+        self.norm = nn.LayerNorm(d)
+        self.heads = nn.ModuleDict({k: nn.Linear(d, n) for k, n in num_classes.items()})
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "convnext":
+            h = self.tower.embeddings(x)
+            maps = []
+            for stage in self.tower.encoder.stages:
+                h = stage(h)
+                maps.append(h)
+            # the deepest map keeps where things are; the mean of every stage (MGM concatenates
+            # them all) makes each stage's output carry label information too
+            pooled = torch.cat([m.mean((-2, -1)) for m in maps], dim=1)   # (B, C_aux)
+            return torch.cat([maps[-1].flatten(1), pooled], dim=1)
+        hs = self.tower(x, output_hidden_states=True).hidden_states[self.select_layer]  # (B, 1+N, C)
+        return hs[:, 1:].flatten(1)                                                   # (B, N*C)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        f = self.norm(self.features(x))
+        return {k: head(f) for k, head in self.heads.items()}
+
+
+def pretrain_tower(tower_config, mgm: MgmConfig, num_classes: dict[str, int], train: tuple, val: tuple,
+                   loop: LoopConfig, desc: str):
+    """train/val: (uint8 images (n, S, S, 3), {label: int64 (n,)}). Returns (tower, metrics)."""
+    torch.manual_seed(loop.seed)
+    clf = TowerClassifier(tower_config, num_classes, mgm)
+    x_tr, y_tr = normalise(train[0]), {k: torch.from_numpy(v) for k, v in train[1].items()}
+
+    def loss_fn(idx):
+        out = clf(x_tr[idx])
+        return sum(F.cross_entropy(out[k], y_tr[k][idx]) for k in out)
+
+    train_loop(clf, loss_fn, len(x_tr), loop, desc)
+    x_va = normalise(val[0])
+    with torch.no_grad():
+        preds = {k: [] for k in num_classes}
+        for i in range(0, len(x_va), 256):
+            for k, v in clf(x_va[i:i + 256]).items():
+                preds[k].append(v.argmax(-1))
+    metrics: dict = {"train_images": len(x_tr), "heldout_images": len(x_va),
+                     "params": sum(p.numel() for p in clf.tower.parameters())}
+    for k, n in num_classes.items():
+        y = val[1][k]
+        metrics[f"acc_{k}"] = round(float((torch.cat(preds[k]).numpy() == y).mean()), 4)
+        # chance = always answering the most frequent training class
+        metrics[f"chance_{k}"] = round(float((y == np.bincount(train[1][k], minlength=n).argmax()).mean()), 4)
+    return clf.tower, metrics
+
+
+# -- assembly ------------------------------------------------------------------------------
+def assemble(config: MgmConfig, lm: nn.Module, vit: nn.Module, convnext: nn.Module) -> MgmForConditionalGeneration:
+    """A base MGM whose towers and LM are the pretrained ones; projector + mining stay freshly
+    initialised (MGM's stage 1 trains them)."""
+    model = MgmForConditionalGeneration(config)
+    for name, part in (("language_model", lm), ("vision_tower", vit), ("vision_tower_aux", convnext)):
+        missing, unexpected = getattr(model, name).load_state_dict(part.state_dict(), strict=False)
+        if missing or unexpected:
+            raise RuntimeError(f"{name}: pretrained weights do not fit the MGM: missing {missing}, unexpected {unexpected}")
+    return model
+
+
+# -- the two recipes the zoo stage runs ------------------------------------------------------
+def build_tiny(p: dict, preset: str, attn_implementation: str, seed: int):
+    """Tiny world: tokenizer, LM, ViT, ConvNeXt pretrained here. Returns (model, processor, metrics)."""
+    from vlmlab.models import presets
+    from vlmlab.models.processor import MgmProcessor
+    from vlmlab.models.tokenizer import train_world_tokenizer
+    from vlmlab.world import generate, labels, vocab
+
+    texts = generate.world_text_corpus(int(p["lm_texts"]), seed)
+    heldout = generate.world_text_corpus(int(p["lm_heldout_texts"]), seed + 1)
+    tokenizer = train_world_tokenizer(texts, list(vocab.corpus_words()) + list(vocab.punctuation()))
+    spec = presets.PRESETS[preset]
+    n_tokens = (spec["vision_config"]["image_size"] // spec["vision_config"]["patch_size"]) ** 2
+    processor = MgmProcessor(tokenizer, spec["vision_config"]["image_size"], spec["image_size_aux"], n_tokens)
+    config = presets.build_config(preset, vocab_size=len(tokenizer), image_token_id=processor.image_token_id,
+                                  pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                                  eos_token_id=processor.stop_token_ids)
+
+    def loop(kind: str, offset: int) -> LoopConfig:
+        bs = p["lm_batch_size"] if kind == "lm" else p["tower_batch_size"]
+        return LoopConfig(steps=int(p[f"{kind}_steps"]), batch_size=int(bs), lr=float(p[f"{kind}_lr"]), seed=seed + offset)
+
+    lm, lm_metrics = pretrain_lm(config.text_config, tokenizer, texts, heldout, loop("lm", 1))
+    n_val = int(p["heldout_images"])
+    vit, vit_metrics = pretrain_tower(
+        config.vision_config, config, labels.NUM_CLASSES,
+        labels.labelled_images(int(p["vit_images"]), seed, config.image_size),
+        labels.labelled_images(n_val, seed + 1, config.image_size), loop("vit", 2), "zoo: ViT (low-res)")
+    cnx, cnx_metrics = pretrain_tower(
+        config.vision_aux_config, config, labels.NUM_CLASSES,
+        labels.labelled_images(int(p["convnext_images"]), seed + 2, config.image_size_aux),
+        labels.labelled_images(n_val, seed + 1, config.image_size_aux), loop("convnext", 3), "zoo: ConvNeXt (high-res)")
+    config._attn_implementation = attn_implementation
+    model = assemble(config, lm, vit, cnx)
+    metrics = {"tokenizer": {"vocab_size": len(tokenizer)}, "lm": lm_metrics, "vit": vit_metrics,
+               "convnext": cnx_metrics, "params": param_counts(model)}
+    return model, processor, metrics
+
+
+def param_counts(model: nn.Module) -> dict[str, int]:
+    counts = {name: sum(p.numel() for p in m.parameters()) for name, m in model.named_children()}
+    counts["total"] = sum(p.numel() for p in model.parameters())
+    return counts
+
+
+def build_local(p: dict, attn_implementation: str):
+    """Real checkpoints on this disk: an official MGM folder (converted), or Gemma + CLIP +
+    OpenCLIP ConvNeXt folders (assembled, projector and mining fresh), optionally with a
+    stage-1 mm_projector.bin on top. Returns (model, processor, metrics)."""
+    from pathlib import Path
+
+    from transformers import AutoTokenizer, CLIPVisionModel
+
+    from vlmlab.io import fail
+    from vlmlab.models import convert, presets
+    from vlmlab.models.processor import MgmProcessor
+
+    def need(key: str) -> Path:
+        path = Path(str(p.get(key) or ""))
+        if not str(p.get(key) or "") or not path.exists():
+            raise fail(f"zoo.{key} = {p.get(key)!r}: no such local path (zoo.source=local never downloads; "
+                       f"set it with `dvc exp run -S zoo.{key}=/path`)")
+        return path
+
+    report: dict = {}
+    if p.get("local_mgm"):
+        folder = need("local_mgm")
+        model, rep = convert.convert_mgm(folder)
+        tok_dir = folder
+        report["mgm"] = rep
+    else:
+        llm, vision, aux = need("local_llm"), need("local_vision"), need("local_vision_aux")
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        text_config = AutoConfig.from_pretrained(str(llm))
+        vision_model = CLIPVisionModel.from_pretrained(str(vision))
+        config = presets.build_config("mgm-2b", text_config=text_config.to_dict(),
+                                      vision_config=vision_model.config.to_dict())
+        model = convert.build_uninitialised(config)
+        model.vision_tower.load_state_dict(vision_model.state_dict())
+        missing, _ = model.language_model.load_state_dict(
+            AutoModelForCausalLM.from_pretrained(str(llm)).state_dict(), strict=False)
+        if [k for k in missing if k != "lm_head.weight"]:  # a tied head is saved once
+            raise fail(f"{llm}: LM weights miss {len(missing)} tensors, e.g. {missing[:3]}")
+        model.tie_weights()
+        state = convert.read_state_dict(aux)
+        # OpenCLIP stores the timm trunk as visual.trunk.{stem,stages}.*; MGM renames them vision_{stem,stages}
+        trunk = {convert.timm_convnext_key("vision_" + k.split("visual.trunk.", 1)[1]): v for k, v in state.items()
+                 if k.startswith(("visual.trunk.stem.", "visual.trunk.stages."))}
+        trunk.pop(None, None)
+        missing, _ = model.vision_tower_aux.load_state_dict(trunk, strict=False)
+        if missing:
+            raise fail(f"{aux}: ConvNeXt weights miss {len(missing)} tensors, e.g. {missing[:3]}")
+        for name in ("mm_projector", "vlm_uni_query_projector", "vlm_uni_aux_projector", "vlm_uni_val_projector"):
+            getattr(model, name).apply(model._init_weights)  # fresh: MGM's stage 1 trains them
+        tok_dir = llm
+    if p.get("local_mm_projector"):
+        report["mm_projector"] = convert.load_mgm_weights(
+            model, convert.read_state_dict(need("local_mm_projector")), partial=True)
+    model.config._attn_implementation = attn_implementation
+    processor = MgmProcessor.for_model(AutoTokenizer.from_pretrained(str(tok_dir)), model.config)
+    model.config.image_token_id = processor.image_token_id
+    metrics = {"params": param_counts(model),
+               "converted": {k: {"loaded": len(v["loaded"]), "missing": len(v["missing"]), "unused": len(v["unused"])}
+                             for k, v in report.items()}}
+    return model, processor, metrics
