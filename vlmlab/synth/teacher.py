@@ -1,0 +1,266 @@
+"""The teacher captioner: a tiny BLIP-2 (transformers' own `Blip2ForConditionalGeneration`) for the tiny world.
+
+It stands in for Salesforce/blip2-opt-2.7b and is saved as the same kind of folder (model + `Blip2Processor`),
+so Data-Juicer's `image_captioning_mapper` loads it unchanged. Two constraints come from that op:
+- it generates with `max_new_tokens=128, do_sample=True` and a batch runs until its longest sample
+  stops, so the teacher must be small, fast and reliably emit EOS (`</s>`), and the LM needs
+  `num_query_tokens + 1 + 128` positions;
+- it forces `image_token_index = 50265`, so the vocabulary keeps OPT's layout (see tokenizer.py).
+The cost that dominates is OPT's 50272-row LM head, not the towers: keep `hidden` small.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+from transformers import (
+    AutoConfig,
+    AutoProcessor,
+    Blip2Config,
+    Blip2ForConditionalGeneration,
+    Blip2Processor,
+    Blip2QFormerConfig,
+    Blip2VisionConfig,
+    GenerationConfig,
+    OPTConfig,
+)
+from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
+
+import transformers
+
+from vlmlab import io
+from vlmlab.synth.tokenizer import IMAGE_TOKEN_ID, LM_VOCAB_SIZE, build_tokenizer, first_filler_id
+
+MAX_NEW_TOKENS = 128  # hard-coded in Data-Juicer's image_captioning_mapper
+
+
+@dataclass
+class TeacherConfig:
+    image_size: int = 96  # px; the world's stored size, so the sign word stays legible
+    patch_size: int = 16  # 96/16 -> 36 patches
+    vision_hidden: int = 96  # ViT width
+    vision_layers: int = 2
+    qformer_hidden: int = 64
+    qformer_layers: int = 1
+    num_query_tokens: int = 8  # image slots in the LM prompt (blip2-opt-2.7b: 32)
+    hidden: int = 64  # OPT width; the 50272 x hidden LM head dominates generation time
+    layers: int = 2  # OPT decoder layers
+    heads: int = 2
+    # training
+    epochs: int = 8
+    batch_size: int = 32
+    lr: float = 3e-3
+    warmup_frac: float = 0.05
+    max_words: int = 40  # captions longer than this (in tokens) are cut for training
+    # generation defaults saved into generation_config.json (Data-Juicer only forces do_sample/max_new_tokens)
+    temperature: float = 0.7  # < 1: sampled captions stay close to the mode, still differ
+    top_k: int = 20
+
+    @property
+    def max_positions(self) -> int:
+        return self.num_query_tokens + 1 + MAX_NEW_TOKENS  # image slots + BOS + what DJ may generate
+
+
+def build_teacher(cfg: TeacherConfig, words: list[str]) -> tuple[Blip2ForConditionalGeneration, Blip2Processor]:
+    """A randomly initialised tiny BLIP-2 and its processor over `words`."""
+    tokenizer = build_tokenizer(words)
+    image_processor = BlipImageProcessorPil(size={"height": cfg.image_size, "width": cfg.image_size})
+    processor = Blip2Processor(image_processor, tokenizer, num_query_tokens=cfg.num_query_tokens)
+    assert tokenizer.convert_tokens_to_ids("<image>") == IMAGE_TOKEN_ID, "Blip2Processor must add <image> at 50265"
+
+    vision = Blip2VisionConfig(
+        hidden_size=cfg.vision_hidden, intermediate_size=4 * cfg.vision_hidden, num_hidden_layers=cfg.vision_layers,
+        num_attention_heads=cfg.heads, image_size=cfg.image_size, patch_size=cfg.patch_size,
+        initializer_range=0.02,  # the 2.7b default (1e-10) is for loading weights, not training from scratch
+    )
+    qformer = Blip2QFormerConfig(
+        hidden_size=cfg.qformer_hidden, intermediate_size=4 * cfg.qformer_hidden, num_hidden_layers=cfg.qformer_layers,
+        num_attention_heads=cfg.heads, cross_attention_frequency=1, encoder_hidden_size=cfg.vision_hidden,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    )
+    text = OPTConfig(
+        vocab_size=LM_VOCAB_SIZE, hidden_size=cfg.hidden, word_embed_proj_dim=cfg.hidden, ffn_dim=4 * cfg.hidden,
+        num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads, max_position_embeddings=cfg.max_positions,
+        dropout=0.0, attention_dropout=0.0, pad_token_id=1, bos_token_id=2, eos_token_id=2,
+    )
+    config = Blip2Config(
+        vision_config=vision.to_dict(), qformer_config=qformer.to_dict(), text_config=text.to_dict(),
+        num_query_tokens=cfg.num_query_tokens, image_token_index=IMAGE_TOKEN_ID,
+    )
+    model = Blip2ForConditionalGeneration(config)
+    # transformers zero-inits the queries (they are meant to be loaded); identical queries get identical
+    # gradients and never split, so the LM would see one image token Q times. LAVIS inits them N(0, 0.02).
+    torch.nn.init.normal_(model.query_tokens, std=0.02)
+    for part in (model.vision_model, model.qformer, model.language_projection):
+        _lecun_init(part)
+    emb = model.vision_model.embeddings  # positions on the scale of the patch features, or "left" is invisible
+    torch.nn.init.normal_(emb.position_embedding, std=1.0)
+    torch.nn.init.normal_(emb.class_embedding, std=1.0)
+    model.generation_config = GenerationConfig(
+        do_sample=True, bos_token_id=2, eos_token_id=2, pad_token_id=1, temperature=cfg.temperature, top_k=cfg.top_k,
+        top_p=1.0, max_new_tokens=MAX_NEW_TOKENS,
+        # never generated: <s>, <pad>, <unk>, the fillers, <image> and OPT's unused rows. Listing them lets
+        # teacher_generate.py skip those LM-head rows and still sample what transformers' generate samples.
+        suppress_tokens=[0, 1, 3] + list(range(first_filler_id(tokenizer), LM_VOCAB_SIZE)),
+    )
+    return model, processor
+
+
+def _lecun_init(module: torch.nn.Module) -> None:
+    """N(0, 1/fan_in) weights for the towers trained from scratch.
+
+    transformers' N(0, 0.02) suits 768+-wide layers (0.02 ~ 1/sqrt(2500)); at width 32-96 each layer
+    shrinks its input ~5x, and the Q-Former's cross-attention (the only way pixels reach the LM) ends
+    up ~1000x smaller than the query residual: the LM never sees the image and learns the caption prior.
+    """
+    for m in module.modules():
+        if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):
+            fan_in = m.weight[0].numel()
+            torch.nn.init.normal_(m.weight, std=fan_in ** -0.5)
+            if m.bias is not None:
+                torch.nn.init.zeros_(m.bias)
+
+
+def encode_captions(processor: Blip2Processor, captions: list[str], max_words: int) -> dict:
+    """Text half of a training batch: `<image>` x Q, `</s>`, caption, `</s>`; loss only on caption + EOS."""
+    tok = processor.tokenizer
+    ids = [tok(c, add_special_tokens=False)["input_ids"][:max_words] for c in captions]
+    q = processor.num_query_tokens
+    seqs = [[IMAGE_TOKEN_ID] * q + [tok.bos_token_id] + s + [tok.eos_token_id] for s in ids]
+    T = max(len(s) for s in seqs)
+    input_ids = torch.full((len(seqs), T), tok.pad_token_id, dtype=torch.long)  # (B, T)
+    attention_mask = torch.zeros((len(seqs), T), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        input_ids[i, : len(s)] = torch.tensor(s)
+        attention_mask[i, : len(s)] = 1
+    labels = input_ids.clone()
+    labels[:, : q + 1] = -100  # image slots and BOS are given, not predicted
+    labels[attention_mask == 0] = -100
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def allowed_token_ids(model) -> torch.Tensor:
+    """Ids the teacher may emit: every id not in `generation_config.suppress_tokens` (words, `</s>`)."""
+    allowed = torch.ones(model.config.text_config.vocab_size, dtype=torch.bool)
+    allowed[torch.tensor(model.generation_config.suppress_tokens or [], dtype=torch.long)] = False
+    return allowed.nonzero().squeeze(1)
+
+
+def caption_loss(model, batch: dict, allowed_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """`Blip2ForConditionalGeneration.forward(...).loss`, with the softmax over `allowed_ids` only.
+
+    Why not just call forward: its logits span all 50272 OPT rows, ~50k of them suppressed fillers, and
+    that softmax costs ~100x the rest of this tiny model. Over the allowed rows the loss is the
+    cross-entropy of exactly the distribution generation samples from. With `allowed_ids=None`
+    it equals forward's loss (tested).
+    """
+    lm = model.language_model
+    features = model.get_image_features(batch["pixel_values"], return_dict=True).pooler_output  # (B, Q, H)
+    embeds = lm.get_input_embeddings()(batch["input_ids"])  # (B, T, H)
+    slots = (batch["input_ids"] == model.config.image_token_index).unsqueeze(-1)
+    embeds = embeds.masked_scatter(slots, features.to(embeds.dtype))
+    hidden = lm.model.decoder(inputs_embeds=embeds, attention_mask=batch["attention_mask"],
+                              return_dict=True).last_hidden_state  # (B, T, H)
+    head = lm.get_output_embeddings().weight  # (V, H)
+    labels = batch["labels"]
+    if allowed_ids is not None:
+        head = head[allowed_ids]  # (V', H)
+        remap = torch.full((lm.config.vocab_size,), -100, dtype=torch.long)
+        remap[allowed_ids] = torch.arange(len(allowed_ids))
+        labels = torch.where(labels >= 0, remap[labels.clamp(min=0)], labels)
+    logits = hidden[:, :-1] @ head.T  # (B, T-1, V'): position t predicts token t+1
+    return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+
+
+def train_teacher(model, processor, images: list[Image.Image], captions: list[str], cfg: TeacherConfig,
+                  seed: int, log_every: int = 50) -> dict:
+    """AdamW with warmup + cosine decay over `cfg.epochs` passes; returns loss curve and timing."""
+    g = torch.Generator().manual_seed(seed)
+    pixel_cache = processor.image_processor(images, return_tensors="pt")["pixel_values"]  # (N, 3, H, W), once
+    steps_per_epoch = math.ceil(len(captions) / cfg.batch_size)
+    total = steps_per_epoch * cfg.epochs
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
+    warm = max(1, int(cfg.warmup_frac * total))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / total))))
+    allowed_ids = allowed_token_ids(model)
+    model.train()
+    losses, t0, step = [], time.perf_counter(), 0
+    for _ in range(cfg.epochs):
+        for idx in torch.randperm(len(captions), generator=g).split(cfg.batch_size):
+            batch = encode_captions(processor, [captions[i] for i in idx.tolist()], cfg.max_words)
+            batch["pixel_values"] = pixel_cache[idx]
+            loss = caption_loss(model, batch, allowed_ids)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            step += 1
+            losses.append(loss.item())
+            if log_every and step % log_every == 0:
+                print(f"teacher step {step}/{total} loss {sum(losses[-log_every:]) / log_every:.3f}", flush=True)
+    model.eval()
+    return {"steps": step, "loss_first": losses[0], "loss_last": sum(losses[-20:]) / len(losses[-20:]),
+            "train_s": round(time.perf_counter() - t0, 1), "losses": losses}
+
+
+def save_teacher(model, processor, out: str | Path) -> None:
+    """A normal HF folder (model, processor, generation config) plus `custom_generate/generate.py`."""
+    out = Path(out)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    (out / "custom_generate").mkdir(exist_ok=True)
+    (out / "custom_generate" / "generate.py").write_text(
+        (Path(__file__).parent / "teacher_generate.py").read_text(encoding="utf-8"), encoding="utf-8")
+
+
+def load_captioner(path: str | Path, trust_remote_code: bool = True):
+    """Load a captioner folder the way Data-Juicer does: AutoProcessor + `config.architectures[0]`."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise io.fail(f"captioner {path}: no config.json there; train it (dvc repro teacher) "
+                      "or set synth.captioner to a local BLIP-2 folder")
+    try:
+        processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        model_class = getattr(transformers, config.architectures[0])
+        model = model_class.from_pretrained(path, trust_remote_code=trust_remote_code).eval()
+    except (OSError, ValueError, TypeError, AttributeError, KeyError) as e:
+        raise io.fail(f"captioner {path}: does not load as a transformers model + processor ({e})") from None
+    return model, processor
+
+
+@torch.no_grad()
+def caption_images(model, processor, images: list[Image.Image], batch_size: int = 64,
+                   do_sample: bool = True) -> list[str]:
+    """Captions as Data-Juicer's op makes them: processor(images) -> generate(128 new, sampled) -> decode."""
+    out = []
+    for i in range(0, len(images), batch_size):
+        inputs = processor(images=images[i: i + batch_size], return_tensors="pt").to(model.device)
+        ids = model.generate(**inputs, max_new_tokens=MAX_NEW_TOKENS, do_sample=do_sample)
+        out += processor.batch_decode(ids, skip_special_tokens=True)
+    return [c.strip() for c in out]
+
+
+def read_caption_set(folder: str | Path) -> tuple[list[Image.Image], list[str], list[str]]:
+    """(images, captions, ids) of a DJ caption set (data/world/curated: dj.jsonl + images/)."""
+    from vlmlab.data.formats import FormatError, caption_of
+
+    folder = Path(folder)
+    images, captions, ids = [], [], []
+    for n, row in enumerate(io.read_jsonl(folder / "dj.jsonl"), 1):
+        try:
+            captions.append(caption_of(row["text"]))
+            with Image.open(folder / row["images"][0]) as im:
+                images.append(im.convert("RGB"))
+        except (FormatError, OSError, KeyError, IndexError) as e:
+            raise io.fail(f"{folder / 'dj.jsonl'}:{n}: unusable training sample ({e}); re-run `dvc repro prepare`")
+        ids.append(str(row["id"]))
+    if not captions:
+        raise io.fail(f"{folder / 'dj.jsonl'}: no samples to train the teacher on")
+    return images, captions, ids
