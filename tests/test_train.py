@@ -175,7 +175,7 @@ class Interrupt(Exception):
 
 
 class InterruptAt(TrainerCallback):
-    """Dies right after the checkpoint of step `step` of stage `stage` is written, like a killed job."""
+    """Dies once step `step` of stage `stage` is done and logged, like a job killed between checkpoints."""
 
     def __init__(self, stage: int, step: int):
         self.stage, self.step, self.calls = stage, step, 0
@@ -183,32 +183,38 @@ class InterruptAt(TrainerCallback):
     def on_train_begin(self, args, state, control, **kw):
         self.calls += 1
 
-    def on_save(self, args, state, control, **kw):
+    def on_log(self, args, state, control, **kw):
         if self.calls == self.stage and state.global_step == self.step:
             raise Interrupt(f"stage {self.stage} step {self.step}")
 
 
-def train_lora(base, data, work, callbacks=()):
+def train_lora(base, data, work, callbacks=(), plots=None):
+    from dvclive import Live
+
     captions, instruct, processor = data
     model, _ = recipe.load_base(base)
     cfg = small_config("lora")
     cfg.stage2.epochs = 2
+    live = Live(str(plots), resume=(plots / "metrics.json").exists(), dvcyaml=None, save_dvc_exp=False) if plots else None
     model, _, figures = recipe.two_stage(model, captions, instruct, PadCollator(processor.tokenizer.pad_token_id),
-                                         cfg, work, callbacks=callbacks)
+                                         cfg, work, live=live, callbacks=callbacks)
     return {k: v.detach().clone() for k, v in model.state_dict().items()}, figures
 
 
 def test_interrupted_and_resumed_run_ends_with_the_same_weights(base, data, tmp_path):
     reference, _ = train_lora(base, data, tmp_path / "straight")
-    work = tmp_path / "interrupted"
-    with pytest.raises(Interrupt):                      # killed in stage 1, after its step-2 checkpoint
-        train_lora(base, data, work, [InterruptAt(stage=1, step=2)])
-    with pytest.raises(Interrupt):                      # re-run: stage 1 resumes and ends; killed in stage 2
-        train_lora(base, data, work, [InterruptAt(stage=2, step=6)])
-    resumed, figures = train_lora(base, data, work)     # re-run: stage 1 skipped, stage 2 resumes mid-epoch
+    work, plots = tmp_path / "interrupted", tmp_path / "plots"
+    with pytest.raises(Interrupt):                      # killed in stage 1 at step 3 (last checkpoint: step 2)
+        train_lora(base, data, work, [InterruptAt(stage=1, step=3)], plots)
+    with pytest.raises(Interrupt):                      # re-run: stage 1 resumes and ends; killed at stage-2 step 7
+        train_lora(base, data, work, [InterruptAt(stage=2, step=7)], plots)
+    resumed, figures = train_lora(base, data, work, plots=plots)  # re-run: stage 1 skipped, stage 2 resumes mid-epoch
     assert figures["stage1"]["skipped"] == 1 and figures["stage2"]["resumed_from_step"] == 6
     assert reference.keys() == resumed.keys()
     assert all(torch.equal(reference[k], resumed[k]) for k in reference)
+    # the curves read as one run: every step once, stage 2 continuing stage 1's 4 steps
+    steps = [int(line.split("\t")[0]) for line in (plots / "plots/metrics/loss.tsv").read_text().splitlines()[1:]]
+    assert steps == list(range(1, 4 + 8 + 1))
 
 
 def test_work_dir_of_another_config_is_wiped_not_resumed(tmp_path):

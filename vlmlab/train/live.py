@@ -8,6 +8,7 @@ curves belong on one step axis; it also cannot see throughput. This callback sha
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 from transformers import TrainerCallback
 
@@ -21,6 +22,15 @@ def samples_in_step(step: int, n_samples: int, global_batch: int) -> int:
     return min(global_batch, n_samples - k * global_batch)
 
 
+def truncate_curves(folder: Path, last_step: int) -> None:
+    """Drop rows after `last_step` from dvclive's TSV curves (header: step, value)."""
+    for tsv in folder.rglob("*.tsv") if folder.is_dir() else ():
+        lines = tsv.read_text().splitlines(keepends=True)
+        kept = lines[:1] + [ln for ln in lines[1:] if int(ln.split("\t", 1)[0]) <= last_step]
+        if len(kept) < len(lines):
+            tsv.write_text("".join(kept))
+
+
 class LiveCallback(TrainerCallback):
     def __init__(self, live, n_samples: int, global_batch: int, step_offset: int = 0, stage: int = 1):
         self.live, self.n, self.global_batch = live, n_samples, global_batch
@@ -29,6 +39,11 @@ class LiveCallback(TrainerCallback):
         self._tokens0 = 0
         self._rates: dict[str, float] = {}
         self.steps: list[dict] = []  # what was logged, for the stage's final figures
+
+    def on_train_begin(self, args, state, control, **kw):
+        if self.live is not None and state.is_world_process_zero:
+            # resumed from a checkpoint: the steps logged after it are about to be redone
+            truncate_curves(Path(self.live.plots_dir) / "metrics", self.step_offset + state.global_step)
 
     def on_step_begin(self, args, state, control, **kw):
         self._t0 = time.perf_counter()
@@ -47,6 +62,10 @@ class LiveCallback(TrainerCallback):
         row.update(self._rates)
         row["stage"] = self.stage
         self.steps.append(row)
+        every = max(1, state.max_steps // 10)
+        if state.global_step % every == 0 or state.global_step == state.max_steps:
+            print(f"stage {self.stage} step {state.global_step}/{state.max_steps}: loss {row.get('loss', float('nan')):.3f}, "
+                  f"lr {row.get('lr', 0):.2e}, {row.get('samples_per_s', 0):.0f} samples/s", flush=True)
         if self.live is not None:
             self.live.step = self.step_offset + state.global_step
             for name, value in row.items():

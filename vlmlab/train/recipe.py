@@ -196,7 +196,11 @@ def make_trainer(model, args, dataset, collator, callbacks, group_by_length: boo
                                             self.args.train_batch_size * self.args.gradient_accumulation_steps,
                                             self.args.data_seed)
 
-    return MgmTrainer(model=model, args=args, train_dataset=dataset, data_collator=collator, callbacks=list(callbacks))
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer = MgmTrainer(model=model, args=args, train_dataset=dataset, data_collator=collator, callbacks=list(callbacks))
+    trainer.remove_callback(PrinterCallback)  # a dict per step is noise; LiveCallback prints every 10%
+    return trainer
 
 
 def run_stage(model: nn.Module, dataset, collator, sc: StageConfig, cfg: TrainConfig, out_dir: Path,
