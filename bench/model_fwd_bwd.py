@@ -59,7 +59,7 @@ def make_batch(model, batch_size: int, text_tokens: int, device: str, dtype: tor
     cfg = model.config
     g = torch.Generator().manual_seed(0)
     n_img = cfg.num_image_tokens
-    text = torch.randint(3, min(cfg.text_config.vocab_size, 32000), (batch_size, text_tokens), generator=g)
+    text = torch.randint(3, min(cfg.image_token_id, 32000), (batch_size, text_tokens), generator=g)  # no <image>
     ids = torch.cat([torch.full((batch_size, 1), 2), torch.full((batch_size, n_img), cfg.image_token_id), text], 1)
     labels = ids.clone()
     labels[:, : 1 + n_img] = -100
