@@ -1,9 +1,9 @@
 """Stage `train@<run>`: the MGM two-stage recipe for one entry of `runs:` in params.yaml.
 
-    python stages/train.py --run baseline --base models/zoo --captions data/raw/llava.json \
+    python stages/train.py --name baseline --base models/zoo --captions data/raw/llava.json \
         --instruct data/world/instruct/llava.json --out models/runs/baseline \
         --metrics metrics/train/baseline.json --plots plots/train/baseline \
-        --monitor plots/monitor/train_baseline --work work/train/baseline
+        --memory plots/monitor/train_baseline --work work/train/baseline
 
 stage 1: connector on the run's captions; stage 2: the run's strategy (full | lora) on the
 instruction set. Re-run after an interruption, it resumes from the last checkpoint in --work.
@@ -16,6 +16,7 @@ import os
 # measured 3x slower than one thread under load; sleeping ones as fast as one thread).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+import contextlib  # noqa: E402
 import shutil  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -30,9 +31,12 @@ from vlmlab.train import recipe, strategies  # noqa: E402
 SEED_OFFSET = 400  # this stage's share of the master seed
 
 
-def main(run: str, base: str = "models/zoo", captions: str = "data/raw/llava.json",
+def main(name: str, base: str = "models/zoo", captions: str = "data/raw/llava.json",
          instruct: str = "data/world/instruct/llava.json", out: str = "", metrics: str = "", plots: str = "",
-         monitor: str = "", work: str = "", params: str = "params.yaml") -> None:
+         memory: str = "", work: str = "", params: str = "params.yaml", local_rank: int = -1) -> None:
+    # local_rank: passed by the `deepspeed` launcher; the Trainer reads LOCAL_RANK from the environment.
+    # Option names must not prefix torchrun's own (it rejects --run, --monitor as ambiguous).
+    run = name
     p = io.load_params(params)
     runs = p.get("runs") or {}
     if run not in runs:
@@ -40,18 +44,21 @@ def main(run: str, base: str = "models/zoo", captions: str = "data/raw/llava.jso
     cfg = recipe.TrainConfig.from_params(p["train"], runs[run], seed=p["seed"] + SEED_OFFSET)
     out, metrics = out or f"models/runs/{run}", metrics or f"metrics/train/{run}.json"
     plots, work = Path(plots or f"plots/train/{run}"), Path(work or f"work/train/{run}")
+    main_process = recipe.rank() == 0  # under a multi-process launcher only rank 0 writes files
 
-    with Monitor(monitor or f"plots/monitor/train_{run}", p["train"].get("monitor_interval", 0.5)) as mon:
+    mon = Monitor(memory or f"plots/monitor/train_{run}", p["train"].get("monitor_interval", 0.5))
+    with mon if main_process else contextlib.nullcontext():
         model, processor = recipe.load_base(base, cfg.attn_implementation)
         data = [ConversationDataset(path, processor, max_length=cfg.max_length, workers=cfg.encode_workers,
                                     desc=f"encode {path}") for path in (captions, instruct)]
         resumed = recipe.prepare_work_dir(work, recipe.fingerprint(cfg, captions, instruct, base))
-        live = Live(str(plots), resume=resumed, dvcyaml=None, save_dvc_exp=False)
+        live = Live(str(plots), resume=resumed, dvcyaml=None, save_dvc_exp=False) if main_process else None
         model, trainer, figures = recipe.two_stage(model, *data, PadCollator(processor.tokenizer.pad_token_id),
                                                    cfg, work, live=live, base_path=base)
         recipe.save_trained(model, trainer, out, processor, base_path=base)
-        live.end()
-    if not trainer.is_world_process_zero():
+        if live is not None:
+            live.end()
+    if not main_process:
         return
     trainable = strategies.trainable_counts(model)
     rejects = {f"{name}_{reason}": n for name, d in zip(("captions", "instruct"), data)

@@ -253,3 +253,53 @@ def test_bad_params_give_one_clear_line(tmp_path):
     with pytest.raises(SystemExit) as e:
         recipe.load_base(tmp_path / "models/zoo")
     assert "zoo" in one_line(e)
+
+
+# ---------------------------------------------------------------- the stage scripts, end to end
+
+def load_stage(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"stage_{name}", Path(__file__).resolve().parents[1] / "stages" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_train_and_merge_stages_end_to_end(world, base, tmp_path):
+    """stages/train.py (lora) then stages/merge.py, as dvc runs them, on a params file of tiny sizes."""
+    import yaml
+
+    train_stage, merge_stage = load_stage("train"), load_stage("merge")
+
+    params = yaml.safe_load(open("params.yaml"))
+    params["train"].update(stage1_global_batch=32, stage1_micro_batch=32, stage2_global_batch=16,
+                           stage2_micro_batch=16, save_steps=1)
+    params["runs"] = {"tiny_lora": {"data": "raw", "strategy": "lora", "lr": 2e-3, "lora_r": 4, "lora_alpha": 8,
+                                    "lora_dropout": 0.0}}
+    params["merge"].update(samples=4, batch_size=2)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    out = tmp_path / "out"
+    train_stage.main("tiny_lora", base=str(base), captions=str(world / "raw/llava.json"),
+                     instruct=str(world / "world/instruct/llava.json"), out=str(out / "runs/tiny_lora"),
+                     metrics=str(out / "metrics.json"), plots=str(out / "plots"), memory=str(out / "mon/train"),
+                     work=str(out / "work"), params=str(tmp_path / "params.yaml"))
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["stage1"]["steps"] == 2 and metrics["stage2"]["steps"] == 2 and metrics["rejects"]["total"] == 0
+    assert metrics["trainable"]["lora"] > 0 and "language_model" not in metrics["trainable"]
+    adapter = json.loads((out / "runs/tiny_lora/adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == str(base) and len(adapter["modules_to_save"]) == 4
+    assert (out / "runs/tiny_lora/mgm_processor.json").is_file()
+    assert len((out / "plots/plots/metrics/loss.tsv").read_text().splitlines()) == 1 + 4
+    assert (out / "mon/train.csv").is_file() and not (out / "work").exists()  # checkpoints gone once finished
+
+    merge_stage.main(adapter=str(out / "runs/tiny_lora"), out=str(out / "merged"),
+                     held_out=str(world / "world/eval/captions.jsonl"), metrics=str(out / "merge.json"),
+                     monitor=str(out / "mon/merge"), params=str(tmp_path / "params.yaml"))
+    merged = json.loads((out / "merge.json").read_text())
+    assert merged["max_logit_diff"] < 1e-3 and merged["samples"] == 4
+    assert (out / "merged/config.json").is_file() and (out / "merged/mgm_processor.json").is_file()
+
+    with pytest.raises(SystemExit) as e:
+        train_stage.main("nope", params=str(tmp_path / "params.yaml"))
+    assert "'nope' is not in params.yaml runs" in one_line(e)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -111,9 +112,12 @@ def training_dtype() -> torch.dtype:
 
 
 def world_size() -> int:
-    import os
-
     return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def rank() -> int:
+    """Global rank under torchrun/deepspeed launchers (0 for a plain `python` run)."""
+    return int(os.environ.get("RANK", "0"))
 
 
 def accumulation(sc: StageConfig, world: int) -> tuple[int, int]:
@@ -254,15 +258,27 @@ def fingerprint(cfg: TrainConfig, *paths: str | Path) -> str:
     return h.hexdigest()[:16]
 
 
-def prepare_work_dir(work: Path, fp: str) -> bool:
-    """Make `work` for this fingerprint; True if it already held this run's progress (resume)."""
+def prepare_work_dir(work: Path, fp: str, timeout_s: float = 600) -> bool:
+    """Make `work` for this fingerprint; True if it already held this run's progress (resume).
+
+    Rank 0 wipes and stamps; other ranks (no process group exists yet) wait for its stamp.
+    """
     stamp = work / "fingerprint.txt"
-    if work.is_dir() and stamp.is_file() and stamp.read_text().strip() == fp:
+    stamped = lambda: stamp.is_file() and stamp.read_text().strip() == fp  # noqa: E731
+    if rank() != 0:
+        t0 = time.monotonic()
+        while not stamped():
+            if time.monotonic() - t0 > timeout_s:
+                raise io.fail(f"{work}: rank 0 did not prepare the work dir within {timeout_s:.0f} s")
+            time.sleep(0.5)
+        return any(work.glob("stage*/checkpoint-*")) or (work / "stage1" / "connector.safetensors").is_file()
+    if work.is_dir() and stamped():
         return True
     if work.exists():
         shutil.rmtree(work)  # another config's checkpoints must never be resumed
     work.mkdir(parents=True)
-    stamp.write_text(fp + "\n")
+    with io.atomic_path(stamp) as tmp:
+        tmp.write_text(fp + "\n")
     return False
 
 
@@ -303,8 +319,9 @@ def two_stage(model: nn.Module, captions, instruct, collator, cfg: TrainConfig, 
         strategies.stage1(model)
         _, fig1 = run_stage(model, captions, collator, cfg.stage1, cfg, work / "stage1", callbacks, live,
                             stage=1, max_steps=max_steps[0])
-        save_connector(model, s1_weights)
-        io.write_json(s1_figures, fig1)
+        if rank() == 0:
+            save_connector(model, s1_weights)
+            io.write_json(s1_figures, fig1)
         fig1["skipped"] = 0
 
     seed_everything(cfg.seed + 1)  # same LoRA init whether or not stage 1 ran in this process
@@ -320,20 +337,22 @@ def save_trained(model: nn.Module, trainer, out: str | Path, processor=None, bas
     Saved in the training dtype (bf16 on CUDA, fp32 on CPU); LoRA adapters name their base by
     `base_path` (relative to the repository root, as vlmlab.infer.load_model expects).
     """
-    if not trainer.is_world_process_zero():
-        return
     from peft import PeftModel
 
+    # ZeRO-3 partitions the weights across ranks: gathering them is collective (every rank)
+    state = trainer.accelerator.get_state_dict(trainer.model_wrapped) if is_zero3(trainer) else None
+    if not trainer.is_world_process_zero():
+        return
     with io.atomic_path(out) as tmp:
         if isinstance(model, PeftModel):
             if base_path is not None:
                 for conf in model.peft_config.values():
                     conf.base_model_name_or_path = str(base_path)
-            model.save_pretrained(str(tmp))
-        elif cfg_is_zero3(trainer):
-            trainer.save_model(str(tmp))  # DeepSpeed gathers the partitioned 16-bit weights
+            model.save_pretrained(str(tmp), state_dict=state)
         else:
-            model.to(training_dtype()).save_pretrained(str(tmp))
+            dtype = training_dtype()
+            state = {k: v.to(dtype) for k, v in state.items()} if state is not None else None
+            model.to(dtype).save_pretrained(str(tmp), state_dict=state)
         if processor is not None:
             processor.save_pretrained(str(tmp))
 
@@ -359,6 +378,6 @@ def run_metrics(figures: dict, trainable: dict, rejects: dict, monitor: dict) ->
     }
 
 
-def cfg_is_zero3(trainer) -> bool:
+def is_zero3(trainer) -> bool:
     ds = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
     return bool(ds and ds.zero_stage == 3)
