@@ -26,7 +26,9 @@ def fake_tree(root: Path, with_lora: bool = True) -> None:
                                               "monitor": {"wall_s": 130.0, "peak_rss_mb": 900.0}})
     put(root, "metrics/eval/baseline.json", {"textvqa_acc": 0.31, "bleu_1": 0.5, "bleu_2": 0.4, "bleu_3": 0.3,
                                              "bleu_4": 0.2, "cider": 0.8, "mmbench_acc": 0.4, "mmbench_circular_acc": 0.2,
-                                             "questions_per_s": 50.0, "monitor": {"wall_s": 20.0, "peak_rss_mb": 800.0}})
+                                             "questions_per_s": 50.0, "monitor": {"wall_s": 20.0, "peak_rss_mb": 800.0},
+                                             "textvqa_by_type": {"ocr": 0.05, "color": 0.6}})
+    put(root, "metrics/zoo.json", {"lm_perplexity": 3.1, "monitor": {"wall_s": 207.8, "peak_rss_mb": 3178.9}})
     put(root, "plots/train/baseline/plots/metrics/loss.tsv", "step\tloss\n1\t3.0\n2\t2.5\n")
     put(root, "plots/monitor/evaluate_baseline.csv", "t_s,rss_mb,cpu_pct,gpu_mem_mb,gpu_util_pct\n0.0,500,90,0.0,0.0\n0.5,800,95,0.0,0.0\n")
     if with_lora:
@@ -59,6 +61,8 @@ def test_absent_runs_are_reported_not_invented(tmp_path):
     assert "| enhanced | absent |" in md and "| blip2_lora_merged | absent |" in md and "| blip2_lora | absent |" in md
     assert "`baseline` (0.8000)" in md and "3.7700" in md and "700,000" in md
     assert "Merged LoRA" not in md  # nothing to compare yet
+    assert "| zoo | 207.8 | 3,178.9 |" in md  # other stages' peaks join the memory table
+    assert "| model | color | ocr |\n|---|---|---|\n| baseline | 0.6000 | 0.0500 |" in md
     s = cmp.summary(col, "cider", 0.02)
     assert s["models_evaluated"] == 1 and set(s["models"]) == {"baseline"} and "merged_vs_adapter" not in s
 

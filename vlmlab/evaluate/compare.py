@@ -14,6 +14,7 @@ from pathlib import Path
 
 from vlmlab import io
 
+OTHER_STAGES = ["zoo", "teacher", "synth"]   # metrics/<stage>.json with a monitor section
 EVAL_KEYS = ["textvqa_acc", "bleu_1", "bleu_2", "bleu_3", "bleu_4", "cider", "mmbench_acc", "mmbench_circular_acc"]
 DATA_KEYS = [("samples", "samples"), ("rejects.total", "rejects"), ("caption_words.mean", "words/caption"),
              ("caption_chars.mean", "chars/caption"), ("vocab_size", "vocabulary"),
@@ -31,6 +32,7 @@ class Collected:
     merge: dict[str, dict | None] = field(default_factory=dict)   # run -> flat metrics
     eval: dict[str, dict | None] = field(default_factory=dict)    # model -> flat metrics
     model_paths: dict[str, str] = field(default_factory=dict)     # model -> folder
+    other: dict[str, dict] = field(default_factory=dict)          # zoo / teacher / synth stage metrics, if present
 
 
 def _read(path: Path) -> dict | None:
@@ -50,6 +52,7 @@ def collect(root: Path, datasets: list[str], runs: list[str], models: dict[str, 
         merge={r: _read(m / "merge" / f"{r}.json") for r in runs if (m / "merge" / f"{r}.json").is_file()},
         eval={name: _read(m / "eval" / f"{name}.json") for name in models},
         model_paths=dict(models),
+        other={n: m for n in OTHER_STAGES if (m := _read(root / "metrics" / f"{n}.json"))},
     )
 
 
@@ -128,9 +131,17 @@ def render_markdown(col: Collected, metric: str, tolerance: float, figures: dict
         out += [""]
     out += ["## Data: raw vs enhanced", ""] + _table("set", col.data, DATA_KEYS) + [""]
     out += ["## Training cost", ""] + _table("run", col.train, TRAIN_KEYS) + [""]
-    peaks = {f"train {r}": m for r, m in col.train.items()}
+    peaks = dict(col.other)
+    peaks.update({f"train {r}": m for r, m in col.train.items()})
     peaks.update({f"evaluate {n}": m for n, m in col.eval.items()})
     out += ["## Memory and time peaks (per stage)", ""] + _table("stage", peaks, PEAK_KEYS) + [""]
+    for title, prefix, suffix in (("TextVQA accuracy by question type", "textvqa_by_type.", ""),
+                                  ("MMBench circular accuracy by category", "mmbench_by_category.", ".circular_acc")):
+        cols = sorted({k[len(prefix):len(k) - len(suffix)] for m in col.eval.values() if m for k in m
+                       if k.startswith(prefix) and k.endswith(suffix)})
+        if cols:
+            rows = {n: m for n, m in col.eval.items() if m}
+            out += [f"## {title}", ""] + _table("model", rows, [(f"{prefix}{c}{suffix}", c) for c in cols]) + [""]
     if figures:
         out += ["## Figures", ""] + [f"![{k}]({v})" for k, v in figures.items()] + [""]
     return "\n".join(out)
