@@ -69,3 +69,23 @@ def test_bad_options_and_empty():
     with pytest.raises(ValueError, match="compile=True needs"):
         GreedyDecoder(torch.nn.Module(), [1], 0, 4, compile=True)
     assert generate_answers(None, None, [], 4, 4) == []
+
+
+def test_lora_adapter_answers_equal_merged(tiny):
+    """generate_answers on a peft model (adapter active) == on the merged model: the decoder unwraps peft."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    model, proc, items = tiny
+    torch.manual_seed(1)
+    peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False,
+        modules_to_save=["mm_projector"]))
+    with torch.no_grad():  # the adapter's copy of the projector differs from the base's
+        for p in peft_model.base_model.model.mm_projector.modules_to_save["default"].parameters():
+            p.mul_(1.5)
+    adapter = generate_answers(peft_model, proc, items, batch_size=4, max_new_tokens=MAX_NEW)
+    merged = generate_answers(peft_model.merge_and_unload(), proc, items, batch_size=4, max_new_tokens=MAX_NEW)
+    base = generate_answers(model, proc, items, batch_size=4, max_new_tokens=MAX_NEW)
+    assert adapter == merged and adapter != base
