@@ -114,3 +114,24 @@ def test_timm_convnext_names_compute_the_same_as_ours():
     assert convert.timm_convnext_key("vision_stages.0.blocks.1.mlp.fc2.bias") == "encoder.stages.0.layers.1.pwconv2.bias"
     assert convert.timm_convnext_key("vision_stages.2.downsample.0.weight") == "encoder.stages.2.downsampling_layer.0.weight"
     assert convert.timm_convnext_key("head.fc.weight") is None
+
+
+def test_convert_mgm_folder_reads_shapes_off_the_weights(tmp_path):
+    model, processor, folder, state = _tiny_mgm_folder(tmp_path)
+    text = model.config.text_config
+    (folder / "config.json").write_text(json.dumps({
+        "model_type": "mgm_llama", "architectures": ["MGMLlamaForCausalLM"], "hidden_act": "silu",
+        **{k: getattr(text, k) for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                                          "num_attention_heads", "num_key_value_heads", "max_position_embeddings",
+                                          "rms_norm_eps", "tie_word_embeddings")},
+        "mm_vision_tower": "/elsewhere/openai/clip-tiny", "mm_vision_tower_aux": "/elsewhere/openclip-convnext-tiny",
+        "image_size_aux": 96, "mm_hidden_size_aux": model.config.mm_hidden_size_aux,
+        "mm_vision_select_layer": -2, "mm_projector_type": "mlp2x_gelu"}))
+    converted, report = convert.convert_mgm(folder)
+    assert report["missing"] == [] and len(report["unused"]) == 1
+    assert converted.config.vision_aux_config.hidden_sizes == model.config.vision_aux_config.hidden_sizes
+    assert converted.config.num_image_tokens == model.config.num_image_tokens
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, converted.state_dict()[k]), k
+    with pytest.raises(StageError, match="no such MGM folder"):
+        convert.convert_mgm(tmp_path / "absent")

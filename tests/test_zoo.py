@@ -6,8 +6,10 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from PIL import Image
 from transformers import AutoModelForImageTextToText
 
+from vlmlab.io import StageError
 from vlmlab.models import presets, zoo
 from vlmlab.models.processor import MgmProcessor
 from vlmlab.models.tokenizer import train_world_tokenizer
@@ -96,3 +98,34 @@ def test_zoo_stage_end_to_end(tmp_path):
     bad = subprocess.run([sys.executable, str(REPO / "stages/zoo.py"), "--out", str(tmp_path / "x"),
                           "--metrics", str(tmp_path / "x.json"), "--monitor", str(tmp_path / "mon/x"), "--params", str(tmp_path / "params.yaml")], capture_output=True, text=True, cwd=REPO)
     assert bad.returncode != 0 and "zoo.source" in bad.stderr.strip().splitlines()[-1]
+
+
+def test_local_source_assembles_llm_clip_and_openclip_convnext(tmp_path):
+    from transformers import CLIPVisionModel, LlamaForCausalLM
+
+    from vlmlab.models import convert
+
+    torch.manual_seed(0)
+    ref, processor = presets.build("tiny", train_world_tokenizer(["a red circle ."]))
+    cfg = ref.config
+    LlamaForCausalLM(cfg.text_config).save_pretrained(tmp_path / "llm")
+    processor.tokenizer.save_pretrained(tmp_path / "llm")
+    clip = CLIPVisionModel(cfg.vision_config)
+    clip.save_pretrained(tmp_path / "clip")
+    trunk = {"visual.trunk." + convert.ours_key_to_mgm("vision_tower_aux." + k)[len("model.vision_tower_aux.vision_"):]: v
+             for k, v in ref.vision_tower_aux.state_dict().items()}
+    trunk["visual.head.proj.weight"] = torch.zeros(4, 4)  # OpenCLIP's head: not part of MGM
+    (tmp_path / "convnext").mkdir()
+    torch.save(trunk, tmp_path / "convnext" / "open_clip_pytorch_model.bin")
+    p = {"local_llm": str(tmp_path / "llm"), "local_vision": str(tmp_path / "clip"),
+         "local_vision_aux": str(tmp_path / "convnext"), "local_image_size_aux": 96}
+    model, proc, metrics = zoo.build_local(p, "sdpa")
+    assert model.config.aux_grid == cfg.aux_grid and model.config.num_image_tokens == cfg.num_image_tokens
+    assert torch.equal(model.vision_tower_aux.encoder.stages[1].layers[0].dwconv.weight,
+                       ref.vision_tower_aux.encoder.stages[1].layers[0].dwconv.weight)
+    assert torch.equal(model.vision_tower.encoder.layers[0].mlp.fc1.weight, clip.encoder.layers[0].mlp.fc1.weight)
+    batch = proc.pad([proc.encode_prompt("a red circle", Image.new("RGB", (96, 96), "red"))])
+    with torch.no_grad():
+        assert torch.isfinite(model(**batch).logits).all()
+    with pytest.raises(StageError, match="zoo.local_vision_aux"):
+        zoo.build_local(dict(p, local_vision_aux=str(tmp_path / "nowhere")), "sdpa")

@@ -108,9 +108,10 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         raise fail(f"{path}: no such checkpoint (give a local folder or file; nothing is downloaded)")
     if path.is_dir():
         files = sorted(path.glob("*.safetensors")) or sorted(path.glob("pytorch_model*.bin")) \
-            or sorted(path.glob("mm_projector.bin"))
+            or sorted(path.glob("open_clip_pytorch_model.bin")) or sorted(path.glob("mm_projector.bin"))
         if not files:
-            raise fail(f"{path}: no *.safetensors, pytorch_model*.bin or mm_projector.bin in this folder")
+            raise fail(f"{path}: no *.safetensors, pytorch_model*.bin, open_clip_pytorch_model.bin "
+                       "or mm_projector.bin in this folder")
     else:
         files = [path]
     state: dict[str, torch.Tensor] = {}
@@ -135,12 +136,46 @@ def _aux_shapes(name: str) -> dict:
     return {"hidden_sizes": [192, 384, 768, 1536], "depths": [3, 3, 27, 3]}  # large (MGM-2B)
 
 
-def config_from_mgm(mgm_config: dict | str | Path, vision_config: dict | None = None) -> MgmConfig:
+def clip_config_from_state(state: dict[str, torch.Tensor], prefix: str = "") -> dict | None:
+    """CLIP vision shapes read off its weights (None if absent). Heads are not stored in weights:
+    OpenAI CLIPs use 64-dim heads."""
+    pos = state.get(prefix + "embeddings.position_embedding.weight")
+    patch = state.get(prefix + "embeddings.patch_embedding.weight")
+    if pos is None or patch is None:
+        return None
+    hidden, p = int(patch.shape[0]), int(patch.shape[-1])
+    layers = 1 + max(int(k[len(prefix):].split(".")[2]) for k in state if k.startswith(prefix + "encoder.layers."))
+    return {"model_type": "clip_vision_model", "hidden_size": hidden, "patch_size": p,
+            "image_size": int(round((pos.shape[0] - 1) ** 0.5)) * p, "num_hidden_layers": layers,
+            "intermediate_size": int(state[prefix + "encoder.layers.0.mlp.fc1.weight"].shape[0]),
+            "num_attention_heads": max(1, hidden // 64), "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5}
+
+
+def convnext_config_from_state(state: dict[str, torch.Tensor], prefix: str = "", image_size: int = 768) -> dict | None:
+    """ConvNeXt trunk shapes read off timm-named weights (`vision_stem.*`, `vision_stages.*`; None if absent)."""
+    stem = state.get(prefix + "vision_stem.0.weight")
+    if stem is None:
+        return None
+    blocks: dict[int, set[int]] = {}
+    for k in state:
+        m = re.match(re.escape(prefix) + r"vision_stages\.(\d+)\.blocks\.(\d+)\.", k)
+        if m:
+            blocks.setdefault(int(m.group(1)), set()).add(int(m.group(2)))
+    stages = sorted(blocks)
+    return {"model_type": "convnext", "image_size": image_size, "patch_size": int(stem.shape[-1]),
+            "num_stages": len(stages), "depths": [len(blocks[i]) for i in stages],
+            "hidden_sizes": [int(state[f"{prefix}vision_stages.{i}.blocks.0.conv_dw.weight"].shape[0]) for i in stages],
+            "layer_scale_init_value": 1e-6}
+
+
+def config_from_mgm(mgm_config: dict | str | Path, vision_config: dict | None = None,
+                    state: dict[str, torch.Tensor] | None = None) -> MgmConfig:
     """An MgmConfig from MGM's own config.json (model_type `mgm_gemma`/`mgm_llama`/...).
 
     The tower paths inside it (`mm_vision_tower`, `mm_vision_tower_aux`) are opaque names from
-    another machine: only their model names are read. Pass `vision_config` (a CLIP config dict)
-    to override the ViT shapes; by default they are CLIP ViT-L/14 at 336 px (or 224 without "336").
+    another machine. Tower shapes come from `state` (the checkpoint's own weights) when given,
+    else from the tower model names (CLIP ViT-L/14 at 336 px, OpenCLIP ConvNeXt large/base/xxlarge);
+    `vision_config` (a CLIP config dict) overrides the ViT shapes.
     """
     if not isinstance(mgm_config, dict):
         p = Path(mgm_config)
@@ -169,6 +204,9 @@ def config_from_mgm(mgm_config: dict | str | Path, vision_config: dict | None = 
         vision["image_size"] = 224
     aux_size = int(c.get("image_size_aux", 768))
     aux = dict(spec["vision_aux_config"], image_size=aux_size, **_aux_shapes(str(c.get("mm_vision_tower_aux", ""))))
+    if state is not None:
+        vision = vision_config or clip_config_from_state(state, "model." + CLIP_PREFIX) or vision
+        aux = convnext_config_from_state(state, "model.vision_tower_aux.", aux_size) or aux
     expected_aux = c.get("mm_hidden_size_aux")
     if expected_aux is not None and sum(aux["hidden_sizes"]) != int(expected_aux):
         raise fail(f"mm_hidden_size_aux {expected_aux} does not match ConvNeXt stages {aux['hidden_sizes']}")
@@ -220,9 +258,10 @@ def convert_mgm(folder: str | Path, dtype: torch.dtype | None = None) -> tuple[M
     folder = Path(folder)
     if not folder.is_dir():
         raise fail(f"{folder}: no such MGM folder (give a local copy; nothing is downloaded)")
-    config = config_from_mgm(folder / "config.json")
+    state = read_state_dict(folder)
+    config = config_from_mgm(folder / "config.json", state=state)
     model = build_uninitialised(config, dtype)
-    report = load_mgm_weights(model, read_state_dict(folder))
+    report = load_mgm_weights(model, state)
     return model.eval(), report
 
 

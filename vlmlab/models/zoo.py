@@ -275,8 +275,15 @@ def build_local(p: dict, attn_implementation: str):
 
         text_config = AutoConfig.from_pretrained(str(llm))
         vision_model = CLIPVisionModel.from_pretrained(str(vision))
-        config = presets.build_config("mgm-2b", text_config=text_config.to_dict(),
-                                      vision_config=vision_model.config.to_dict())
+        state = convert.read_state_dict(aux)
+        # OpenCLIP stores the timm trunk as visual.trunk.{stem,stages}.*; MGM renames them vision_{stem,stages}
+        timm = {"vision_" + k.split("visual.trunk.", 1)[1]: v for k, v in state.items()
+                if k.startswith(("visual.trunk.stem.", "visual.trunk.stages."))}
+        aux_config = convert.convnext_config_from_state(timm, "", int(p.get("local_image_size_aux") or 768))
+        if aux_config is None:
+            raise fail(f"{aux}: no OpenCLIP ConvNeXt trunk (visual.trunk.stem/stages.*) in this checkpoint")
+        config = presets.build_config("mgm-2b", text_config=text_config.to_dict(), vision_aux_config=aux_config,
+                                      vision_config=vision_model.config.to_dict(), image_size_aux=aux_config["image_size"])
         model = convert.build_uninitialised(config)
         model.vision_tower.load_state_dict(vision_model.state_dict())
         missing, _ = model.language_model.load_state_dict(
@@ -284,12 +291,8 @@ def build_local(p: dict, attn_implementation: str):
         if [k for k in missing if k != "lm_head.weight"]:  # a tied head is saved once
             raise fail(f"{llm}: LM weights miss {len(missing)} tensors, e.g. {missing[:3]}")
         model.tie_weights()
-        state = convert.read_state_dict(aux)
-        # OpenCLIP stores the timm trunk as visual.trunk.{stem,stages}.*; MGM renames them vision_{stem,stages}
-        trunk = {convert.timm_convnext_key("vision_" + k.split("visual.trunk.", 1)[1]): v for k, v in state.items()
-                 if k.startswith(("visual.trunk.stem.", "visual.trunk.stages."))}
-        trunk.pop(None, None)
-        missing, _ = model.vision_tower_aux.load_state_dict(trunk, strict=False)
+        missing, _ = model.vision_tower_aux.load_state_dict(
+            {convert.timm_convnext_key(k): v for k, v in timm.items()}, strict=False)
         if missing:
             raise fail(f"{aux}: ConvNeXt weights miss {len(missing)} tensors, e.g. {missing[:3]}")
         for name in ("mm_projector", "vlm_uni_query_projector", "vlm_uni_aux_projector", "vlm_uni_val_projector"):
@@ -301,6 +304,8 @@ def build_local(p: dict, attn_implementation: str):
     model.config._attn_implementation = attn_implementation
     processor = MgmProcessor.for_model(AutoTokenizer.from_pretrained(str(tok_dir)), model.config)
     model.config.image_token_id = processor.image_token_id
+    model.generation_config.eos_token_id = processor.stop_token_ids
+    model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
     metrics = {"params": param_counts(model),
                "converted": {k: {"loaded": len(v["loaded"]), "missing": len(v["missing"]), "unused": len(v["unused"])}
                              for k, v in report.items()}}
