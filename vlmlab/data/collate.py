@@ -8,10 +8,9 @@ one pair of pixel tensors.
 """
 from __future__ import annotations
 
-import copy
 import json
+import multiprocessing as mp
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,6 +48,8 @@ class ConversationDataset(Dataset):
 
     `image_root` is the folder the records' `image` paths are relative to (the json's own
     folder for data/raw and data/enhanced). `max_samples` keeps the first N (0: all).
+    `workers` > 1 encodes in forked processes (the processor's work is Python-bound: threads
+    would queue on the GIL).
     """
 
     def __init__(self, json_path: str | Path, processor, image_root: str | Path | None = None,
@@ -58,29 +59,7 @@ class ConversationDataset(Dataset):
         records = read_llava_json(json_path)
         if max_samples:
             records = records[:max_samples]
-        # Threads, not processes: PIL decoding/resizing and torch ops release the GIL, and
-        # worker processes would each pay seconds of imports. Each thread gets its own copy of
-        # the processor (a fast tokenizer must not be called from two threads at once) and a
-        # run of records sorted by image, so an image shared by several captions is decoded once.
-        order = sorted(range(len(records)), key=lambda i: str(records[i].get("image", "") if isinstance(records[i], dict) else ""))
-        workers = max(1, min(int(workers), len(records) // 256 or 1))
-        chunks = [order[len(order) * w // workers: len(order) * (w + 1) // workers] for w in range(workers)]
-        results: list = [None] * len(records)
-        bar = tqdm(total=len(records), desc=desc, mininterval=5, disable=None)
-
-        def encode_chunk(chunk: list[int], proc) -> None:
-            shared: dict[str, dict] = {}  # image path -> decoded image and its (low, high) pixel tensors
-            for i in chunk:
-                results[i] = self._encode(records[i], image_root, proc, shared, max_length)
-                bar.update()
-
-        if workers == 1:
-            encode_chunk(order, processor)
-        else:
-            with ThreadPoolExecutor(workers) as pool:
-                for f in [pool.submit(encode_chunk, c, copy.deepcopy(processor)) for c in chunks]:
-                    f.result()
-        bar.close()
+        results = _encode_all(records, image_root, processor, max_length, workers, desc)
         self.samples: list[dict] = []
         self.rejects: list[dict] = []
         for line, (rec, (reason, detail, sample)) in enumerate(zip(records, results), 1):
@@ -94,38 +73,6 @@ class ConversationDataset(Dataset):
             raise io.fail(f"{json_path}: no usable training sample ({dict(counts)}); check the images under {image_root}")
         self.num_tokens = sum(len(s["input_ids"]) for s in self.samples)
 
-    @staticmethod
-    def _encode(rec, image_root: Path, processor, shared: dict, max_length: int):
-        """-> (reject reason, detail, None) or (None, None, sample)."""
-        if not isinstance(rec, dict) or not isinstance(rec.get("conversations"), list) or not rec["conversations"]:
-            return "bad_record", "no conversations list", None
-        key = rec.get("image")
-        if not key:
-            return "no_image", "record has no image field", None
-        if key not in shared:
-            path = image_root / key
-            if not path.is_file():
-                return "missing_image", str(path), None
-            try:
-                with Image.open(path) as im:
-                    shared[key] = {"image": im.convert("RGB")}
-            except OSError as e:
-                return "bad_image", f"{path}: {e}", None
-        try:
-            enc = processor.encode_conversation(rec["conversations"], shared[key]["image"])
-        except (ValueError, KeyError) as e:
-            return "encode_error", str(e), None
-        input_ids = torch.as_tensor(enc["input_ids"]).reshape(-1)  # (T,)
-        labels = torch.as_tensor(enc["labels"]).reshape(-1)        # (T,)
-        if max_length and len(input_ids) > max_length:
-            return "too_long", f"{len(input_ids)} tokens > max_length {max_length}", None
-        if not bool((labels != IGNORE_INDEX).any()):
-            return "no_answer_tokens", "every label is masked", None
-        # one pair of pixel tensors per image, whatever the number of captions on it
-        pixels = shared[key].setdefault("pixels", (_one(enc["pixel_values"]), _one(enc["pixel_values_aux"])))
-        return None, None, {"input_ids": input_ids, "labels": labels,
-                            "pixel_values": pixels[0], "pixel_values_aux": pixels[1]}
-
     def reject_counts(self) -> dict[str, int]:
         return dict(Counter(r["reason"] for r in self.rejects))
 
@@ -134,6 +81,88 @@ class ConversationDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         return self.samples[i]
+
+
+def _encode_one(rec, image_root: Path, processor, shared: dict, max_length: int):
+    """One record -> (reject reason, detail, None) or (None, None, sample)."""
+    if not isinstance(rec, dict) or not isinstance(rec.get("conversations"), list) or not rec["conversations"]:
+        return "bad_record", "no conversations list", None
+    key = rec.get("image")
+    if not key:
+        return "no_image", "record has no image field", None
+    if key not in shared:
+        path = image_root / key
+        if not path.is_file():
+            return "missing_image", str(path), None
+        try:
+            with Image.open(path) as im:
+                shared[key] = {"image": im.convert("RGB")}
+        except OSError as e:
+            return "bad_image", f"{path}: {e}", None
+    try:
+        enc = processor.encode_conversation(rec["conversations"], shared[key]["image"])
+    except (ValueError, KeyError) as e:
+        return "encode_error", str(e), None
+    input_ids = torch.as_tensor(enc["input_ids"]).reshape(-1)  # (T,)
+    labels = torch.as_tensor(enc["labels"]).reshape(-1)        # (T,)
+    if max_length and len(input_ids) > max_length:
+        return "too_long", f"{len(input_ids)} tokens > max_length {max_length}", None
+    if not bool((labels != IGNORE_INDEX).any()):
+        return "no_answer_tokens", "every label is masked", None
+    # one pair of pixel tensors per image, whatever the number of captions on it
+    pixels = shared[key].setdefault("pixels", (_one(enc["pixel_values"]), _one(enc["pixel_values_aux"])))
+    return None, None, {"input_ids": input_ids, "labels": labels, "pixel_values": pixels[0], "pixel_values_aux": pixels[1]}
+
+
+_JOB: tuple = ()  # (records, image_root, processor, max_length): set before forking, read by the workers
+CHUNK = 512       # records per task; sorted by image, so an image's captions mostly share a chunk
+
+
+def _encode_chunk(chunk: list[int]) -> list[tuple[int, tuple]]:
+    """Encode records `chunk` (indices into _JOB's records); an image shared by several is decoded once."""
+    records, image_root, processor, max_length = _JOB
+    shared: dict[str, dict] = {}  # image path -> decoded image and its (low, high) pixel tensors
+    return [(i, _encode_one(records[i], image_root, processor, shared, max_length)) for i in chunk]
+
+
+def _encode_chunk_numpy(chunk: list[int]) -> list[tuple[int, tuple]]:
+    """In a worker: numpy arrays travel back by value (each tensor would be a shared-memory file)."""
+    return [(i, (reason, detail, sample and {k: v.numpy() for k, v in sample.items()}))
+            for i, (reason, detail, sample) in _encode_chunk(chunk)]
+
+
+def _tensor(array, memo: dict) -> torch.Tensor:
+    """numpy -> tensor; an array shared by several samples (one image) stays one tensor."""
+    if id(array) not in memo:
+        memo[id(array)] = (torch.from_numpy(array), array)  # keep the array alive: ids must not be reused
+    return memo[id(array)][0]
+
+
+def _encode_all(records: list, image_root: Path, processor, max_length: int, workers: int, desc: str) -> list:
+    global _JOB
+    by_image = sorted(range(len(records)),
+                      key=lambda i: str(records[i].get("image", "") if isinstance(records[i], dict) else ""))
+    chunks = [by_image[k:k + CHUNK] for k in range(0, len(by_image), CHUNK)]
+    workers = min(int(workers), len(chunks))
+    results: list = [None] * len(records)
+    _JOB = (records, image_root, processor, max_length)
+    try:
+        with tqdm(total=len(records), desc=desc, mininterval=5, disable=None) as bar:
+            if workers > 1 and "fork" in mp.get_all_start_methods():
+                memo: dict[int, tuple] = {}
+                with mp.get_context("fork").Pool(workers) as pool:  # children inherit _JOB, nothing is pickled in
+                    for part in pool.imap_unordered(_encode_chunk_numpy, chunks):
+                        for i, (reason, detail, sample) in part:
+                            results[i] = (reason, detail, sample and {k: _tensor(v, memo) for k, v in sample.items()})
+                        bar.update(len(part))
+            else:
+                for chunk in chunks:
+                    for i, result in _encode_chunk(chunk):
+                        results[i] = result
+                    bar.update(len(chunk))
+    finally:
+        _JOB = ()
+    return results
 
 
 @dataclass
