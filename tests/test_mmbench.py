@@ -24,7 +24,9 @@ def fixture_groups(fixtures_dir):
 @pytest.mark.parametrize("text, want", [
     ("B", "B"), ("(C)", "C"), ("D.", "D"), ("A", "A"), ("Answer: B", "B"), ("The answer is C.", "C"),
     ("blue sphere", "B"), ("It is a blue sphere.", "B"), ("None of these", "D"),
+    ("b", "B"), ("(c)", "C"), ("a", "A"), ("answer: d", "D"),  # lower-cased letters (a lower-casing tokenizer)
     ("A dog is running.", None),          # the article, not a choice
+    ("a dog", None),
     ("red cube or blue sphere", None),    # two options named: no choice
     ("", None), ("E", None),
 ])

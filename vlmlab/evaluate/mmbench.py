@@ -32,7 +32,7 @@ def extract_choice(prediction: str, options: dict[str, str]) -> str | None:
     """The option letter a free-form answer picks, or None when it names none or several.
 
     Rules, first that decides wins:
-    1. the answer starts with a marked letter ("B", "(B)", "B.", "B) text", "Answer: B");
+    1. the answer starts with a marked letter ("B", "(B)", "B.", "B) text", "Answer: B", "b");
     2. exactly one option letter appears as a standalone upper-case word (a sentence-initial
        "A" in a longer answer is taken as the article, not a choice);
     3. the answer contains the text of exactly one option (case and punctuation ignored),
@@ -43,8 +43,9 @@ def extract_choice(prediction: str, options: dict[str, str]) -> str | None:
     if not text:
         return None
     head = _LEAD.sub("", text, count=1)
-    m = re.match(r"^(?:\(([A-Z])\)|([A-Z])(?:[.:)]|$))", head)  # "(B)", "B.", "B)", "B:", "B"
-    m = m and (m.group(1) or m.group(2))
+    # "(B)", "B.", "B)", "B:", "B"; lower case too (a lower-casing tokenizer can only say "b")
+    m = re.match(r"^(?:\(([A-Za-z])\)|([A-Za-z])(?:[.:)]|$))", head)
+    m = m and (m.group(1) or m.group(2)).upper()
     if m in letters:
         return m
     words = _PUNCT.sub(" ", text).split()
