@@ -1,0 +1,129 @@
+"""Synthesis end to end: a rendered recipe, Data-Juicer's real image_captioning_mapper, a real tiny BLIP-2."""
+import json
+from importlib import metadata
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from vlmlab.data.validate import check_image, check_line
+from vlmlab.io import StageError, read_jsonl
+from vlmlab.synth import recipe as R
+from vlmlab.synth import teacher as T
+from vlmlab.synth.run import InstallBlocked, no_runtime_installs, synthesize
+from vlmlab.synth.tokenizer import world_words
+from vlmlab.world.generate import build_world
+
+N_RAW = 48
+TINY = dict(image_size=32, patch_size=8, vision_hidden=32, vision_layers=1, qformer_hidden=32, qformer_layers=1,
+            num_query_tokens=4, hidden=32, layers=1, heads=2, batch_size=16, lr=3e-3, epochs=3)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A 48-image seed set (one image cut short, one missing), its world sets, and a quickly trained teacher."""
+    root = tmp_path_factory.mktemp("synth")
+    params = yaml.safe_load(Path("params.yaml").read_text())
+    params["world"].update(raw_size=N_RAW, curated_size=96, instruct_size=1, eval_textvqa=1, eval_caption=2,
+                           eval_mmbench=1, workers=1)
+    build_world(root / "raw", root / "world", params)
+    rows = read_jsonl(root / "raw" / "dj.jsonl")
+    truncated = root / "raw" / rows[5]["images"][0]
+    truncated.write_bytes(truncated.read_bytes()[: truncated.stat().st_size // 2])
+    (root / "raw" / rows[7]["images"][0]).unlink()
+
+    torch.manual_seed(0)
+    images, captions, _ = T.read_caption_set(root / "world" / "curated")
+    cfg = T.TeacherConfig(**TINY)
+    model, processor = T.build_teacher(cfg, world_words())
+    T.train_teacher(model, processor, images, captions, cfg, seed=0, log_every=0)
+    T.save_teacher(model, processor, root / "teacher")
+    return root
+
+
+def recipe_for(root: Path, **overrides) -> Path:
+    cfg = R.SynthConfig(np=1, gpu_batch_size=16, batch_size=32, min_words=4, **overrides)
+    rendered = R.render_recipe(cfg, captioner=str(root / "teacher"), dataset_path=str(root / "work/input.jsonl"),
+                               export_path=str(root / "work/dj/export/dj.jsonl"), work_dir=str(root / "work/dj"))
+    return R.write_recipe(rendered, root / f"recipe{len(overrides)}.yaml", seed=3)
+
+
+@pytest.fixture(scope="module")
+def run(setup):
+    before = {d.metadata["Name"]: d.version for d in metadata.distributions()}
+    metrics = synthesize(setup / "raw", recipe_for(setup), setup / "enhanced", setup / "work", seed=3)
+    after = {d.metadata["Name"]: d.version for d in metadata.distributions()}
+    return setup, metrics, before, after
+
+
+def test_recipe_is_a_plain_data_juicer_config(setup, tmp_path):
+    from data_juicer.config import init_configs
+
+    cfg = init_configs(args=["--config", str(recipe_for(setup)), "--work_dir", str(tmp_path)])
+    names = [next(iter(op)) for op in cfg.process]
+    assert names[0] == "image_captioning_mapper" and "text_length_filter" in names
+    assert cfg.process[0]["image_captioning_mapper"]["caption_num"] == 3
+
+
+def test_counts_add_up_and_bad_images_are_counted_rejects(run):
+    root, m, _, _ = run
+    assert m["samples_in"] == N_RAW and m["seed_rejects"] == 2
+    ops = m["ops"]
+    mapper = ops["image_captioning_mapper"]
+    assert mapper["in"] == N_RAW - 2 and mapper["out"] == 3 * mapper["in"]  # 3 captions each, originals dropped
+    prev = mapper["out"]
+    for name, c in ops.items():
+        if name != "image_captioning_mapper":
+            assert c["in"] == prev == c["kept"] + c["dropped"], name
+            prev = c["kept"]
+    assert m["samples_out"] == prev - m["format_rejects"]
+    rejects = read_jsonl(root / "enhanced" / "rejects.jsonl")
+    reasons = [r["reason"] for r in rejects]
+    assert reasons.count("truncated_image") == 1 and reasons.count("missing_image") == 1
+    assert len(rejects) == 2 + sum(c.get("dropped", 0) for c in ops.values()) + m["format_rejects"]
+
+
+def test_output_is_in_the_seed_format_and_passes_the_importer(run):
+    root, m, _, _ = run
+    rows = read_jsonl(root / "enhanced" / "dj.jsonl")
+    assert len(rows) == m["samples_out"] > 0
+    for r in rows:
+        assert r["text"].startswith("<__dj__image>\n") and r["text"].endswith(" <|__dj__eoc|>")
+        assert r["images"][0].startswith("images/") and (root / "enhanced" / r["images"][0]).is_file()
+    # the importer's own checks, line by line (import_seed itself links each image once per row, and the
+    # enhanced set has caption_num rows per image)
+    seen = set()
+    with open(root / "enhanced" / "dj.jsonl", "rb") as f:
+        problems = [check_line(raw.rstrip(b"\n"), seen)[1] for raw in f]
+    problems += [check_image(root / "enhanced", r["images"][0]) for r in rows]
+    assert not any(problems), [p for p in problems if p][:3]
+    llava = json.loads((root / "enhanced" / "llava.json").read_text())
+    assert [r["id"] for r in llava] == [r["id"] for r in rows] and len({r["id"] for r in rows}) == len(rows)
+    trace = read_jsonl(root / "enhanced" / "trace_sample.jsonl")
+    assert trace and trace[0]["op"] == "image_captioning_mapper" and 1 <= len(trace[0]["processed_texts"]) <= 3
+
+
+def test_no_package_was_installed_during_the_run(run):
+    _, _, before, after = run
+    assert before == after
+
+
+def test_run_time_installs_are_refused(setup):
+    from data_juicer.utils.lazy_loader import LazyLoader
+
+    with no_runtime_installs(), pytest.raises(InstallBlocked, match="pin it in requirements.txt"):
+        LazyLoader("surely_not_installed_pkg")._load()
+    # an op whose package is missing (imagededup) fails at op set-up, before any captioning
+    with pytest.raises(InstallBlocked, match="imagededup"):
+        synthesize(setup / "raw", recipe_for(setup, dedup_method="phash"), setup / "dedup", setup / "work_dedup", 3)
+    assert not (setup / "dedup").exists()
+
+
+def test_broken_captioner_path_is_one_clear_error(setup, tmp_path):
+    rendered = R.render_recipe(R.SynthConfig(), captioner=str(tmp_path / "missing"), dataset_path="x.jsonl",
+                               export_path="y.jsonl", work_dir=str(tmp_path / "w"))
+    recipe = R.write_recipe(rendered, tmp_path / "r.yaml", seed=0)
+    with pytest.raises(StageError, match="not a local model folder"):
+        synthesize(setup / "raw", recipe, tmp_path / "out", tmp_path / "work", 0)
+    assert not (tmp_path / "out").exists()
