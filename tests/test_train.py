@@ -245,6 +245,9 @@ def test_bad_params_give_one_clear_line(tmp_path):
         TrainConfig.from_params(train, {"data": "raw", "strategy": "full", "lora_rank": 8}, seed=0)
     assert "lora_rank" in one_line(e)
     with pytest.raises(SystemExit) as e:
+        TrainConfig.from_params({**train, "stage1_lrr": 1e-3}, {"data": "raw", "strategy": "full"}, seed=0)
+    assert "stage1_lrr" in one_line(e)
+    with pytest.raises(SystemExit) as e:
         recipe.accumulation(StageConfig(global_batch=12, micro_batch=8), world=1)
     assert "multiple" in one_line(e)
     with pytest.raises(SystemExit) as e:

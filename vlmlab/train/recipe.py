@@ -50,7 +50,7 @@ class TrainConfig:
     deepspeed: str = ""                     # configs/deepspeed/zero2.json etc.; "" = plain torch
     save_steps: int = 50                    # checkpoint every N optimizer steps (resume granularity)
     workers: int = 0                        # dataloader workers; data is pre-encoded, 0 is fastest on 2 cores
-    encode_workers: int = 1                 # threads pre-encoding each dataset
+    encode_workers: int = 1                 # processes pre-encoding each dataset (fork; 1 = in process)
     group_by_length: bool = True            # batches of similar length (less padding)
     max_length: int = 0                     # reject samples longer than this many tokens (0: keep all)
     seed: int = 0
@@ -71,6 +71,11 @@ class TrainConfig:
                 keys["lr"] = run["lr"]
             return StageConfig(**keys)
 
+        known = {f"{prefix}_{f}" for prefix in ("stage1", "stage2") for f in StageConfig.__dataclass_fields__} | {
+            "launcher", "monitor_interval", "lora_targets", "gradient_checkpointing", "attn_implementation", "deepspeed",
+            "save_steps", "workers", "encode_workers", "group_by_length", "max_length"}
+        if set(train) - known:
+            raise io.fail(f"params.yaml train: unknown key(s) {sorted(set(train) - known)}; see vlmlab/train/recipe.py TrainConfig")
         unknown = set(run) - {"data", "strategy", "lr", "lora_r", "lora_alpha", "lora_dropout"}
         if unknown:
             raise io.fail(f"params.yaml runs: unknown key(s) {sorted(unknown)}; allowed: data, strategy, lr, lora_r, lora_alpha, lora_dropout")
