@@ -49,8 +49,8 @@ def main(name: str, base: str = "models/zoo", captions: str = "data/raw/llava.js
     mon = Monitor(memory or f"plots/monitor/train_{run}", p["train"].get("monitor_interval", 0.5))
     with mon if main_process else contextlib.nullcontext():
         model, processor = recipe.load_base(base, cfg.attn_implementation)
-        data = [ConversationDataset(path, processor, max_length=cfg.max_length, workers=cfg.encode_workers,
-                                    desc=f"encode {path}") for path in (captions, instruct)]
+        data = [ConversationDataset(path, processor, max_length=cfg.max_length, desc=f"encode {path}")
+                for path in (captions, instruct)]
         resumed = recipe.prepare_work_dir(work, recipe.fingerprint(cfg, captions, instruct, base))
         live = Live(str(plots), resume=resumed, dvcyaml=None, save_dvc_exp=False) if main_process else None
         model, trainer, figures = recipe.two_stage(model, *data, PadCollator(processor.tokenizer.pad_token_id),

@@ -112,7 +112,7 @@ def test_images_shared_by_several_captions_are_encoded_once(world, base, tmp_pat
     path.symlink_to(world / "raw/images")
     (tmp_path / "llava.json").write_text(json.dumps(doubled))
     _, processor = recipe.load_base(base)
-    ds = ConversationDataset(tmp_path / "llava.json", processor, workers=2)
+    ds = ConversationDataset(tmp_path / "llava.json", processor)
     assert len(ds) == 8 and len({id(s["pixel_values_aux"]) for s in ds.samples}) == 4
 
 

@@ -50,7 +50,6 @@ class TrainConfig:
     deepspeed: str = ""                     # configs/deepspeed/zero2.json etc.; "" = plain torch
     save_steps: int = 50                    # checkpoint every N optimizer steps (resume granularity)
     workers: int = 0                        # dataloader workers; data is pre-encoded, 0 is fastest on 2 cores
-    encode_workers: int = 1                 # processes pre-encoding each dataset (fork; 1 = in process)
     group_by_length: bool = True            # batches of similar length (less padding)
     max_length: int = 0                     # reject samples longer than this many tokens (0: keep all)
     seed: int = 0
@@ -73,7 +72,7 @@ class TrainConfig:
 
         known = {f"{prefix}_{f}" for prefix in ("stage1", "stage2") for f in StageConfig.__dataclass_fields__} | {
             "launcher", "monitor_interval", "lora_targets", "gradient_checkpointing", "attn_implementation", "deepspeed",
-            "save_steps", "workers", "encode_workers", "group_by_length", "max_length"}
+            "save_steps", "workers", "group_by_length", "max_length"}
         if set(train) - known:
             raise io.fail(f"params.yaml train: unknown key(s) {sorted(set(train) - known)}; see vlmlab/train/recipe.py TrainConfig")
         unknown = set(run) - {"data", "strategy", "lr", "lora_r", "lora_alpha", "lora_dropout"}
@@ -86,8 +85,7 @@ class TrainConfig:
                    gradient_checkpointing=bool(train.get("gradient_checkpointing", False)),
                    attn_implementation=train.get("attn_implementation", "sdpa"),
                    deepspeed=train.get("deepspeed", "") or "", save_steps=int(train.get("save_steps", 50)),
-                   workers=int(train.get("workers", 0)), encode_workers=int(train.get("encode_workers", 1)),
-                   group_by_length=bool(train.get("group_by_length", True)),
+                   workers=int(train.get("workers", 0)), group_by_length=bool(train.get("group_by_length", True)),
                    max_length=int(train.get("max_length", 0)), seed=seed)
 
 
