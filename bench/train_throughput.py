@@ -8,7 +8,7 @@ For each model (our MgmForConditionalGeneration at preset shapes; LlavaForCondit
 of Gemma-2B + CLIP-L/336 shapes) and each recipe step (stage 1: connector only; stage 2 full:
 LM + connector, towers frozen; stage 2 LoRA r128 on the LM + connector as modules_to_save),
 it times `--steps` optimizer steps after `--warmup` on a synthetic batch (`--batch` x `--seq`
-tokens, of which the image's tokens come first and the last 64 are the answer), with and
+tokens: <bos>, the image's tokens, then text whose last 64 tokens are the answer), with and
 without Liger kernels when `liger_kernel` imports. Reported: samples/s, tokens/s, model
 TFLOP/s and MFU (FLOPs counted by torch's FlopCounterMode on the plain run of the same
 configuration, so Liger's fused kernels are credited with the same work), peak memory.
@@ -89,8 +89,11 @@ def synthetic_batch(B: int, T: int, image_id: int, n_image: int, vocab: int, sid
     ids = torch.randint(3, vocab - 2, (B, T), generator=g)
     ids[:, 0] = 2
     ids[:, 1:1 + n_image] = image_id                        # (B, T): <bos>, image tokens, text
+    if T < 2 + n_image:
+        raise SystemExit(f"--seq {T} leaves no text after <bos> + {n_image} image tokens")
+    answer = min(ANSWER_TOKENS, T - 1 - n_image)            # never an image position (its id may be out of vocab)
     labels = torch.full((B, T), -100)
-    labels[:, -ANSWER_TOKENS:] = ids[:, -ANSWER_TOKENS:]    # loss on the answer only
+    labels[:, -answer:] = ids[:, -answer:]                  # loss on the answer only
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels,
              "pixel_values": torch.randn(B, 3, side, side, generator=g)}
     if side_aux:
