@@ -32,7 +32,8 @@ def main(out: str = "models/zoo", metrics: str = "metrics/zoo.json", monitor: st
         if z["source"] == "tiny":
             if m["preset"] != "tiny":
                 raise fail(f"zoo.source=tiny builds the tiny preset, but model.preset is {m['preset']!r}")
-            model, processor, result = zoo.build_tiny(z, m["preset"], m["attn_implementation"], seed)
+            model, processor, result = zoo.build_tiny(z, m["preset"], m["attn_implementation"], seed,
+                                                      high_res=p["world"]["image_size"])
         elif z["source"] == "local":
             model, processor, result = zoo.build_local(z, m["attn_implementation"])
         else:

@@ -129,3 +129,12 @@ def test_local_source_assembles_llm_clip_and_openclip_convnext(tmp_path):
         assert torch.isfinite(model(**batch).logits).all()
     with pytest.raises(StageError, match="zoo.local_vision_aux"):
         zoo.build_local(dict(p, local_vision_aux=str(tmp_path / "nowhere")), "sdpa")
+
+
+def test_column_targets_describe_the_rendered_scenes():
+    images, y = zoo.labelled_scenes(40, 3, 32)
+    ref_images, ref = labels.labelled_images(40, 3, 32)
+    assert (images == ref_images).all() and (y["word"] == ref["word"]).all()
+    present = sum((y[f"shape_{c}"] > 0).astype(int) for c in vocab.POSITIONS)
+    assert (present == ref["count"] + 1).all()  # one object per occupied column
+    assert set(y) == set(zoo.tower_targets())

@@ -160,15 +160,17 @@ class TowerClassifier(nn.Module):
 
 
 def pretrain_tower(tower_config, mgm: MgmConfig, num_classes: dict[str, int], train: tuple, val: tuple,
-                   loop: LoopConfig, desc: str):
-    """train/val: (uint8 images (n, S, S, 3), {label: int64 (n,)}). Returns (tower, metrics)."""
+                   loop: LoopConfig, desc: str, weights: dict[str, float] | None = None):
+    """train/val: (uint8 images (n, S, S, 3), {label: int64 (n,)}); weights: loss weight per
+    target (default 1). Returns (tower, metrics)."""
+    weights = weights or {}
     torch.manual_seed(loop.seed)
     clf = TowerClassifier(tower_config, num_classes, mgm)
     x_tr, y_tr = normalise(train[0]), {k: torch.from_numpy(v) for k, v in train[1].items()}
 
     def loss_fn(idx):
         out = clf(x_tr[idx])
-        return sum(F.cross_entropy(out[k], y_tr[k][idx]) for k in out)
+        return sum(weights.get(k, 1.0) * F.cross_entropy(out[k], y_tr[k][idx]) for k in out)
 
     train_loop(clf, loss_fn, len(x_tr), loop, desc)
     x_va = normalise(val[0])
@@ -187,6 +189,49 @@ def pretrain_tower(tower_config, mgm: MgmConfig, num_classes: dict[str, int], tr
     return clf.tower, metrics
 
 
+# -- targets -------------------------------------------------------------------------------
+def tower_targets() -> dict[str, int]:
+    """Classes per target: the world's scene labels plus, for each picture column, the shape /
+    colour / size of the object standing there (or "none"). Column targets name every object a
+    caption mentions; `labels.scene_labels` describes only objects[0], which no picture marks as
+    main (its column is random), so its shape/colour cannot be read off the image."""
+    from vlmlab.world import labels, vocab
+
+    targets = {k: n for k, n in labels.NUM_CLASSES.items() if k in ("word", "count", "sign_side")}
+    for col in vocab.POSITIONS:
+        targets.update({f"shape_{col}": len(vocab.SHAPES) + 1, f"color_{col}": len(vocab.COLORS) + 1,
+                        f"size_{col}": len(vocab.SIZES) + 1})
+    return targets
+
+
+def labelled_scenes(n: int, seed: int, size: int, render_size: int = 96) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """n scenes as (uint8 (n, size, size, 3), {target: int64 (n,)}), targets as `tower_targets`.
+
+    The same scenes and pixels as `labels.labelled_images(n, seed, size, render_size)` (same RNG
+    stream, same rendering), with the column targets added."""
+    from PIL import Image
+
+    from vlmlab.world import labels, vocab
+    from vlmlab.world.scene import render, sample_scene
+
+    names = tower_targets()
+    images = np.empty((n, size, size, 3), dtype=np.uint8)
+    out = {k: np.zeros(n, dtype=np.int64) for k in names}  # 0 = "none" for the column targets
+    for i in range(n):
+        scene = sample_scene(np.random.default_rng([seed, labels.LABEL_STREAM, i]))
+        img = render(scene, render_size)
+        images[i] = np.asarray(img if size == render_size else img.resize((size, size), Image.BICUBIC))
+        base = labels.scene_labels(scene)
+        for k in ("word", "count", "sign_side"):
+            out[k][i] = base[k]
+        for obj in scene.objects:
+            col = obj.position
+            out[f"shape_{col}"][i] = 1 + vocab.SHAPES.index(obj.shape)
+            out[f"color_{col}"][i] = 1 + vocab.COLORS.index(obj.color)
+            out[f"size_{col}"][i] = 1 + vocab.SIZES.index(obj.size)
+    return images, out
+
+
 # -- assembly ------------------------------------------------------------------------------
 def assemble(config: MgmConfig, lm: nn.Module, vit: nn.Module, convnext: nn.Module) -> MgmForConditionalGeneration:
     """A base MGM whose towers and LM are the pretrained ones; projector + mining stay freshly
@@ -200,22 +245,33 @@ def assemble(config: MgmConfig, lm: nn.Module, vit: nn.Module, convnext: nn.Modu
 
 
 # -- the two recipes the zoo stage runs ------------------------------------------------------
-def build_tiny(p: dict, preset: str, attn_implementation: str, seed: int):
-    """Tiny world: tokenizer, LM, ViT, ConvNeXt pretrained here. Returns (model, processor, metrics)."""
+def build_tiny(p: dict, preset: str, attn_implementation: str, seed: int, high_res: int | None = None):
+    """Tiny world: tokenizer, LM, ViT, ConvNeXt pretrained here. Returns (model, processor, metrics).
+
+    high_res: the world's stored image side (world.image_size), which the ConvNeXt sees."""
     from vlmlab.models import presets
     from vlmlab.models.processor import MgmProcessor
     from vlmlab.models.tokenizer import train_world_tokenizer
-    from vlmlab.world import generate, labels, vocab
+    from vlmlab.world import generate, vocab
 
     texts = generate.world_text_corpus(int(p["lm_texts"]), seed)
     heldout = generate.world_text_corpus(int(p["lm_heldout_texts"]), seed + 1)
     tokenizer = train_world_tokenizer(texts, list(vocab.corpus_words()) + list(vocab.punctuation()))
     spec = presets.PRESETS[preset]
+    high_res = int(high_res or spec["image_size_aux"])
     n_tokens = (spec["vision_config"]["image_size"] // spec["vision_config"]["patch_size"]) ** 2
-    processor = MgmProcessor(tokenizer, spec["vision_config"]["image_size"], spec["image_size_aux"], n_tokens)
+    processor = MgmProcessor(tokenizer, spec["vision_config"]["image_size"], high_res, n_tokens)
     config = presets.build_config(preset, vocab_size=len(tokenizer), image_token_id=processor.image_token_id,
                                   pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-                                  eos_token_id=processor.stop_token_ids)
+                                  eos_token_id=processor.stop_token_ids, image_size_aux=high_res,
+                                  vision_aux_config=dict(spec["vision_aux_config"], image_size=high_res))
+    side = int(n_tokens ** 0.5)
+    if high_res % config.vision_aux_config.patch_size or config.aux_grid % side:
+        from vlmlab.io import fail
+
+        raise fail(f"world.image_size {high_res} px gives a {high_res / config.vision_aux_config.patch_size:g}-cell "
+                   f"ConvNeXt grid, not a multiple of the {side}x{side} low-res token grid: patch mining needs "
+                   f"equal patches (use a multiple of {side * config.vision_aux_config.patch_size} px)")
 
     def loop(kind: str, offset: int) -> LoopConfig:
         bs = p["lm_batch_size"] if kind == "lm" else p["tower_batch_size"]
@@ -223,14 +279,16 @@ def build_tiny(p: dict, preset: str, attn_implementation: str, seed: int):
 
     lm, lm_metrics = pretrain_lm(config.text_config, tokenizer, texts, heldout, loop("lm", 1))
     n_val = int(p["heldout_images"])
+    targets, render = tower_targets(), config.image_size_aux  # scenes are drawn at the stored (high-res) size
     vit, vit_metrics = pretrain_tower(
-        config.vision_config, config, labels.NUM_CLASSES,
-        labels.labelled_images(int(p["vit_images"]), seed, config.image_size),
-        labels.labelled_images(n_val, seed + 1, config.image_size), loop("vit", 2), "zoo: ViT (low-res)")
+        config.vision_config, config, targets,
+        labelled_scenes(int(p["vit_images"]), seed, config.image_size, render),
+        labelled_scenes(n_val, seed + 1, config.image_size, render), loop("vit", 2), "zoo: ViT (low-res)")
     cnx, cnx_metrics = pretrain_tower(
-        config.vision_aux_config, config, labels.NUM_CLASSES,
-        labels.labelled_images(int(p["convnext_images"]), seed + 2, config.image_size_aux),
-        labels.labelled_images(n_val, seed + 1, config.image_size_aux), loop("convnext", 3), "zoo: ConvNeXt (high-res)")
+        config.vision_aux_config, config, targets,
+        labelled_scenes(int(p["convnext_images"]), seed + 2, render, render),
+        labelled_scenes(n_val, seed + 1, render, render), loop("convnext", 3), "zoo: ConvNeXt (high-res)",
+        weights={"word": float(p["convnext_word_weight"])})
     config._attn_implementation = attn_implementation
     model = assemble(config, lm, vit, cnx)
     metrics = {"tokenizer": {"vocab_size": len(tokenizer)}, "lm": lm_metrics, "vit": vit_metrics,
