@@ -111,27 +111,30 @@ def run_recipe(recipe: Path, dataset_path: Path, work_dir: Path, seed: int) -> d
     """
     from loguru import logger
 
-    with no_runtime_installs():
-        from data_juicer.config import init_configs
-        from data_juicer.core import ExecutorFactory
+    streams = sys.stdout, sys.stderr  # Data-Juicer's logger set-up redirects both into loguru
+    left: list[tuple[str, int, float]] = []
+    try:
+        with no_runtime_installs():
+            from data_juicer.config import init_configs
+            from data_juicer.core import ExecutorFactory
 
-        cfg = init_configs(args=["--config", str(recipe), "--dataset_path", str(dataset_path),
-                                 "--work_dir", str(work_dir), "--export_path", str(work_dir / "export" / "dj.jsonl"),
-                                 "--ds_cache_dir", str(work_dir / "hf_datasets")])
-        cfg.op_list_to_trace = [next(iter(op)) for op in cfg.process if not next(iter(op)).endswith("_mapper")]
-        left: list[tuple[str, int, float]] = []
-        sink = logger.add(lambda m: left.extend((x["op"], int(x["left"]), float(x["s"])) for x in LEFT_RE.finditer(m)),
-                          level="INFO")
-        try:
+            cfg = init_configs(args=["--config", str(recipe), "--dataset_path", str(dataset_path),
+                                     "--work_dir", str(work_dir), "--export_path", str(work_dir / "export/dj.jsonl"),
+                                     "--ds_cache_dir", str(work_dir / "hf_datasets")])
+            cfg.op_list_to_trace = [next(iter(op)) for op in cfg.process if not next(iter(op)).endswith("_mapper")]
+            logger.add(lambda m: left.extend((x["op"], int(x["left"]), float(x["s"])) for x in LEFT_RE.finditer(m)),
+                       level="INFO")
             seed_everything(seed)
             executor = ExecutorFactory.create_executor(cfg.executor_type)(cfg)
             t0 = time.perf_counter()
             executor.run()
             seconds = time.perf_counter() - t0
-        finally:
-            # Data-Juicer swapped loguru's sinks for files in its work dir; leave none behind in this process
-            logger.remove()
-            logger.add(sys.stderr, level="INFO")
+    finally:
+        # Data-Juicer swapped loguru's sinks for files in its work dir and redirected stdout/stderr into
+        # them; leave neither behind in this process
+        logger.remove()
+        sys.stdout, sys.stderr = streams
+        logger.add(sys.stderr, level="INFO")
     trace_dir = Path(executor.tracer.work_dir) if getattr(executor, "tracer", None) else None
     return {"ops": left, "trace_dir": trace_dir, "export": Path(cfg.export_path), "seconds": seconds}
 
