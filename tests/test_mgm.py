@@ -62,6 +62,8 @@ def test_image_token_count_is_checked(tiny):
               pixel_values=batch["pixel_values"], pixel_values_aux=batch["pixel_values_aux"])
     with pytest.raises(ValueError, match="no pixel_values"):
         model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    with pytest.raises(ValueError, match="no pixel_values"):  # generate's prefill comes with an empty cache
+        model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], max_new_tokens=2)
 
 
 def test_patch_mining_stays_inside_each_patch(tiny):

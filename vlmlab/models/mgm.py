@@ -263,7 +263,7 @@ class MgmForConditionalGeneration(MgmPreTrainedModel, GenerationMixin):
                         "(encode prompts with MgmProcessor, which expands <image> to config.num_image_tokens)")
                 inputs_embeds = inputs_embeds.masked_scatter(
                     image_mask[..., None].to(inputs_embeds.device), image_features.to(inputs_embeds.dtype))
-            elif n_slots and past_key_values is None:
+            elif n_slots and (past_key_values is None or past_key_values.get_seq_length() == 0):
                 raise ValueError(f"{n_slots} <image> tokens in input_ids but no pixel_values given")
         out = self.language_model(
             inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
