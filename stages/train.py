@@ -58,6 +58,8 @@ def main(name: str, base: str = "models/zoo", captions: str = "data/raw/llava.js
         recipe.save_trained(model, trainer, out, processor, base_path=base)
         if live is not None:
             live.end()
+            # dvclive's own summary repeats the last step; the run's figures are in `metrics`
+            Path(live.metrics_file).unlink(missing_ok=True)
     if not main_process:
         return
     trainable = strategies.trainable_counts(model)

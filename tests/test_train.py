@@ -294,6 +294,7 @@ def test_train_and_merge_stages_end_to_end(world, base, tmp_path):
     assert adapter["base_model_name_or_path"] == str(base) and len(adapter["modules_to_save"]) == 4
     assert (out / "runs/tiny_lora/mgm_processor.json").is_file()
     assert len((out / "plots/plots/metrics/loss.tsv").read_text().splitlines()) == 1 + 4
+    assert not (out / "plots/metrics.json").exists()  # dvclive's summary: the run's figures are in metrics
     assert (out / "mon/train.csv").is_file() and not (out / "work").exists()  # checkpoints gone once finished
 
     merge_stage.main(adapter=str(out / "runs/tiny_lora"), out=str(out / "merged"),
