@@ -142,10 +142,18 @@ def apply_liger(model, family: str) -> str:
 def count_flops(model, batch, device: str) -> float:
     """FLOPs of one forward+backward (matmuls, convs, attention) as torch counts them."""
     from torch.utils.flop_counter import FlopCounterMode
+    from transformers.integrations import sdpa_attention
 
-    with FlopCounterMode(display=False) as fc, autocast(device):
-        loss = model(**batch).loss
-        loss.backward()
+    # torch's sdpa FLOP formula asserts equal q/k/v head counts, so the counting pass runs
+    # GQA (Gemma-2B: 8 query heads, 1 KV head) with the KV heads repeated: the same matmul work.
+    gqa = sdpa_attention.use_gqa_in_sdpa
+    sdpa_attention.use_gqa_in_sdpa = lambda *args, **kwargs: False
+    try:
+        with FlopCounterMode(display=False) as fc, autocast(device):
+            loss = model(**batch).loss
+            loss.backward()
+    finally:
+        sdpa_attention.use_gqa_in_sdpa = gqa
     model.zero_grad(set_to_none=True)
     return float(fc.get_total_flops())
 
