@@ -5,8 +5,9 @@
 
 The fold is done in fp32 and saved in the training dtype (bf16 on CUDA, fp32 on CPU) as a
 plain HF folder (no peft needed to load it), with the processor beside it. The stage fails,
-leaving no output, if max |logit diff| (adapter vs reloaded merged model) on held-out
-samples exceeds merge.tolerance.
+leaving no output, if max |logit diff| on held-out samples between the adapter and the fp32
+fold exceeds merge.tolerance, or between the adapter and the reloaded bf16 folder exceeds
+merge.saved_tolerance.
 """
 import fire
 
@@ -29,7 +30,7 @@ def main(adapter: str, out: str, held_out: str = "data/world/eval/captions.jsonl
     with Monitor(monitor or f"plots/monitor/merge_{out.rstrip('/').rsplit('/', 1)[-1]}", 0.5) as mon:
         figures = merge.merge_and_check(adapter, out, batches, float(m["tolerance"]),
                                         save_dtype=recipe.training_dtype(), processor=processor,
-                                        base_dir=base or None)
+                                        base_dir=base or None, saved_tolerance=float(m["saved_tolerance"]))
     io.write_metrics(metrics or f"metrics/merge/{out.rstrip('/').rsplit('/', 1)[-1]}.json",
                      {**figures, "monitor": mon.peaks})
     print(f"merge: {adapter} -> {out}, max |logit diff| {figures['max_logit_diff']:.2e} "

@@ -59,7 +59,7 @@ def test_merged_model_matches_adapter_and_loads_without_peft(trained, tmp_path):
     root, processor = trained
     figures = merge.merge_and_check(root / "adapter", tmp_path / "merged", batches(root, processor), tolerance=1e-4,
                                     processor=processor)
-    assert figures["max_logit_diff"] < 1e-4 and figures["samples"] == 5 and figures["positions"] > 5 * 16
+    assert figures["max_logit_diff"] < 1e-4 and figures["max_logit_diff_saved"] < 1e-4 and figures["samples"] == 5 and figures["positions"] > 5 * 16
     assert not (tmp_path / "merged/adapter_config.json").exists()
     merged = AutoModelForImageTextToText.from_pretrained(tmp_path / "merged")
     assert not any("lora" in k for k in merged.state_dict())
@@ -105,3 +105,16 @@ def test_not_an_adapter_folder_is_one_clear_line(trained, tmp_path):
     with pytest.raises(io.StageError) as e:
         merge.merge_and_check(root / "zoo", tmp_path / "merged", batches(root, processor), tolerance=1e-3)
     assert "adapter_config.json" in str(e.value)
+
+
+def test_a_bf16_save_is_checked_against_its_own_tolerance(trained, tmp_path):
+    """GPU runs save bf16: the fold is still checked tightly, the rounded folder against saved_tolerance."""
+    root, processor = trained
+    with pytest.raises(io.StageError) as e:
+        merge.merge_and_check(root / "adapter", tmp_path / "strict", batches(root, processor), tolerance=1e-4,
+                              save_dtype=torch.bfloat16, saved_tolerance=1e-6)
+    assert "saved as bfloat16" in str(e.value) and not (tmp_path / "strict").exists()
+    figures = merge.merge_and_check(root / "adapter", tmp_path / "merged", batches(root, processor), tolerance=1e-4,
+                                    save_dtype=torch.bfloat16, saved_tolerance=1.0)
+    assert figures["max_logit_diff"] < 1e-4 < figures["max_logit_diff_saved"] < 1.0
+    assert json.loads((tmp_path / "merged/config.json").read_text())["dtype"] == "bfloat16"

@@ -1,10 +1,10 @@
 """Fold a LoRA adapter into its base and prove the result computes the same function.
 
-The fold happens in fp32 (bf16 rounding of W + s·BA would already move logits), the merged
-model is saved in the training dtype as a plain HF folder (loadable without peft), then
-reloaded from disk and compared with the adapter model on held-out samples: the largest
-|logit difference| over every non-padding position is the stage's metric, and the stage
-fails above a tolerance. Non-finite logits (a corrupted adapter) fail as well.
+The fold happens in fp32 (bf16 rounding of W + s·BA would already move logits) and is
+compared with the adapter model on held-out samples: the largest |logit difference| over
+every non-padding position is the stage's metric, and the stage fails above a tolerance.
+The merged model is then saved in the training dtype as a plain HF folder (loadable without
+peft), reloaded from disk and checked again. Non-finite logits (a corrupted adapter) fail.
 """
 from __future__ import annotations
 
@@ -101,25 +101,37 @@ def check_tolerance(diff: float, tolerance: float, where: str) -> None:
 
 
 def merge_and_check(adapter_dir: str | Path, out: str | Path, batches: list[dict], tolerance: float,
-                    save_dtype: torch.dtype = torch.float32, processor=None, base_dir: str | Path | None = None) -> dict:
-    """Fold `adapter_dir` into its base, save to `out` (only if the check passes) -> metrics."""
+                    save_dtype: torch.dtype = torch.float32, processor=None, base_dir: str | Path | None = None,
+                    saved_tolerance: float | None = None) -> dict:
+    """Fold `adapter_dir` into its base, save to `out` (only if both checks pass) -> metrics.
+
+    Two checks against the adapter's fp32 logits: the fold itself (merged fp32 model, within
+    `tolerance`), and the folder as saved and reloaded (within `tolerance` for an fp32 save,
+    `saved_tolerance` for bf16, whose weight rounding alone moves logits).
+    """
     import vlmlab.models  # noqa: F401
     from transformers import AutoModelForImageTextToText
 
     model, base_dir = load_adapter_model(adapter_dir, base_dir)
     reference = logits_on(model, batches)                 # the adapter as trained, fp32
     merged = model.merge_and_unload()                     # W + (alpha/r)·B·A, in fp32
+    diff = max_abs_diff(reference, logits_on(merged, batches))
+    check_tolerance(diff, tolerance, f"{adapter_dir} (fp32 fold)")
+    if save_dtype == torch.float32 or saved_tolerance is None:
+        saved_tolerance = tolerance
     with io.atomic_path(out) as tmp:
         merged.to(save_dtype).save_pretrained(str(tmp))
         if processor is not None:
             processor.save_pretrained(str(tmp))
         # reload what was written, without peft, as every later stage will
         reloaded = AutoModelForImageTextToText.from_pretrained(str(tmp), dtype=torch.float32)
-        diff = max_abs_diff(reference, logits_on(reloaded, batches))
-        check_tolerance(diff, tolerance, str(adapter_dir))  # raises: `out` is never created
+        diff_saved = max_abs_diff(reference, logits_on(reloaded, batches))
+        check_tolerance(diff_saved, saved_tolerance, f"{adapter_dir} (saved as {str(save_dtype).split('.')[-1]})")
     return {
-        "max_logit_diff": diff,
+        "max_logit_diff": diff,               # adapter vs fp32 fold
+        "max_logit_diff_saved": diff_saved,   # adapter vs the saved folder, reloaded
         "tolerance": tolerance,
+        "saved_tolerance": saved_tolerance,
         "samples": sum(int(b["input_ids"].shape[0]) for b in batches),
         "positions": sum(int(r.shape[0]) for r in reference),
         "params": sum(p.numel() for p in reloaded.parameters()),
