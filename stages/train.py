@@ -65,6 +65,9 @@ def main(name: str, base: str = "models/zoo", captions: str = "data/raw/llava.js
     trainable = strategies.trainable_counts(model)
     rejects = {f"{name}_{reason}": n for name, d in zip(("captions", "instruct"), data)
                for reason, n in d.reject_counts().items()}
+    # per-sample rejects (missing image, no answer tokens, too long) travel with the model they concern
+    io.write_jsonl(Path(out) / "rejects.jsonl", [dict(r, file=str(path)) for path, d in zip((captions, instruct), data)
+                                                  for r in d.rejects])
     io.write_metrics(metrics, recipe.run_metrics(figures, trainable, {**rejects, "total": sum(rejects.values())},
                                                  mon.peaks))
     shutil.rmtree(work)  # finished: the checkpoints were only for resuming

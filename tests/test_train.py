@@ -293,6 +293,7 @@ def test_train_and_merge_stages_end_to_end(world, base, tmp_path):
     adapter = json.loads((out / "runs/tiny_lora/adapter_config.json").read_text())
     assert adapter["base_model_name_or_path"] == str(base) and len(adapter["modules_to_save"]) == 4
     assert (out / "runs/tiny_lora/mgm_processor.json").is_file()
+    assert (out / "runs/tiny_lora/rejects.jsonl").read_text() == ""  # none in the tiny world
     assert len((out / "plots/plots/metrics/loss.tsv").read_text().splitlines()) == 1 + 4
     assert not (out / "plots/metrics.json").exists()  # dvclive's summary: the run's figures are in metrics
     assert (out / "mon/train.csv").is_file() and not (out / "work").exists()  # checkpoints gone once finished
