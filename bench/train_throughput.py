@@ -206,7 +206,10 @@ def bench_family(family: str, liger: bool, a, device: str, flops_cache: dict) ->
     if note:
         del model
         free(device)
-        return [{"model": family, "liger": True, "mode": m, "error": note} for m in a.modes]
+        rows = [{"model": family, "liger": True, "mode": m, "error": note} for m in a.modes]
+        for row in rows:
+            print(fmt(row), flush=True)
+        return rows
     batch = synthetic_batch(a.batch, a.seq, image_id, n_image, vocab, side, side_aux, device)
     for mode in a.modes:  # stage1 -> full -> lora: LoRA wraps the model, so it comes last
         row = {"model": family, "liger": liger, "mode": mode, "batch": a.batch, "seq": a.seq}
@@ -217,7 +220,7 @@ def bench_family(family: str, liger: bool, a, device: str, flops_cache: dict) ->
                 flops_cache[key] = count_flops(model, batch, device)
             row.update(time_steps(model, batch, a.steps, a.warmup, device))
             tflops = flops_cache[key] / row["step_s"] / 1e12
-            row["model_tflops"] = round(tflops, 2)
+            row["model_tflops"] = round(tflops, 4)
             row["mfu"] = round(tflops / a.peak_tflops, 4) if a.peak_tflops else None
         except Exception as e:  # one failing configuration (OOM, API drift) must not lose the others
             row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
