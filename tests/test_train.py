@@ -308,3 +308,17 @@ def test_train_and_merge_stages_end_to_end(world, base, tmp_path):
     with pytest.raises(SystemExit) as e:
         train_stage.main("nope", params=str(tmp_path / "params.yaml"))
     assert "'nope' is not in params.yaml runs" in one_line(e)
+
+
+def test_fingerprint_sees_a_retrained_base_of_the_same_size(base, tmp_path):
+    import shutil
+
+    copy = tmp_path / "zoo"
+    shutil.copytree(base, copy)
+    before = recipe.fingerprint(small_config(), copy)
+    weights = copy / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1  # same size, other weights
+    weights.write_bytes(bytes(data))
+    assert recipe.fingerprint(small_config(), copy) != before
+    assert recipe.fingerprint(small_config("lora"), copy) != recipe.fingerprint(small_config(), copy)

@@ -254,10 +254,11 @@ def fingerprint(cfg: TrainConfig, *paths: str | Path) -> str:
         p = Path(p)
         files = sorted(q for q in p.rglob("*") if q.is_file()) if p.is_dir() else [p]
         for f in files:
-            # weights/images by size (hashing GBs each run would be slow), small text files by content
-            h.update(f"{f.relative_to(p) if p.is_dir() else f.name}:{f.stat().st_size}".encode())
-            if f.suffix in {".json", ".jsonl", ".yaml", ".txt"} and f.stat().st_size < 64 * 2**20:
-                h.update(f.read_bytes())
+            # small files by content (a retrained tiny zoo keeps its sizes); big ones by size and
+            # mtime (hashing a 2B model's GBs on every start would be slow; a rebuild touches them)
+            st = f.stat()
+            h.update(f"{f.relative_to(p) if p.is_dir() else f.name}:{st.st_size}".encode())
+            h.update(f.read_bytes() if st.st_size < 64 * 2**20 else str(st.st_mtime_ns).encode())
     return h.hexdigest()[:16]
 
 
