@@ -51,7 +51,8 @@ def main(name: str, base: str = "models/zoo", captions: str = "data/raw/llava.js
         model, processor = recipe.load_base(base, cfg.attn_implementation)
         data = [ConversationDataset(path, processor, max_length=cfg.max_length, desc=f"encode {path}")
                 for path in (captions, instruct)]
-        resumed = recipe.prepare_work_dir(work, recipe.fingerprint(cfg, captions, instruct, base))
+        inputs = (Path(captions).parent, Path(instruct).parent, base)  # json + images, base model
+        resumed = recipe.prepare_work_dir(work, recipe.fingerprint(cfg, *inputs))
         live = Live(str(plots), resume=resumed, dvcyaml=None, save_dvc_exp=False) if main_process else None
         model, trainer, figures = recipe.two_stage(model, *data, PadCollator(processor.tokenizer.pad_token_id),
                                                    cfg, work, live=live, base_path=base)
