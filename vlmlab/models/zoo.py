@@ -277,6 +277,9 @@ def build_tiny(p: dict, preset: str, attn_implementation: str, seed: int, high_r
         bs = p["lm_batch_size"] if kind == "lm" else p["tower_batch_size"]
         return LoopConfig(steps=int(p[f"{kind}_steps"]), batch_size=int(bs), lr=float(p[f"{kind}_lr"]), seed=seed + offset)
 
+    # the attention the LM and ViT use while pretraining here (training sets its own, train.attn_implementation)
+    for sub in (config.text_config, config.vision_config):
+        sub._attn_implementation = attn_implementation
     lm, lm_metrics = pretrain_lm(config.text_config, tokenizer, texts, heldout, loop("lm", 1))
     n_val = int(p["heldout_images"])
     targets, render = tower_targets(), config.image_size_aux  # scenes are drawn at the stored (high-res) size
@@ -289,7 +292,6 @@ def build_tiny(p: dict, preset: str, attn_implementation: str, seed: int, high_r
         labelled_scenes(int(p["convnext_images"]), seed + 2, render, render),
         labelled_scenes(n_val, seed + 1, render, render), loop("convnext", 3), "zoo: ConvNeXt (high-res)",
         weights={"word": float(p["convnext_word_weight"])})
-    config._attn_implementation = attn_implementation
     model = assemble(config, lm, vit, cnx)
     metrics = {"tokenizer": {"vocab_size": len(tokenizer)}, "lm": lm_metrics, "vit": vit_metrics,
                "convnext": cnx_metrics, "params": param_counts(model)}
