@@ -28,6 +28,7 @@ class SynthConfig:
     gpu_batch_size: int = 128  # images per generate() call (the op's sub-batch), on the CPU too
     batch_size: int = 1024  # samples per op call (Data-Juicer's map batch); a multiple of gpu_batch_size
     np: int = 2  # Data-Juicer worker processes
+    mapper_memory: str = "2GB"  # the captioner's memory per worker: Data-Juicer runs min(np, free / this) workers
     min_words: int = 8  # words_num_filter
     max_words: int = 80
     word_rep_len: int = 4  # word_repetition_filter: n-gram length ...
@@ -43,6 +44,7 @@ class SynthConfig:
     dedup_method: str = ""  # image_deduplicator: phash | dhash | whash | ahash; "" = off (needs imagededup)
     trace_sample: int = 20  # before/after records kept per op in trace_sample.jsonl
     executor: str = "default"  # default | ray (Data-Juicer's executor_type)
+    ray_address: str = "auto"  # with executor ray: a running cluster ("auto") or "local" (starts one in-process)
     monitor_interval: float = 0.5  # seconds between memory/CPU samples of the stage
 
     @classmethod
@@ -66,7 +68,7 @@ def process_list(cfg: SynthConfig, captioner: str) -> list[dict]:
         {"image_captioning_mapper": {
             "hf_img2seq": captioner, "trust_remote_code": cfg.trust_remote_code, "caption_num": cfg.caption_num,
             "keep_candidate_mode": cfg.keep_candidate_mode, "keep_original_sample": cfg.keep_original_sample,
-            "gpu_batch_size": cfg.gpu_batch_size, "batch_size": cfg.batch_size}},
+            "gpu_batch_size": cfg.gpu_batch_size, "batch_size": cfg.batch_size, "memory": cfg.mapper_memory}},
         {"words_num_filter": {"lang": "en", "tokenization": False, "min_num": cfg.min_words, "max_num": cfg.max_words}},
         {"word_repetition_filter": {"lang": "en", "tokenization": False, "rep_len": cfg.word_rep_len,
                                     "min_ratio": 0.0, "max_ratio": cfg.max_word_rep_ratio}},
@@ -91,6 +93,7 @@ def render_recipe(cfg: SynthConfig, *, captioner: str, dataset_path: str, export
     return {
         "project_name": "vlmlab-synthesize",
         "executor_type": cfg.executor,
+        **({"ray_address": cfg.ray_address} if cfg.executor == "ray" else {}),
         "dataset_path": dataset_path,
         "export_path": export_path,
         "work_dir": work_dir,

@@ -135,8 +135,16 @@ def run_recipe(recipe: Path, dataset_path: Path, work_dir: Path, seed: int) -> d
         logger.remove()
         sys.stdout, sys.stderr = streams
         logger.add(sys.stderr, level="INFO")
-    trace_dir = Path(executor.tracer.work_dir) if getattr(executor, "tracer", None) else None
+    tracer = getattr(executor, "tracer", None)  # the Ray executor's is an actor handle, with no files here
+    trace_dir = Path(tracer.work_dir) if isinstance(getattr(tracer, "work_dir", None), str) else None
     return {"ops": left, "trace_dir": trace_dir, "export": Path(cfg.export_path), "seconds": seconds}
+
+
+def read_export(path: Path) -> list[dict]:
+    """Rows Data-Juicer exported: one jsonl (default executor) or a folder of json shards (Ray executor)."""
+    if path.is_dir():
+        return [row for shard in sorted(path.glob("*.json*")) for row in io.read_jsonl(shard)]
+    return io.read_jsonl(path) if path.exists() else []
 
 
 def op_counts(n_in: int, ops: list[tuple[str, int, float]], trace_dir: Path | None) -> dict:
@@ -170,8 +178,8 @@ def filter_rejects(trace_dir: Path | None) -> list[dict]:
     for path in sorted(trace_dir.glob("sample_trace-*_filter.jsonl")) if trace_dir else []:
         op = path.stem.removeprefix("sample_trace-")
         for row in io.read_jsonl(path):
-            out.append({"line": None, "id": row.get("id"), "reason": op,
-                        "detail": json.dumps(row.get("__dj__stats__", {}), sort_keys=True)})
+            stats = json.dumps(row.get("__dj__stats__", {}), sort_keys=True)
+            out.append({"line": None, "id": row.get("id"), "reason": op, "detail": f"{stats} {row.get('text', '')!r}"})
     return out
 
 
@@ -242,8 +250,9 @@ def synthesize(raw: Path, recipe: Path, out: Path, work: Path, seed: int, trace_
     dataset = work / "input.jsonl"
     io.write_jsonl(dataset, good)
     result = run_recipe(recipe, dataset, work / "dj", seed)
-    exported = io.read_jsonl(result["export"]) if result["export"].exists() else []
-    counts = op_counts(len(good), result["ops"], result["trace_dir"])
+    exported = read_export(result["export"])
+    # the Ray executor streams and logs no per-op totals: there only samples in/out are known
+    counts = op_counts(len(good), result["ops"], result["trace_dir"]) if result["ops"] else {}
     rows, bad_rows = normalise(exported, raw)
     rejects += filter_rejects(result["trace_dir"]) + bad_rows
     trace = mapper_trace(good, rows, trace_sample) + _filter_trace(result["trace_dir"], trace_sample)

@@ -95,7 +95,7 @@ def build_teacher(cfg: TeacherConfig, words: list[str]) -> tuple[Blip2ForConditi
     # transformers zero-inits the queries (they are meant to be loaded); identical queries get identical
     # gradients and never split, so the LM would see one image token Q times. LAVIS inits them N(0, 0.02).
     torch.nn.init.normal_(model.query_tokens, std=0.02)
-    for part in (model.vision_model, model.qformer, model.language_projection):
+    for part in (model.vision_model, model.qformer, model.language_projection, model.language_model.model.decoder.layers):
         _lecun_init(part)
     emb = model.vision_model.embeddings  # positions on the scale of the patch features, or "left" is invisible
     torch.nn.init.normal_(emb.position_embedding, std=1.0)
@@ -114,8 +114,9 @@ def _lecun_init(module: torch.nn.Module) -> None:
     """N(0, 1/fan_in) weights for the towers trained from scratch.
 
     transformers' N(0, 0.02) suits 768+-wide layers (0.02 ~ 1/sqrt(2500)); at width 32-96 each layer
-    shrinks its input ~5x, and the Q-Former's cross-attention (the only way pixels reach the LM) ends
-    up ~1000x smaller than the query residual: the LM never sees the image and learns the caption prior.
+    shrinks its input ~5x: the Q-Former's cross-attention (the only way pixels reach the LM) ends up
+    ~1000x smaller than the query residual, and the LM's attention stays uniform, so it learns the
+    caption prior and never looks at the image tokens (measured: held-out loss equal with shuffled images).
     """
     for m in module.modules():
         if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):
@@ -150,29 +151,34 @@ def allowed_token_ids(model) -> torch.Tensor:
     return allowed.nonzero().squeeze(1)
 
 
-def caption_loss(model, batch: dict, allowed_ids: torch.Tensor | None = None) -> torch.Tensor:
+def caption_loss(model, batch: dict, allowed_ids: torch.Tensor | None = None,
+                 rows: torch.Tensor | None = None) -> torch.Tensor:
     """`Blip2ForConditionalGeneration.forward(...).loss`, with the softmax over `allowed_ids` only.
 
     Why not just call forward: its logits span all 50272 OPT rows, ~50k of them suppressed fillers, and
     that softmax costs ~100x the rest of this tiny model. Over the allowed rows the loss is the
-    cross-entropy of exactly the distribution generation samples from. With `allowed_ids=None`
-    it equals forward's loss (tested).
+    cross-entropy of exactly the distribution generation samples from. `rows` (len(allowed_ids), H)
+    stand in for those rows of the tied embedding / LM head during training, so the optimizer never
+    touches the 50k filler rows. With `allowed_ids=None` it equals forward's loss (tested).
     """
     lm = model.language_model
+    full = lm.get_input_embeddings().weight  # (V, H), tied with the LM head
+    ids, labels = batch["input_ids"], batch["labels"]
+    if allowed_ids is None:
+        table = full
+    else:
+        remap = torch.full((full.shape[0],), -100, dtype=torch.long)
+        remap[allowed_ids] = torch.arange(len(allowed_ids))
+        table = rows if rows is not None else full[allowed_ids]  # (V', H)
+        labels = torch.where(labels >= 0, remap[labels.clamp(min=0)], labels)
+        ids = remap[ids].clamp(min=0)  # image slots and padding: overwritten below / masked out
     features = model.get_image_features(batch["pixel_values"], return_dict=True).pooler_output  # (B, Q, H)
-    embeds = lm.get_input_embeddings()(batch["input_ids"])  # (B, T, H)
+    embeds = torch.nn.functional.embedding(ids, table)  # (B, T, H)
     slots = (batch["input_ids"] == model.config.image_token_index).unsqueeze(-1)
     embeds = embeds.masked_scatter(slots, features.to(embeds.dtype))
     hidden = lm.model.decoder(inputs_embeds=embeds, attention_mask=batch["attention_mask"],
                               return_dict=True).last_hidden_state  # (B, T, H)
-    head = lm.get_output_embeddings().weight  # (V, H)
-    labels = batch["labels"]
-    if allowed_ids is not None:
-        head = head[allowed_ids]  # (V', H)
-        remap = torch.full((lm.config.vocab_size,), -100, dtype=torch.long)
-        remap[allowed_ids] = torch.arange(len(allowed_ids))
-        labels = torch.where(labels >= 0, remap[labels.clamp(min=0)], labels)
-    logits = hidden[:, :-1] @ head.T  # (B, T-1, V'): position t predicts token t+1
+    logits = hidden[:, :-1] @ table.T  # (B, T-1, V'): position t predicts token t+1
     return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
 
 
@@ -183,27 +189,32 @@ def train_teacher(model, processor, images: list[Image.Image], captions: list[st
     pixel_cache = processor.image_processor(images, return_tensors="pt")["pixel_values"]  # (N, 3, H, W), once
     steps_per_epoch = math.ceil(len(captions) / cfg.batch_size)
     total = steps_per_epoch * cfg.epochs
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
+    allowed_ids = allowed_token_ids(model)
+    full = model.language_model.get_input_embeddings().weight
+    rows = torch.nn.Parameter(full.detach()[allowed_ids].clone())  # the only embedding rows worth updating
+    params = [p for p in model.parameters() if p is not full] + [rows]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
     warm = max(1, int(cfg.warmup_frac * total))
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / total))))
-    allowed_ids = allowed_token_ids(model)
     model.train()
     losses, t0, step = [], time.perf_counter(), 0
     for _ in range(cfg.epochs):
         for idx in torch.randperm(len(captions), generator=g).split(cfg.batch_size):
             batch = encode_captions(processor, [captions[i] for i in idx.tolist()], cfg.max_words)
             batch["pixel_values"] = pixel_cache[idx]
-            loss = caption_loss(model, batch, allowed_ids)
+            loss = caption_loss(model, batch, allowed_ids, rows)
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             sched.step()
             step += 1
             losses.append(loss.item())
             if log_every and step % log_every == 0:
                 print(f"teacher step {step}/{total} loss {sum(losses[-log_every:]) / log_every:.3f}", flush=True)
+    with torch.no_grad():
+        full[allowed_ids] = rows  # back into the tied embedding / LM head
     model.eval()
     return {"steps": step, "loss_first": losses[0], "loss_last": sum(losses[-20:]) / len(losses[-20:]),
             "train_s": round(time.perf_counter() - t0, 1), "losses": losses}
