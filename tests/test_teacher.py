@@ -37,11 +37,15 @@ TINY = dict(image_size=32, patch_size=8, vision_hidden=32, vision_layers=1, qfor
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     torch.manual_seed(0)
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    images, captions = standin(192)
-    cfg = T.TeacherConfig(epochs=12, **TINY)
-    model, processor = T.build_teacher(cfg, caption_words(captions))
-    stats = T.train_teacher(model, processor, images, captions, cfg, seed=0, log_every=0)
+    try:
+        images, captions = standin(192)
+        cfg = T.TeacherConfig(epochs=12, **TINY)
+        model, processor = T.build_teacher(cfg, caption_words(captions))
+        stats = T.train_teacher(model, processor, images, captions, cfg, seed=0, log_every=0)
+    finally:
+        torch.set_num_threads(threads)
     out = tmp_path_factory.mktemp("teacher") / "teacher"
     T.save_teacher(model, processor, out)
     return out, stats
