@@ -2,6 +2,7 @@
 
     python bench/synth_captioner.py --out bench_synth.json                      # blip2-opt-2.7b shapes, bf16, CUDA
     python bench/synth_captioner.py --tiny --teacher models/teacher --out /tmp/s.json   # CPU: the tiny teacher
+    python bench/synth_captioner.py --smoke --batch-sizes 2 --images 2 --out /tmp/s.json  # CPU check of the GPU path
 
 GPU: a randomly initialised model with blip2-opt-2.7b's shapes (ViT-g 39 layers, Q-Former 12, OPT-2.7b,
 32 queries, vocab 50272), bf16, saved to a temp folder and loaded from there exactly as the op loads
@@ -28,17 +29,24 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/...` from a plain checkout
 
 
-def opt27b_shaped(folder: Path, device: str) -> None:
-    """Save a random-init blip2-opt-2.7b-shaped model (bf16) + a Blip2Processor with OPT's id layout."""
-    from transformers import (Blip2Config, Blip2ForConditionalGeneration, Blip2Processor, OPTConfig)
+def opt27b_shaped(folder: Path, device: str, smoke: bool = False) -> None:
+    """Save a random-init blip2-opt-2.7b-shaped model (bf16) + a Blip2Processor with OPT's id layout.
+
+    `smoke`: the same code with 1-layer towers and a 1-layer OPT (CPU check of this path only)."""
+    from transformers import (Blip2Config, Blip2ForConditionalGeneration, Blip2Processor, Blip2QFormerConfig,
+                              Blip2VisionConfig, OPTConfig)
     from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
 
     from vlmlab.synth.tokenizer import build_tokenizer
 
-    text = OPTConfig(vocab_size=50272, hidden_size=2560, num_hidden_layers=32, ffn_dim=10240, num_attention_heads=32,
-                     max_position_embeddings=2048, word_embed_proj_dim=2560, pad_token_id=1, bos_token_id=2,
-                     eos_token_id=2)
-    config = Blip2Config(text_config=text.to_dict(), num_query_tokens=32, image_token_index=50265)  # ViT-g, QF defaults
+    layers = (1, 1, 1) if smoke else (39, 12, 32)  # ViT-g, Q-Former, OPT-2.7b
+    vision = Blip2VisionConfig(num_hidden_layers=layers[0])  # defaults: blip2-opt-2.7b's ViT-g/14 at 224 px
+    qformer = Blip2QFormerConfig(num_hidden_layers=layers[1])
+    text = OPTConfig(vocab_size=50272, hidden_size=2560, num_hidden_layers=layers[2], ffn_dim=10240,
+                     num_attention_heads=32, max_position_embeddings=2048, word_embed_proj_dim=2560, pad_token_id=1,
+                     bos_token_id=2, eos_token_id=2)
+    config = Blip2Config(vision_config=vision.to_dict(), qformer_config=qformer.to_dict(), text_config=text.to_dict(),
+                         num_query_tokens=32, image_token_index=50265)
     torch.manual_seed(0)
     with torch.device(device):
         model = Blip2ForConditionalGeneration(config).to(torch.bfloat16)
@@ -119,11 +127,14 @@ def through_op(folder: Path, imgs: list[Image.Image], gpu_batch_size: int, capti
                                        gpu_batch_size=gpu_batch_size, accelerator="cuda" if torch.cuda.is_available() else "cpu")
             samples = {"text": ["<__dj__image>\nx <|__dj__eoc|>"] * len(paths), "images": [[p] for p in paths]}
             op.process_batched({k: v[:1] for k, v in samples.items()})  # load the model, warm up
+            from data_juicer.utils.model_utils import get_model
+
+            dtype = str(get_model(op.model_key, None, op.use_cuda())[0].dtype)
             _sync()
             t0 = time.perf_counter()
             out = op.process_batched(samples)
             _sync()
-            return time.perf_counter() - t0, len(out["text"]), "data_juicer.image_captioning_mapper"
+            return time.perf_counter() - t0, len(out["text"]), f"data_juicer.image_captioning_mapper ({dtype})"
     from transformers import AutoConfig, AutoProcessor
 
     import transformers
@@ -131,6 +142,7 @@ def through_op(folder: Path, imgs: list[Image.Image], gpu_batch_size: int, capti
     device = "cuda" if torch.cuda.is_available() else "cpu"
     processor = AutoProcessor.from_pretrained(folder, trust_remote_code=trust)
     arch = AutoConfig.from_pretrained(folder).architectures[0]
+    # no dtype argument, as the op: transformers takes the checkpoint's (bf16 here); the table reports it
     model = getattr(transformers, arch).from_pretrained(folder, trust_remote_code=trust, device_map=device).eval()
     model.config.image_token_index = 50265  # as the op does on every call
 
@@ -148,7 +160,7 @@ def through_op(folder: Path, imgs: list[Image.Image], gpu_batch_size: int, capti
             for i in range(0, len(imgs), gpu_batch_size):
                 n += len(run(imgs[i: i + gpu_batch_size]))
         _sync()
-    return time.perf_counter() - t0, n, "op call sequence (data_juicer not installed)"
+    return time.perf_counter() - t0, n, f"op call sequence, data_juicer not installed ({model.dtype})"
 
 
 def _sync():
@@ -164,6 +176,7 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=0, help="images per measurement (default: 4x the largest batch)")
     ap.add_argument("--caption-num", type=int, default=1)
     ap.add_argument("--threads", type=int, default=2, help="CPU threads (tiny)")
+    ap.add_argument("--smoke", action="store_true", help="CPU check of the 2.7b path with 1-layer towers and LM")
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -176,10 +189,11 @@ def main() -> None:
             if not (folder / "config.json").is_file():
                 sys.exit(f"error: {folder} has no teacher; run `dvc repro teacher` or pass --teacher")
         else:
-            if not torch.cuda.is_available():
-                sys.exit("error: the 2.7b-shaped benchmark needs CUDA; use --tiny on a CPU")
-            folder, trust, what = Path(tmp) / "blip2-opt-2.7b-shaped", False, "blip2-opt-2.7b shapes, random init, bf16"
-            opt27b_shaped(folder, "cuda")
+            if not torch.cuda.is_available() and not a.smoke:
+                sys.exit("error: the 2.7b-shaped benchmark needs CUDA; use --tiny (or --smoke) on a CPU")
+            folder, trust = Path(tmp) / "blip2-opt-2.7b-shaped", False
+            what = "blip2-opt-2.7b shapes, random init, bf16" + (" (smoke: 1-layer towers and LM)" if a.smoke else "")
+            opt27b_shaped(folder, "cuda" if torch.cuda.is_available() else "cpu", smoke=a.smoke)
         imgs = images(n)
         for bs in sizes:
             seconds, captions, path = through_op(folder, imgs, bs, a.caption_num, trust)
