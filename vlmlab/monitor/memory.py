@@ -45,10 +45,15 @@ class Monitor:
         self.peaks: dict[str, float] = {}
         self._stop = threading.Event()
         self._proc = psutil.Process()
+        self._known: dict[int, psutil.Process] = {}
         self._nvml, self._gpus = _nvml_handles()
 
     def _sample(self, t0: float) -> dict:
-        procs = [self._proc] + self._proc.children(recursive=True)
+        # cpu_percent() measures since the previous call on the same Process object: keep one per
+        # pid, or every child (Data-Juicer workers, dataloaders) would read 0 on each sample.
+        procs = []
+        for p in [self._proc] + self._proc.children(recursive=True):
+            procs.append(self._known.setdefault(p.pid, p))
         rss = cpu = 0.0
         for p in procs:
             try:
