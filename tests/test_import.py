@@ -139,3 +139,18 @@ def test_importing_a_generated_world_set_gives_back_the_same_bytes(tmp_path):
     assert counts["samples"] == 12 and counts["prompts_restored"] == 12
     for name in ("dj.jsonl", "llava.json", "rejects.jsonl", "images/00000/000000011.jpg"):
         assert (tmp_path / "again" / name).read_bytes() == (tmp_path / "raw" / name).read_bytes(), name
+
+
+def test_rows_sharing_an_image_import_once(tmp_path):
+    """The enhanced set has 3 captions per image: the importer links each image once."""
+    from PIL import Image
+
+    src = tmp_path / "src"
+    (src / "images").mkdir(parents=True)
+    Image.new("RGB", (8, 8), "red").save(src / "images" / "a.jpg")
+    rows = [{"id": f"a_{k}", "text": f"<__dj__image>\na red square number {k} <|__dj__eoc|>", "images": ["images/a.jpg"]}
+            for k in range(3)]
+    (src / "set.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    counts = import_seed(src, "set.jsonl", "", tmp_path / "out", seed=0, workers=1)
+    assert counts["samples"] == 3 and counts["rejects"]["total"] == 0
+    assert (tmp_path / "out" / "images" / "a.jpg").is_file()

@@ -78,6 +78,8 @@ def check_line(raw: bytes, seen_ids: set[str]) -> tuple[dict | None, tuple[str, 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
     dst.parent.mkdir(parents=True, exist_ok=True)
+    if dst.exists() and os.path.samefile(src, dst):   # re-validating a folder in place
+        return
     try:
         os.link(src, dst)      # same filesystem: no second copy of 10k images
     except OSError:
@@ -129,8 +131,8 @@ def import_seed(src: str | os.PathLike, jsonl: str, stage1_json: str, out: str |
                    f"check that images lie under {src} at the paths the jsonl names")
 
     out.mkdir(parents=True, exist_ok=True)
-    for row in rows:
-        _link_or_copy(src / row["images"][0], out / row["images"][0])
+    for rel in dict.fromkeys(row["images"][0] for row in rows):   # an image shared by rows (3 captions each) once
+        _link_or_copy(src / rel, out / rel)
     with open(out / "dj.jsonl", "w", encoding="utf-8") as f:
         f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)   # key order and text kept as read
     with open(out / "rejects.jsonl", "w", encoding="utf-8") as f:
