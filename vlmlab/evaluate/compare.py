@@ -89,7 +89,8 @@ def merge_checks(col: Collected, tolerance: float) -> dict[str, dict]:
     return out
 
 
-def _fmt(v) -> str:
+def _fmt(v, score: bool = True) -> str:
+    """Scores with 4 decimals; counts, seconds and megabytes with thousands and at most 1 decimal."""
     if v is None:
         return "absent"
     if isinstance(v, bool):
@@ -97,18 +98,18 @@ def _fmt(v) -> str:
     if isinstance(v, int) or (isinstance(v, float) and v.is_integer() and abs(v) >= 100):
         return f"{int(v):,}"
     if isinstance(v, float):
-        return f"{v:.4f}" if abs(v) < 10 else f"{v:,.1f}"
+        return f"{v:.4f}" if score and abs(v) < 10 else f"{v:,.1f}"
     return str(v)
 
 
-def _table(title_col: str, rows: dict[str, dict | None], keys: list[tuple[str, str]]) -> list[str]:
+def _table(title_col: str, rows: dict[str, dict | None], keys: list[tuple[str, str]], score: bool = True) -> list[str]:
     head = [title_col] + [label for _, label in keys]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, m in rows.items():
         if m is None:
             cells = ["absent"] + [""] * (len(keys) - 1)
         else:
-            cells = [_fmt(m[k]) if k in m else "—" for k, _ in keys]
+            cells = [_fmt(m[k], score) if k in m else "—" for k, _ in keys]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return lines
 
@@ -123,7 +124,9 @@ def render_markdown(col: Collected, metric: str, tolerance: float, figures: dict
         out += [f"No evaluated model has `{metric}` yet.", ""]
     out += ["## Evaluation", ""]
     out += _table("model", col.eval, [(k, k) for k in EVAL_KEYS] + [("questions_per_s", "questions/s")])
-    out += ["", "Absent: the model's `evaluate` stage has not produced metrics/eval/<model>.json.", ""]
+    out += [""]
+    if any(m is None for m in col.eval.values()):
+        out += ["Absent: the model's `evaluate` stage has not produced metrics/eval/<model>.json.", ""]
     if checks:
         out += ["## Merged LoRA vs adapter", "", f"Tolerance on every headline metric: {tolerance}.", "",
                 "| merged | adapter | max abs diff | within tolerance |", "|---|---|---|---|"]
@@ -134,7 +137,7 @@ def render_markdown(col: Collected, metric: str, tolerance: float, figures: dict
     peaks = dict(col.other)
     peaks.update({f"train {r}": m for r, m in col.train.items()})
     peaks.update({f"evaluate {n}": m for n, m in col.eval.items()})
-    out += ["## Memory and time peaks (per stage)", ""] + _table("stage", peaks, PEAK_KEYS) + [""]
+    out += ["## Memory and time peaks (per stage)", ""] + _table("stage", peaks, PEAK_KEYS, score=False) + [""]
     for title, prefix, suffix in (("TextVQA accuracy by question type", "textvqa_by_type.", ""),
                                   ("MMBench circular accuracy by category", "mmbench_by_category.", ".circular_acc")):
         cols = sorted({k[len(prefix):len(k) - len(suffix)] for m in col.eval.values() if m for k in m
