@@ -18,14 +18,6 @@ REPO = Path(__file__).resolve().parents[1]
 TEXTS = ["what does the sign say ?", "the sign says hello .", "a red circle on the left ."]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("infer")

@@ -12,15 +12,6 @@ from vlmlab.models import presets
 from vlmlab.models.tokenizer import train_world_tokenizer
 from vlmlab.train import merge, strategies
 
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: one thread is faster than two fighting over a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 TEXTS = ["a small red circle on the left .", "a large blue square in the middle .", "describe the image .",
          "what does the sign say ?", "the sign says hello ."]
 

@@ -11,15 +11,6 @@ TEXTS = ["a small red circle on the left .", "a large blue square in the middle 
          "what does the sign say ?", "the sign says hello .", "how many shapes are there ? two"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # tiny ops gain nothing from a second thread, and lose a lot when the cores are shared
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def tiny():
     torch.manual_seed(0)

@@ -18,16 +18,6 @@ from vlmlab.train import recipe, strategies
 from vlmlab.train.recipe import StageConfig, TrainConfig
 
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: one thread is faster than two fighting over a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> Path:
     """Tiny-world raw captions + instruction set, as `prepare` writes them."""

@@ -18,15 +18,6 @@ from vlmlab.world import generate, labels, vocab
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # tiny ops gain nothing from a second thread, and lose a lot when the cores are shared
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def world_tokenizer():
     texts = generate.world_text_corpus(2000, 0)
