@@ -23,27 +23,32 @@ from vlmlab.io import fail
 from vlmlab.models import presets
 from vlmlab.models.mgm import MgmConfig, MgmForConditionalGeneration
 
-# timm ConvNeXt trunk -> transformers ConvNextModel (same computation, other names)
-_TIMM_TO_HF = [
-    (r"^vision_stem\.0\.", "embeddings.patch_embeddings."),
-    (r"^vision_stem\.1\.", "embeddings.layernorm."),
-    (r"^vision_stages\.(\d+)\.downsample\.(\d+)\.", r"encoder.stages.\1.downsampling_layer.\2."),
-    (r"^vision_stages\.(\d+)\.blocks\.(\d+)\.conv_dw\.", r"encoder.stages.\1.layers.\2.dwconv."),
-    (r"^vision_stages\.(\d+)\.blocks\.(\d+)\.norm\.", r"encoder.stages.\1.layers.\2.layernorm."),
-    (r"^vision_stages\.(\d+)\.blocks\.(\d+)\.mlp\.fc1\.", r"encoder.stages.\1.layers.\2.pwconv1."),
-    (r"^vision_stages\.(\d+)\.blocks\.(\d+)\.mlp\.fc2\.", r"encoder.stages.\1.layers.\2.pwconv2."),
-    (r"^vision_stages\.(\d+)\.blocks\.(\d+)\.gamma$", r"encoder.stages.\1.layers.\2.layer_scale_parameter"),
+# timm ConvNeXt trunk <-> transformers ConvNextModel (same computation, other names).
+# One table, both directions: {i} and {j} stand for stage/block/layer numbers.
+_CONVNEXT_NAMES = [
+    ("vision_stem.0.", "embeddings.patch_embeddings."),
+    ("vision_stem.1.", "embeddings.layernorm."),
+    ("vision_stages.{i}.downsample.{j}.", "encoder.stages.{i}.downsampling_layer.{j}."),
+    ("vision_stages.{i}.blocks.{j}.conv_dw.", "encoder.stages.{i}.layers.{j}.dwconv."),
+    ("vision_stages.{i}.blocks.{j}.norm.", "encoder.stages.{i}.layers.{j}.layernorm."),
+    ("vision_stages.{i}.blocks.{j}.mlp.fc1.", "encoder.stages.{i}.layers.{j}.pwconv1."),
+    ("vision_stages.{i}.blocks.{j}.mlp.fc2.", "encoder.stages.{i}.layers.{j}.pwconv2."),
+    ("vision_stages.{i}.blocks.{j}.gamma", "encoder.stages.{i}.layers.{j}.layer_scale_parameter"),
 ]
-_HF_TO_TIMM = [
-    (r"^embeddings\.patch_embeddings\.", "vision_stem.0."),
-    (r"^embeddings\.layernorm\.", "vision_stem.1."),
-    (r"^encoder\.stages\.(\d+)\.downsampling_layer\.(\d+)\.", r"vision_stages.\1.downsample.\2."),
-    (r"^encoder\.stages\.(\d+)\.layers\.(\d+)\.dwconv\.", r"vision_stages.\1.blocks.\2.conv_dw."),
-    (r"^encoder\.stages\.(\d+)\.layers\.(\d+)\.layernorm\.", r"vision_stages.\1.blocks.\2.norm."),
-    (r"^encoder\.stages\.(\d+)\.layers\.(\d+)\.pwconv1\.", r"vision_stages.\1.blocks.\2.mlp.fc1."),
-    (r"^encoder\.stages\.(\d+)\.layers\.(\d+)\.pwconv2\.", r"vision_stages.\1.blocks.\2.mlp.fc2."),
-    (r"^encoder\.stages\.(\d+)\.layers\.(\d+)\.layer_scale_parameter$", r"vision_stages.\1.blocks.\2.gamma"),
-]
+
+
+def _rules(pairs, forward: bool) -> list[tuple[str, str]]:
+    """(regex, replacement) rules from name templates; a name ending without '.' must match whole."""
+    rules = []
+    for a, b in pairs:
+        src, dst = (a, b) if forward else (b, a)
+        pattern = "^" + re.escape(src).replace(r"\{i\}", r"(\d+)").replace(r"\{j\}", r"(\d+)")
+        rules.append((pattern + ("" if src.endswith(".") else "$"), dst.replace("{i}", r"\1").replace("{j}", r"\2")))
+    return rules
+
+
+_TIMM_TO_HF = _rules(_CONVNEXT_NAMES, forward=True)
+_HF_TO_TIMM = _rules(_CONVNEXT_NAMES, forward=False)
 CLIP_PREFIX = "vision_tower.vision_tower.vision_model."  # MGM's CLIPVisionTower > CLIPVisionModel (transformers 4.x)
 GLUE = ("mm_projector.", "vlm_uni_query_projector.", "vlm_uni_aux_projector.", "vlm_uni_val_projector.")
 
