@@ -49,7 +49,7 @@ def test_batched_equals_one_at_a_time(tiny):
     assert len(set(reference)) == len(reference)  # answers differ: the comparison can fail
     assert generate_answers(model, proc, items, batch_size=4, max_new_tokens=MAX_NEW) == reference
     assert generate_answers(model, proc, items, batch_size=4, max_new_tokens=MAX_NEW, cache="static",
-                            vision_batch=3) == reference
+                            prefix_batch=3) == reference
     assert generate_answers(model, proc, items[::-1], batch_size=9, max_new_tokens=MAX_NEW) == reference[::-1]
 
 
@@ -89,3 +89,57 @@ def test_lora_adapter_answers_equal_merged(tiny):
     merged = generate_answers(peft_model.merge_and_unload(), proc, items, batch_size=4, max_new_tokens=MAX_NEW)
     base = generate_answers(model, proc, items, batch_size=4, max_new_tokens=MAX_NEW)
     assert adapter == merged and adapter != base
+
+
+def test_questions_sharing_an_image_share_its_prefix(tiny, tmp_path):
+    """Several questions per image (as TextVQA asks): the same answers as one at a time, with the
+    vision tower run once per distinct image in a batch, for PIL images and for paths."""
+    model, proc, items = tiny
+    paths = []
+    for n, it in enumerate(items[:3]):
+        paths.append(tmp_path / f"{n}.png")
+        it["image"].save(paths[-1])
+    questions = [it["prompt"] for it in items]
+    shared = [{"prompt": q, "image": items[k % 3]["image"]} for k, q in enumerate(questions)]
+    by_path = [{"prompt": q, "image": paths[k % 3]} for k, q in enumerate(questions)]
+    reference = [reference_answer(model, proc, it) for it in shared]
+    assert len(set(reference)) > 3  # answers depend on the question, not only on the image
+
+    rows = []
+    hook = model.vision_tower.register_forward_hook(lambda mod, args, out: rows.append(len(args[0])))
+    try:
+        assert generate_answers(model, proc, shared, batch_size=9, max_new_tokens=MAX_NEW) == reference
+        assert rows == [3]  # 9 questions, 3 images, one tower call
+        rows.clear()
+        assert generate_answers(model, proc, by_path, batch_size=9, max_new_tokens=MAX_NEW, cache="static") == reference
+        assert rows == [3]
+    finally:
+        hook.remove()
+    # prefixes prefilled in chunks that batches share and straddle; a compiled decoder's padded last chunk
+    assert generate_answers(model, proc, shared, batch_size=4, prefix_batch=2, max_new_tokens=MAX_NEW) == reference
+    dec = GreedyDecoder(model, proc.stop_token_ids, proc.tokenizer.pad_token_id, MAX_NEW, prefix_batch=2)
+    dec.pad_prefixes = True  # what compile=True sets (compiling itself is too slow for a CPU test)
+    rows.clear()
+    hook = model.vision_tower.register_forward_hook(lambda mod, args, out: rows.append(len(args[0])))
+    try:
+        assert generate_answers(model, proc, shared, batch_size=4, decoder=dec) == reference
+    finally:
+        hook.remove()
+    assert rows == [2, 2]  # images 1-2, then image 3 twice: every tower call sees prefix_batch rows
+
+
+def test_prompts_without_image_mix_with_image_prompts(tiny):
+    model, proc, items = tiny
+    mixed = [items[0], {"prompt": items[1]["prompt"]}, items[2], {"prompt": items[3]["prompt"]}]
+    reference = []
+    for it in mixed:
+        if "image" in it:
+            reference.append(reference_answer(model, proc, it))
+        else:
+            ids = proc.prompt_ids(it["prompt"])[None]
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=MAX_NEW,
+                                 do_sample=False, eos_token_id=proc.stop_token_ids, pad_token_id=proc.tokenizer.pad_token_id)
+            reference.append(proc.decode(out[0, ids.shape[1]:]))
+    for prefix_batch in (1, 4):  # text-only prefixes alone in a chunk, and mixed into one
+        assert generate_answers(model, proc, mixed, batch_size=4, prefix_batch=prefix_batch,
+                                max_new_tokens=MAX_NEW) == reference

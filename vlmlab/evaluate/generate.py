@@ -1,29 +1,43 @@
 """Batched greedy decoding for evaluation: the same answers as one-at-a-time decoding, faster.
 
 How (each step is what makes a batch safe or fast):
-- prompts are encoded once up front (images pre-processed), sorted by length and cut into
-  batches, so a batch pads little; answers go back in input order;
-- left padding, with position ids counted over real tokens only, so a padded prompt sees
-  exactly the positions it would see alone;
-- image features are computed in chunks (`vision_batch`: MGM's high-res map is large) and
-  spliced into the prompt embeddings; one prefill fills a KV cache and keeps only the last
-  logits (a 256k vocabulary over a whole prompt batch would not fit);
-- each decoding step runs the language model on one token per row against the cache;
-  finished rows (stop token seen) are fed pad tokens and masked out of the answer; the
-  loop ends when every row has stopped or `max_new_tokens` is reached;
+- a prompt splits after its image: the prefix (template and image tokens, ~90% of a
+  TextVQA prompt) and the suffix (question, OCR tokens, answer cue). Questions about one
+  image share their prefix: its image features and its KV cache are computed once per
+  batch and copied into each question's cache row (TextVQA asks ~1.6 questions per image);
+- prompts are grouped by prefix, groups ordered by suffix length and cut into batches,
+  so a batch pads little; answers go back in input order. Images are read per batch (a
+  whole benchmark's pixels do not fit in memory);
+- a cache row is [pads | prefix | pads | suffix | answer]; position ids count real tokens
+  only, so every row sees exactly the positions it would see alone;
+- distinct prefixes are prefilled in chunks of `prefix_batch`, in the order batches first
+  need them, and kept until the last batch that uses them: vision towers and the prefix
+  prefill always see the same shapes (one cuDNN plan, one compiled graph), however the
+  questions fall into batches. The prefix prefill keeps no logits, and with equal-length
+  prefixes (the usual case) needs no mask, so attention takes the causal flash kernel;
+- the suffix prefill keeps only the last logits (a 256k vocabulary over a whole batch
+  would not fit); each decoding step runs the language model on one token per row against
+  the cache; finished rows (stop token seen) are fed pad tokens and masked out of the
+  answer; the loop ends when every row has stopped or `max_new_tokens` is reached;
 - `cache="static"` preallocates the KV cache once per batch size and keeps every decoding
   step the same shape, so `compile=True` can capture it with CUDA graphs
   (torch.compile mode "reduce-overhead"); `cache="dynamic"` (default) grows it.
+  `compile=True` also compiles the image features and the prefix prefill, and pads the
+  last prefix chunk to `prefix_batch` rows so that they never meet a new shape.
 
 Written as our own loop rather than `model.generate` because generate runs the whole MGM
-forward (image-token bookkeeping with a host sync) at every step and cannot compile it;
-tests/test_generate.py checks the answers equal `model.generate` one prompt at a time.
+forward (image-token bookkeeping with a host sync) at every step, cannot share a prefix
+between prompts and cannot compile it; tests/test_generate.py checks the answers equal
+`model.generate` one prompt at a time.
 """
 from __future__ import annotations
 
-from typing import Callable, Iterable
+import os
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from transformers import DynamicCache, StaticCache
 
 TEXTVQA_SUFFIX = "Answer the question using a single word or phrase."   # as MGM/LLaVA's TextVQA eval
@@ -35,31 +49,84 @@ def unwrap(model) -> torch.nn.Module:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def encode_items(processor, items: Iterable[dict]) -> list[dict]:
-    """[{"prompt": str, "image": PIL image or path}] -> processor.encode_prompt outputs (images pre-processed)."""
-    return [processor.encode_prompt(it["prompt"], it.get("image")) for it in items]
+def split_at_image(ids: torch.Tensor, image_token_id: int) -> int:
+    """Length of a prompt's shareable prefix: through its last image token (0 without one),
+    leaving at least one suffix token to take the next-token logits from."""
+    where = (ids == image_token_id).nonzero()
+    return min(int(where[-1]) + 1, len(ids) - 1) if len(where) else 0
+
+
+def left_pad(rows: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """1-D id tensors -> (ids, mask), both (len(rows), longest), padded on the left."""
+    T = max(len(r) for r in rows)
+    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), T), dtype=torch.long)
+    for i, r in enumerate(rows):
+        if len(r):
+            ids[i, T - len(r):] = r
+            mask[i, T - len(r):] = 1
+    return ids, mask
+
+
+@dataclass
+class Prefixes:
+    """Prefilled prompt prefixes: per layer (keys, values), each (m, kv_heads, P, head_dim),
+    or None when every prefix is empty; mask (m, P), 0 on left padding."""
+    kv: list[tuple[torch.Tensor, torch.Tensor]] | None
+    mask: torch.Tensor
+
+    @staticmethod
+    def gather(refs: list[tuple["Prefixes", int]]) -> "Prefixes":
+        """Row r of the result is row refs[r][1] of chunk refs[r][0]; chunks left-padded to the longest."""
+        chunks = list({id(c): c for c, _ in refs}.values())
+        start, n = {}, 0
+        for c in chunks:
+            start[id(c)], n = n, n + len(c.mask)
+        P = max(c.mask.shape[1] for c in chunks)
+        rows = torch.tensor([start[id(c)] + r for c, r in refs], device=chunks[0].mask.device)
+
+        def take(parts: list[torch.Tensor], dim: int) -> torch.Tensor:  # left-pad `dim` to P, concatenate, pick rows
+            parts = [t if t.shape[dim] == P else F.pad(t, (0, 0) * (t.dim() - 1 - dim) + (P - t.shape[dim], 0))
+                     for t in parts]
+            return (parts[0] if len(parts) == 1 else torch.cat(parts)).index_select(0, rows)
+
+        mask = take([c.mask for c in chunks], 1)
+        with_kv = [c for c in chunks if c.kv is not None]
+        if not with_kv:
+            return Prefixes(None, mask)
+        kv = []
+        for layer, (k0, v0) in enumerate(with_kv[0].kv):
+            empty = lambda t, c: t.new_zeros(len(c.mask), t.shape[1], 0, t.shape[3])  # noqa: E731 (all-empty chunk)
+            kv.append((take([c.kv[layer][0] if c.kv else empty(k0, c) for c in chunks], 2),
+                       take([c.kv[layer][1] if c.kv else empty(v0, c) for c in chunks], 2)))
+        return Prefixes(kv, mask)
 
 
 class GreedyDecoder:
-    """Greedy decoding of left-padded prompt batches with a KV cache (see the module docstring)."""
+    """Greedy decoding of prompt batches with a shared-prefix KV cache (see the module docstring)."""
 
     def __init__(self, model, stop_ids: list[int], pad_id: int, max_new_tokens: int, cache: str = "dynamic",
-                 compile: bool = False, vision_batch: int | None = None):
+                 compile: bool = False, prefix_batch: int | None = None):
         if cache not in ("dynamic", "static"):
             raise ValueError(f"cache must be 'dynamic' or 'static', not {cache!r}")
-        if compile and cache != "static":
-            raise ValueError("compile=True needs cache='static' (fixed shapes for CUDA graphs)")
+        if compile and (cache != "static" or not prefix_batch):
+            raise ValueError("compile=True needs cache='static' and a prefix_batch (fixed shapes for compiled graphs)")
         self.mgm = unwrap(model)
         self.lm = self.mgm.language_model
         self.stop_ids = torch.tensor(sorted(set(stop_ids)), dtype=torch.long)
         self.pad_id = int(pad_id)
         self.max_new_tokens = int(max_new_tokens)
         self.cache_kind = cache
-        self.vision_batch = vision_batch
+        self.prefix_batch = prefix_batch
+        self.pad_prefixes = compile  # fill the last prefix chunk up to prefix_batch rows
         self._static: dict[tuple[int, int], StaticCache] = {}
         self._step: Callable = self._decode_step
+        self._features: Callable = self.mgm.get_image_features
+        self._prefix_lm: Callable = self.lm.base_model
         if compile:
             self._step = torch.compile(self._decode_step, mode="reduce-overhead", fullgraph=False, dynamic=False)
+            self._features = torch.compile(self._features, dynamic=False)
+            self._prefix_lm = torch.compile(self._prefix_lm, dynamic=False)
 
     @property
     def device(self) -> torch.device:
@@ -76,7 +143,7 @@ class GreedyDecoder:
     def _cache(self, batch: int, length: int):
         if self.cache_kind == "dynamic":
             return DynamicCache(config=self.lm.config)
-        # one static cache per (batch, length bucket), reset between batches: shapes never change
+        # one static cache per (batch, length), reset between batches: shapes never change
         key = (batch, length)
         if key not in self._static:
             self._static[key] = StaticCache(config=self.lm.config, max_cache_len=length)
@@ -84,44 +151,62 @@ class GreedyDecoder:
         cache.reset()
         return cache
 
-    def _prompt_embeds(self, input_ids, pixel_values, pixel_values_aux) -> torch.Tensor:
+    def _embed(self, input_ids, pixel_values=None, pixel_values_aux=None) -> torch.Tensor:
         """(B, T) ids + images -> (B, T, D) embeddings with image features in the placeholder slots."""
         mgm = self.mgm
         image_mask = input_ids == mgm.config.image_token_id                          # (B, T)
         embeds = mgm.get_input_embeddings()(input_ids.masked_fill(image_mask, 0))     # (B, T, D)
         if pixel_values is None:
             return embeds
-        step = self.vision_batch or len(pixel_values)
-        feats = torch.cat([
-            mgm.get_image_features(pixel_values[i:i + step],
-                                   None if pixel_values_aux is None else pixel_values_aux[i:i + step])
-            for i in range(0, len(pixel_values), step)])                              # (B, N, D)
+        feats = self._features(pixel_values, pixel_values_aux)                        # (n_images, N, D)
         if int(image_mask.sum()) != feats.shape[0] * feats.shape[1]:
             raise ValueError(f"{int(image_mask.sum())} image tokens for {feats.shape[0]} x {feats.shape[1]} image features")
         return embeds.masked_scatter(image_mask[..., None], feats.to(embeds.dtype))
 
     @torch.inference_mode()
-    def __call__(self, input_ids, attention_mask, pixel_values=None, pixel_values_aux=None,
-                 cache_len: int | None = None) -> list[list[int]]:
-        """Left-padded batch (B, T) -> generated ids per row, stop token excluded."""
+    def prefill(self, prefixes: list[torch.Tensor], pixel_values=None, pixel_values_aux=None) -> Prefixes:
+        """Distinct prompt prefixes (ids) -> their keys/values; `pixel_values` holds one image per
+        prefix with image tokens, in prefix order."""
         dev = self.device
         dtype = self.mgm.get_input_embeddings().weight.dtype
-        input_ids, attention_mask = input_ids.to(dev), attention_mask.to(dev)
-        if pixel_values is not None:
-            pixel_values = pixel_values.to(dev, dtype)
-        if pixel_values_aux is not None:
-            pixel_values_aux = pixel_values_aux.to(dev, dtype)
-        B, T = input_ids.shape
-        L = max(cache_len or 0, T + self.max_new_tokens)
-        # the mask covers every position the cache will hold: left pads 0, prompt and future tokens 1
+        ids, mask = (t.to(dev) for t in left_pad(prefixes, self.pad_id))          # (m, P)
+        m, P = ids.shape
+        if P == 0:
+            return Prefixes(None, mask)
+        pixels = [None if t is None else t.to(dev, dtype) for t in (pixel_values, pixel_values_aux)]
+        if self.pad_prefixes and m < self.prefix_batch:  # one shape for the compiled graphs: repeat the last prefix
+            extra = self.prefix_batch - m
+            has_image = bool((ids[-1] == self.mgm.config.image_token_id).any())
+            ids, mask = (torch.cat([t, t[-1:].expand(extra, -1)]) for t in (ids, mask))
+            pixels = [t if t is None or not has_image else torch.cat([t, t[-1:].expand(extra, *t.shape[1:])])
+                      for t in pixels]
+        embeds = self._embed(ids, *pixels)
+        equal = bool(mask.all())  # no padding: no mask, so SDPA may take its causal flash kernel
+        cache = DynamicCache(config=self.lm.config)
+        self._prefix_lm(inputs_embeds=embeds, attention_mask=None if equal else mask,
+                        position_ids=(mask.cumsum(-1) - 1).clamp(min=0), past_key_values=cache, use_cache=True)
+        return Prefixes([(layer.keys[:m], layer.values[:m]) for layer in cache.layers], mask[:m])
+
+    @torch.inference_mode()
+    def decode(self, prefix: Prefixes, suffixes: list[torch.Tensor], cache_len: int | None = None) -> list[list[int]]:
+        """Row r is prompt prefix row r + suffixes[r] -> generated ids per row, stop token excluded."""
+        dev = self.device
+        if min(len(s) for s in suffixes) == 0:
+            raise ValueError("every prompt needs at least one token after its shared prefix")
+        suf_ids, suf_mask = (t.to(dev) for t in left_pad(suffixes, self.pad_id))    # (B, S)
+        (B, S), P = suf_ids.shape, prefix.mask.shape[1]
+        L = max(cache_len or 0, P + S + self.max_new_tokens)
+        # the mask covers every position the cache will hold: pads 0, prompt and future tokens 1
         mask = torch.ones(B, L, dtype=torch.long, device=dev)
-        mask[:, :T] = attention_mask
-        positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)                      # (B, T)
+        mask[:, :P] = prefix.mask
+        mask[:, P:P + S] = suf_mask
+        positions = (mask[:, :P + S].cumsum(-1) - 1).clamp(min=0)                    # (B, P + S)
         cache = self._cache(B, L)
-        embeds = self._prompt_embeds(input_ids, pixel_values, pixel_values_aux)      # (B, T, D)
+        for layer, (keys, values) in enumerate(prefix.kv or []):
+            cache.update(keys, values, layer)
         static = self.cache_kind == "static"
-        logits = self.lm(inputs_embeds=embeds, attention_mask=mask if static else mask[:, :T],
-                         position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+        logits = self.lm(inputs_embeds=self._embed(suf_ids), attention_mask=mask if static else mask[:, :P + S],
+                         position_ids=positions[:, P:], past_key_values=cache, use_cache=True, logits_to_keep=1).logits
         token = logits[:, -1].argmax(-1)                                            # (B,)
         stop_ids = self.stop_ids.to(dev)
         done = torch.isin(token, stop_ids)
@@ -131,7 +216,7 @@ class GreedyDecoder:
             if bool(done.all()):
                 break
             position = position + 1
-            step_mask = mask if static else mask[:, :T + step]
+            step_mask = mask if static else mask[:, :P + S + step]
             token = self._step(token[:, None], position, step_mask, cache)
             token = torch.where(done, torch.full_like(token, self.pad_id), token)
             out.append(token.clone())  # clone: a CUDA-graph output is overwritten by the next replay
@@ -144,37 +229,92 @@ class GreedyDecoder:
             answers.append(row[:cut])
         return answers
 
+    def __call__(self, input_ids, attention_mask, pixel_values=None, pixel_values_aux=None,
+                 cache_len: int | None = None) -> list[list[int]]:
+        """Left-padded batch (B, T), one image per row -> generated ids per row (no sharing)."""
+        image_id = self.mgm.config.image_token_id
+        prompts = [ids[m.bool()] for ids, m in zip(input_ids.cpu(), attention_mask.cpu())]
+        cuts = [split_at_image(p, image_id) for p in prompts]
+        prefixes = self.prefill([p[:c] for p, c in zip(prompts, cuts)], pixel_values, pixel_values_aux)
+        return self.decode(prefixes, [p[c:] for p, c in zip(prompts, cuts)], cache_len)
+
+
+def _image_key(item: dict):
+    """What identifies an item's image: its path, or the object (PIL image, pixel tensor)."""
+    if "input_ids" in item:
+        return id(item["pixel_values"]) if "pixel_values" in item else None
+    image = item.get("image")
+    return os.fspath(image) if isinstance(image, (str, os.PathLike)) else (None if image is None else id(image))
+
+
+def _views(processor, item: dict) -> dict:
+    return item if "input_ids" in item else processor.images(item["image"])
+
+
+def static_cache_len(prompts: list[torch.Tensor], image_token_id: int, max_new_tokens: int) -> int:
+    """The one static cache length that fits every batch of these prompts."""
+    cuts = [split_at_image(p, image_token_id) for p in prompts]
+    return max(cuts) + max(len(p) - c for p, c in zip(prompts, cuts)) + max_new_tokens
+
 
 def generate_answers(model, processor, items: list[dict], batch_size: int = 16, max_new_tokens: int = 16,
-                     cache: str = "dynamic", compile: bool = False, vision_batch: int | None = None,
+                     cache: str = "dynamic", compile: bool = False, prefix_batch: int | None = None,
                      stop_token_ids: list[int] | None = None, decoder: GreedyDecoder | None = None,
                      cache_len: int | None = None, progress: Callable[[int], None] | None = None) -> list[str]:
     """Greedy answers for items [{"prompt": question text, "image": PIL image | path}] or
     already encoded items (with "input_ids"), in input order.
 
-    Prompts are sorted by length into batches of `batch_size` (left padded); decoding
-    stops at the processor's stop tokens (or `stop_token_ids`; [] never stops early) or
-    after `max_new_tokens`. Pass a `decoder` (and a fixed `cache_len`) to reuse one compiled
-    decode step and its static caches across calls.
+    Prompts are grouped by image (one prefix prefill per image, in chunks of `prefix_batch`,
+    default `batch_size`), ordered by length into batches of `batch_size`; decoding stops at
+    the processor's stop tokens (or `stop_token_ids`; [] never stops early) or after
+    `max_new_tokens`. Pass a `decoder` (and a fixed `cache_len`) to reuse one compiled
+    decoder and its static caches across calls.
     """
     if not items:
         return []
-    encoded = [it if "input_ids" in it else processor.encode_prompt(it["prompt"], it.get("image")) for it in items]
     pad_id = processor.tokenizer.pad_token_id if processor.tokenizer.pad_token_id is not None else 0
     if decoder is None:
         stops = processor.stop_token_ids if stop_token_ids is None else stop_token_ids
-        decoder = GreedyDecoder(model, stops, pad_id, max_new_tokens, cache=cache,
-                                compile=compile, vision_batch=vision_batch)
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]["input_ids"]))
+        decoder = GreedyDecoder(model, stops, pad_id, max_new_tokens, cache=cache, compile=compile,
+                                prefix_batch=prefix_batch or batch_size)
+    image_id = decoder.mgm.config.image_token_id
+    prompts = [it["input_ids"] if "input_ids" in it else processor.prompt_ids(it["prompt"], it.get("image") is not None)
+               for it in items]
+    cuts = [split_at_image(p, image_id) for p in prompts]
+    group_of = [(_image_key(it), tuple(p[:c].tolist())) for it, p, c in zip(items, prompts, cuts)]
+    groups: dict[tuple, list[int]] = {}
+    for i, g in enumerate(group_of):
+        groups.setdefault(g, []).append(i)
+    suffix_len = [len(p) - c for p, c in zip(prompts, cuts)]
+    for members in groups.values():
+        members.sort(key=lambda i: (suffix_len[i], i))
+    order = [i for g in sorted(groups.values(), key=lambda g: (suffix_len[g[0]], g[0])) for i in g]
+    batches = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
     # one static cache length for every batch: a compiled decode step never sees a new shape
     if cache_len is None and decoder.cache_kind == "static":
-        cache_len = max(len(e["input_ids"]) for e in encoded) + decoder.max_new_tokens
-    answers: list[str | None] = [None] * len(encoded)
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
-        batch = processor.pad([{k: v for k, v in encoded[i].items() if k != "labels"} for i in idx], padding_side="left")
-        ids = decoder(batch["input_ids"], batch["attention_mask"], batch.get("pixel_values"),
-                      batch.get("pixel_values_aux"), cache_len=cache_len)
+        cache_len = static_cache_len(prompts, image_id, decoder.max_new_tokens)
+
+    first_row = {}  # distinct prefixes in the order batches first need them -> their first item
+    for i in order:
+        first_row.setdefault(group_of[i], i)
+    pending = list(first_row)[::-1]
+    last_batch = {group_of[i]: b for b, idx in enumerate(batches) for i in idx}
+    chunk = decoder.prefix_batch or batch_size
+    ready: dict[tuple, tuple[Prefixes, int]] = {}
+    answers: list[str | None] = [None] * len(items)
+    for b, idx in enumerate(batches):
+        while any(group_of[i] not in ready for i in idx):
+            keys = [pending.pop() for _ in range(min(chunk, len(pending)))]
+            rows = [first_row[k] for k in keys]
+            views = [_views(processor, items[i]) for i in rows if image_id in prompts[i][:cuts[i]]]
+            pixels = [torch.stack([v[k] for v in views]) if views and k in views[0] else None
+                      for k in ("pixel_values", "pixel_values_aux")]
+            done = decoder.prefill([prompts[i][:cuts[i]] for i in rows], *pixels)
+            ready.update({k: (done, r) for r, k in enumerate(keys)})
+        ids = decoder.decode(Prefixes.gather([ready[group_of[i]] for i in idx]),
+                             [prompts[i][cuts[i]:] for i in idx], cache_len=cache_len)
+        for g in {group_of[i] for i in idx if last_batch[group_of[i]] == b}:
+            del ready[g]  # frees a prefix chunk once none of its rows is needed
         for i, text in zip(idx, processor.batch_decode(ids)):
             answers[i] = text
         if progress:

@@ -136,12 +136,16 @@ class MgmProcessor:
             question = f"{IMAGE_TOKEN}\n{question}"
         return f"{START_OF_TURN}user\n{question}{END_OF_TURN}\n{START_OF_TURN}model\n"
 
+    def prompt_ids(self, question: str, with_image: bool = False) -> torch.Tensor:
+        """A generation prompt (template up to `<start_of_turn>model\\n`) -> input_ids (T,);
+        with_image puts `<image>` first unless the question places it."""
+        value = f"{IMAGE_TOKEN}\n{question}" if with_image and IMAGE_TOKEN not in question else question
+        ids, _ = self._turns([{"from": "human", "value": value}])
+        return torch.tensor(ids + self._ids(f"{START_OF_TURN}model\n"))
+
     def encode_prompt(self, question: str, image=None) -> dict[str, torch.Tensor]:
-        """A generation prompt (template up to `<start_of_turn>model\\n`) -> input_ids (T,) + pixel tensors."""
-        ids, _ = self._turns([{"from": "human", "value": question if image is None or IMAGE_TOKEN in question
-                               else f"{IMAGE_TOKEN}\n{question}"}])
-        ids += self._ids(f"{START_OF_TURN}model\n")
-        out = {"input_ids": torch.tensor(ids)}
+        """prompt_ids + both views of `image`."""
+        out = {"input_ids": self.prompt_ids(question, image is not None)}
         if image is not None:
             out.update(self.images(image))
         return out
