@@ -21,6 +21,27 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.generate import build  # noqa: E402
 
 
+def bilinear_matrix(n_out: int, n_in: int, device, dtype) -> torch.Tensor:
+    """(n_out, n_in) weights of 1-D bilinear resizing, align_corners=False, as PyTorch computes them."""
+    src = ((torch.arange(n_out, dtype=torch.float64) + 0.5) * n_in / n_out - 0.5).clamp(min=0)
+    lo = src.floor().long().clamp(max=n_in - 1)
+    hi = (lo + 1).clamp(max=n_in - 1)
+    w = src - lo
+    a = torch.zeros(n_out, n_in, dtype=torch.float64)
+    a[torch.arange(n_out), lo] += 1 - w
+    a[torch.arange(n_out), hi] += w
+    return a.to(device, dtype)
+
+
+def upsample_matmul(m: torch.Tensor, size: int) -> torch.Tensor:
+    """Bilinear upsampling of a channels-last (B, C, h, w) map as two matmuls, result channels-last."""
+    B, C, h, w = m.shape
+    x = m.permute(0, 2, 3, 1)                                                     # (B, h, w, C)
+    y = torch.matmul(bilinear_matrix(size, w, m.device, m.dtype), x)             # (B, h, W, C)
+    z = torch.matmul(bilinear_matrix(size, h, m.device, m.dtype), y.reshape(B, h, size * C))  # (B, H, W*C)
+    return z.view(B, size, size, C).permute(0, 3, 1, 2)
+
+
 def timeit(fn, device: str, reps: int = 5, warmup: int = 2) -> float:
     """Median seconds of fn() over `reps` runs after `warmup` runs."""
     for _ in range(warmup):
@@ -43,6 +64,7 @@ def main():
     ap.add_argument("--images", type=int, default=32, help="images per tower call")
     ap.add_argument("--prefixes", type=int, default=80, help="prefixes per prefill (b=128 at 1.58 questions/image)")
     ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--max-autotune", action="store_true", help="also time ConvNeXt under max-autotune (slow compile)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -79,6 +101,21 @@ def main():
         up = F.interpolate(stage, size=size, mode="bilinear", align_corners=False)
         res["upsample_native_vs_float32_max_abs_diff"] = float((up32.float() - up.float()).abs().max())
         res["upsample_native_vs_float32_equal_frac"] = float((up32 == up).float().mean())
+        # the three stage maps of a chunk, as encode_high_res upsamples them (channels-last from HF's ConvNeXt)
+        stages = [torch.randn(n, c, proc.image_size_aux // f, proc.image_size_aux // f, device=device, generator=g)
+                  .to(dtype).contiguous(memory_format=torch.channels_last)
+                  for c, f in ((384, 8), (768, 16), (1536, 32))]
+        ref = [F.interpolate(t, size=size, mode="bilinear", align_corners=False) for t in stages]
+        mm = [upsample_matmul(t, size[0]) for t in stages]
+        res["upsample_matmul_rel_err"] = max(float((a.float() - b.float()).norm() / b.float().norm())
+                                             for a, b in zip(mm, ref))
+        del ref, mm
+    res["upsample_channels_last_s"] = timeit(run(lambda: [F.interpolate(t, size=size, mode="bilinear",
+                                                                       align_corners=False) for t in stages]), device)
+    res["upsample_nchw_s"] = timeit(run(lambda: [F.interpolate(t.contiguous(), size=size, mode="bilinear",
+                                                               align_corners=False) for t in stages]), device)
+    res["upsample_matmul_s"] = timeit(run(lambda: [upsample_matmul(t, size[0]) for t in stages]), device)
+    del stages
     res["clip_s"] = timeit(clip, device)
     res["convnext_s"] = timeit(convnext, device)
     res["mining_s"] = timeit(mining, device)
@@ -122,6 +159,7 @@ def main():
     flops = 2 * sum(p.numel() for n_, p in lm.named_parameters() if "embed" not in n_) * m * P
     res["prefix_lm_nomask_tflops"] = round(flops / res["prefix_lm_nomask_s"] / 1e12, 1)
 
+    save(res, args.out)
     if device == "cuda" and not args.no_compile:
         for name, fn in (("clip", model.encode_low_res), ("convnext", model.encode_high_res),
                          ("mining", model.mine_patches)):
@@ -140,9 +178,23 @@ def main():
         except Exception as e:
             res["prefix_lm_compile_error"] = f"{type(e).__name__}: {e}"[:300]
 
-    for k, v in res.items():
-        print(f"{k:<36}{v if isinstance(v, str) else round(v, 4) if isinstance(v, float) else v}")
-    with open(args.out, "w") as f:
+    if device == "cuda" and args.max_autotune:  # Triton GEMMs with fused epilogues; compiles for minutes
+        t0 = time.perf_counter()
+        tuned = torch.compile(model.encode_high_res, mode="max-autotune-no-cudagraphs", dynamic=False)
+        try:
+            res["convnext_max_autotune_s"] = timeit(run(lambda: tuned(pva)), device)
+            res["convnext_max_autotune_compile_wall_s"] = round(time.perf_counter() - t0, 1)
+        except Exception as e:
+            res["convnext_max_autotune_error"] = f"{type(e).__name__}: {e}"[:300]
+        save(res, args.out)
+    save(res, args.out, show=True)
+
+
+def save(res: dict, out: str, show: bool = False) -> None:
+    """(Re)write the JSON, so that a run cut short keeps what it measured; print the table at the end."""
+    for k, v in res.items() if show else ():
+        print(f"{k:<42}{v if isinstance(v, str) else round(v, 4) if isinstance(v, float) else v}")
+    with open(out, "w") as f:
         json.dump(res, f, indent=2)
 
 
