@@ -57,7 +57,10 @@ def test_oracle_gets_top_scores(world, tiny, monkeypatch):
     ann = {a["image_id"]: a for a in json.load(open(world / "textvqa_annotations.json"))["data"]}
     refs = [json.loads(l) for l in open(world / "captions.jsonl")]
 
-    def oracle(model, processor, items, batch_size, max_new_tokens):
+    seen = {}
+
+    def oracle(model, processor, items, batch_size, max_new_tokens, **kw):
+        seen.update(kw)
         out = []
         for it in items:
             name = str(it.get("image", ""))
@@ -68,14 +71,15 @@ def test_oracle_gets_top_scores(world, tiny, monkeypatch):
         return out
 
     monkeypatch.setattr(benchmarks, "generate_answers", oracle)
-    cfg = GenConfig()
+    cfg = GenConfig(prefix_batch=3)
     _, m = run_textvqa(model, proc, world / "textvqa_questions.jsonl", world / "textvqa_annotations.json", world, cfg)
+    assert seen == {"cache": "dynamic", "compile": False, "prefix_batch": 3}  # the stage's params reach the decoder
     expected = sum(soft_score(a["answers"][0], a["answers"]) for a in ann.values()) / len(ann)
     assert m["textvqa_acc"] == pytest.approx(expected) and expected > 0.9
     _, m = run_captions(model, proc, world / "captions.jsonl", world, cfg)
     assert m["bleu_4"] > 0.5 and m["cider"] > 1.0
 
-    def letters(model, processor, items, batch_size, max_new_tokens):
+    def letters(model, processor, items, batch_size, max_new_tokens, **kw):
         return [f"({truth[i]})" for i in range(len(items))]
 
     from vlmlab.evaluate import mmbench, readers

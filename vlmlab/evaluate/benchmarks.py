@@ -23,6 +23,8 @@ class GenConfig:
     mmbench_max_new_tokens: int = 4  # a letter (a chatty answer still gets its first words read)
     caption_prompt: str = "Describe the image concisely."  # one of MGM's stage-1 caption prompts
     limit: int = 0                  # score only the first N items of each set (0: all); for smoke runs
+    prefix_batch: int = 0           # images per tower call / prefix prefill (0: batch_size)
+    compile: bool = False           # GPU: static cache, compiled prefill, CUDA-graph decode steps
 
 
 def _images(root: str | Path, names: list[str], what: str) -> list[Path]:
@@ -41,7 +43,9 @@ def _limit(rows: list, n: int) -> list:
 
 def _generate(model, processor, items, max_new_tokens: int, cfg: GenConfig) -> tuple[list[str], float]:
     t0 = time.perf_counter()
-    answers = generate_answers(model, processor, items, batch_size=cfg.batch_size, max_new_tokens=max_new_tokens)
+    answers = generate_answers(model, processor, items, batch_size=cfg.batch_size, max_new_tokens=max_new_tokens,
+                               cache="static" if cfg.compile else "dynamic", compile=cfg.compile,
+                               prefix_batch=cfg.prefix_batch or None)
     return answers, time.perf_counter() - t0
 
 

@@ -94,9 +94,11 @@ class Prefixes:
         with_kv = [c for c in chunks if c.kv is not None]
         if not with_kv:
             return Prefixes(None, mask)
+        def empty(t, c):  # the keys or values of a chunk whose prefixes are all empty
+            return t.new_zeros(len(c.mask), t.shape[1], 0, t.shape[3])
+
         kv = []
         for layer, (k0, v0) in enumerate(with_kv[0].kv):
-            empty = lambda t, c: t.new_zeros(len(c.mask), t.shape[1], 0, t.shape[3])  # noqa: E731 (all-empty chunk)
             kv.append((take([c.kv[layer][0] if c.kv else empty(k0, c) for c in chunks], 2),
                        take([c.kv[layer][1] if c.kv else empty(v0, c) for c in chunks], 2)))
         return Prefixes(kv, mask)
