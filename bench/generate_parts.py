@@ -62,7 +62,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="mgm-2b")
     ap.add_argument("--images", type=int, default=32, help="images per tower call")
-    ap.add_argument("--prefixes", type=int, default=80, help="prefixes per prefill (b=128 at 1.58 questions/image)")
+    ap.add_argument("--prefixes", type=int, default=0, help="prefixes per prefill (0: --images, as the decoder's prefix_batch)")
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--max-autotune", action="store_true", help="also time ConvNeXt under max-autotune (slow compile)")
     ap.add_argument("--out", required=True)
@@ -75,7 +75,7 @@ def main():
     pv = torch.randn(n, 3, proc.image_size, proc.image_size, device=device, generator=g).to(dtype)
     pva = torch.randn(n, 3, proc.image_size_aux, proc.image_size_aux, device=device, generator=g).to(dtype)
     res: dict[str, float | str] = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
-                                   "preset": args.preset, "images": n, "prefixes": args.prefixes}
+                                   "preset": args.preset, "images": n, "prefixes": args.prefixes or n}
     run = torch.inference_mode()
 
     @run
@@ -92,20 +92,19 @@ def main():
     def mining():
         return model.mine_patches(tokens, aux)
 
-    # MGM upsamples stage maps in float32; encode_high_res does it in the map's dtype
     with torch.inference_mode():
-        stage = torch.randn(n, 384, proc.image_size_aux // 8, proc.image_size_aux // 8, device=device,
-                            generator=g).to(dtype)
-        size = (proc.image_size_aux // 4,) * 2
-        up32 = F.interpolate(stage.float(), size=size, mode="bilinear", align_corners=False).to(dtype)
-        up = F.interpolate(stage, size=size, mode="bilinear", align_corners=False)
-        res["upsample_native_vs_float32_max_abs_diff"] = float((up32.float() - up.float()).abs().max())
-        res["upsample_native_vs_float32_equal_frac"] = float((up32 == up).float().mean())
         # the three stage maps of a chunk, as encode_high_res upsamples them (channels-last from HF's ConvNeXt)
         stages = [torch.randn(n, c, proc.image_size_aux // f, proc.image_size_aux // f, device=device, generator=g)
                   .to(dtype).contiguous(memory_format=torch.channels_last)
                   for c, f in ((384, 8), (768, 16), (1536, 32))]
+        size = (proc.image_size_aux // 4,) * 2
         ref = [F.interpolate(t, size=size, mode="bilinear", align_corners=False) for t in stages]
+        # MGM upsamples in float32 and casts back; encode_high_res does it in the map's dtype
+        up32 = [F.interpolate(t.float(), size=size, mode="bilinear", align_corners=False).to(dtype) for t in stages]
+        res["upsample_native_vs_float32_max_abs_diff"] = max(float((a.float() - b.float()).abs().max())
+                                                             for a, b in zip(up32, ref))
+        res["upsample_native_vs_float32_equal_frac"] = min(float((a == b).float().mean()) for a, b in zip(up32, ref))
+        del up32
         mm = [upsample_matmul(t, size[0]) for t in stages]
         res["upsample_matmul_rel_err"] = max(float((a.float() - b.float()).norm() / b.float().norm())
                                              for a, b in zip(mm, ref))
@@ -147,7 +146,7 @@ def main():
 
     # the prefix prefill: equal-length prefixes (no mask: causal flash) vs the same with a mask
     P = model.config.num_image_tokens + 4
-    m = args.prefixes
+    m = args.prefixes or n
     embeds = torch.randn(m, P, model.config.text_config.hidden_size, device=device, generator=g).to(dtype)
     mask = torch.ones(m, P, dtype=torch.long, device=device)
     mask[0, :1] = 0  # one padded row forces the masked kernel

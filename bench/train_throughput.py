@@ -14,9 +14,6 @@ TFLOP/s and MFU (FLOPs counted by torch's FlopCounterMode on the plain run of th
 configuration, so Liger's fused kernels are credited with the same work), peak memory.
 Weights fp32 with bf16 autocast on CUDA (what HF Trainer's bf16=True does), fp32 on CPU.
 
-Reference (batch 16 x 640 tokens, sdpa, measured elsewhere on an H200 for plain LLaVA):
-stage 1 / stage 2 full / stage 2 LoRA = 57.8 / 42.5 / 25.6 samples/s; with Liger 73.7 / 43.7 / 28.3.
-
 Imports only torch, transformers, peft and vlmlab (deepspeed and liger_kernel optional).
 """
 from __future__ import annotations
@@ -273,7 +270,8 @@ def bench_trainer(a, device: str, deepspeed: str, flops_cache: dict) -> dict:
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
         with tempfile.TemporaryDirectory() as tmp:
-            trainer, fig = recipe.run_stage(model, data, PadCollator(0, 0), cfg.stage2, cfg, Path(tmp) / "out")
+            trainer, fig = recipe.run_stage(model, data, PadCollator(0, 0), cfg.stage2, cfg, Path(tmp) / "out",
+                                           stage=2)
         row.update(samples_per_s=fig["samples_per_s"], tokens_per_s=fig["tokens_per_s"], steps=fig["steps"],
                    loss=round(fig["final_loss"], 4))
         if ("mgm", "full") in flops_cache:  # same model, batch and trainable set as the loop's row
@@ -351,9 +349,7 @@ def main() -> None:
         rows.append(bench_trainer(a, device, a.deepspeed, flops))
     result = {"device": gpu, "preset": a.preset, "batch": a.batch, "seq": a.seq, "attn": a.attn, "lora_r": a.lora_r,
               "steps": a.steps, "warmup": a.warmup, "peak_tflops": a.peak_tflops,
-              "torch": torch.__version__, "transformers": __import__("transformers").__version__, "rows": rows,
-              "reference_llava_samples_per_s": {"plain": {"stage1": 57.8, "full": 42.5, "lora": 25.6},
-                                                "liger": {"stage1": 73.7, "full": 43.7, "lora": 28.3}}}
+              "torch": torch.__version__, "transformers": __import__("transformers").__version__, "rows": rows}
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")

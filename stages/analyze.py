@@ -9,13 +9,14 @@ import csv
 
 import fire
 
-from vlmlab.data.eda import analyze, plot_overview
+from vlmlab.data.eda import COLUMNS, analyze, plot_overview
 from vlmlab.io import atomic_path, load_params, write_metrics
 
 
-def write_csv(path, rows: list[dict]) -> None:
+def write_csv(path, rows: list[dict], columns) -> None:
+    """Header `columns`, then one line per row: an empty table is its header alone."""
     with open(path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]), lineterminator="\n")
+        writer = csv.DictWriter(f, fieldnames=list(columns), lineterminator="\n")
         writer.writeheader()
         writer.writerows(rows)
 
@@ -26,7 +27,7 @@ def main(data: str, name: str, metrics: str, plots: str, params: str = "params.y
     with atomic_path(plots) as out:   # the plots folder appears complete or not at all
         out.mkdir()
         for table, rows in result.tables.items():
-            write_csv(out / f"{table}.csv", rows)
+            write_csv(out / f"{table}.csv", rows, COLUMNS[table])
         plot_overview(result, name, out / "overview.png")
     flat = write_metrics(metrics, result.metrics)
     print(f"analyze@{name}: {flat['samples']} samples, vocabulary {flat['vocab_size']}, "

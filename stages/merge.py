@@ -9,6 +9,8 @@ leaving no output, if max |logit diff| on held-out samples between the adapter a
 fold exceeds merge.tolerance, or between the adapter and the reloaded bf16 folder exceeds
 merge.saved_tolerance.
 """
+from pathlib import Path
+
 import fire
 
 from vlmlab import io
@@ -27,11 +29,12 @@ def main(adapter: str, out: str, held_out: str = "data/world/eval/captions.jsonl
     seed_everything(p["seed"] + SEED_OFFSET)
     processor = MgmProcessor.from_pretrained(adapter)
     batches = merge.held_out_batches(held_out, processor, int(m["samples"]), int(m["batch_size"]))
-    with Monitor(monitor or f"plots/monitor/merge_{out.rstrip('/').rsplit('/', 1)[-1]}", 0.5) as mon:
+    name = Path(out).name  # the run's name: models/merged/<run>
+    with Monitor(monitor or f"plots/monitor/merge_{name}", 0.5) as mon:
         figures = merge.merge_and_check(adapter, out, batches, float(m["tolerance"]),
                                         save_dtype=recipe.training_dtype(), processor=processor,
                                         base_dir=base or None, saved_tolerance=float(m["saved_tolerance"]))
-    io.write_metrics(metrics or f"metrics/merge/{out.rstrip('/').rsplit('/', 1)[-1]}.json",
+    io.write_metrics(metrics or f"metrics/merge/{name}.json",
                      {**figures, "monitor": mon.peaks})
     print(f"merge: {adapter} -> {out}, max |logit diff| {figures['max_logit_diff']:.2e} "
           f"(tolerance {figures['tolerance']:g}) over {figures['positions']} positions")

@@ -56,7 +56,7 @@ def main(name: str, base: str = "models/zoo", captions: str = "data/raw/llava.js
         live = Live(str(plots), resume=resumed, dvcyaml=None, save_dvc_exp=False) if main_process else None
         model, trainer, figures = recipe.two_stage(model, *data, PadCollator(processor.tokenizer.pad_token_id),
                                                    cfg, work, live=live, base_path=base)
-        recipe.save_trained(model, trainer, out, processor, base_path=base)
+        recipe.save_trained(model, trainer, out, processor)  # a LoRA adapter names `base` (set by two_stage)
         if live is not None:
             live.end()
             # dvclive's own summary repeats the last step; the run's figures are in `metrics`

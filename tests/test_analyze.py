@@ -77,6 +77,23 @@ def test_stage_outputs_are_byte_identical_across_runs(small_set, tmp_path):
     assert (a / "plots/top_words.csv").read_text().splitlines()[:2] == ["word,count", "a,3"]
 
 
+def test_empty_tables_are_written_as_their_header(tmp_path):
+    """One row whose image is missing and whose text does not parse: image_sizes and top_words
+    have no rows (write_csv once crashed on that with IndexError); each CSV is its header alone."""
+    root = tmp_path / "set"
+    root.mkdir()
+    (root / "dj.jsonl").write_text(json.dumps({"id": "1", "text": "no tokens", "images": ["images/gone.jpg"]}) + "\n")
+    proc = run_stage(root, tmp_path / "out")
+    assert proc.returncode == 0, proc.stderr
+    plots = tmp_path / "out/plots"
+    assert (plots / "image_sizes.csv").read_text() == "size,count\n"
+    assert (plots / "top_words.csv").read_text() == "word,count\n"
+    assert (plots / "rejects.csv").read_text() == "reason,count\nnone,0\n"   # no rejects.jsonl: the placeholder row
+    assert (plots / "caption_words.csv").read_text() == "words,samples\n0,1\n"
+    m = json.loads((tmp_path / "out/m.json").read_text())
+    assert m["images"]["missing"] == 1 and m["unparsable_texts"] == 1 and m["vocab_size"] == 0
+
+
 def test_missing_set_fails_with_one_line(tmp_path):
     with pytest.raises(StageError, match="dj.jsonl: no such file"):
         analyze(tmp_path)

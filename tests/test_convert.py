@@ -109,8 +109,41 @@ def test_converter_reports_partial_and_refuses_incomplete(tmp_path):
         convert.read_state_dict(tmp_path / "absent")
 
 
+class _TimmConvNeXtBlock(torch.nn.Module):
+    """timm's ConvNeXtBlock as OpenCLIP's convnext_large uses it (conv_mlp=False, layer scale), timm's names."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.conv_dw = torch.nn.Conv2d(dim, dim, kernel_size=7, padding=3, groups=dim)
+        self.norm = torch.nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = torch.nn.Module()
+        self.mlp.fc1, self.mlp.fc2 = torch.nn.Linear(dim, 4 * dim), torch.nn.Linear(4 * dim, dim)
+        self.gamma = torch.nn.Parameter(torch.randn(dim))
+
+    def forward(self, x):  # (N, C, H, W)
+        y = self.norm(self.conv_dw(x).permute(0, 2, 3, 1))  # channels-last LayerNorm
+        y = self.mlp.fc2(torch.nn.functional.gelu(self.mlp.fc1(y)))
+        return x + (self.gamma * y).permute(0, 3, 1, 2)
+
+
 def test_timm_convnext_names_compute_the_same_as_ours():
-    # the renaming is only valid if both modules compute the same thing: check on one block
+    # the renaming is only valid if both modules compute the same thing: a timm block's weights, loaded
+    # through the key mapping into our ConvNeXt (transformers' ConvNextModel, tiny preset), give its output
+    from transformers import AutoModel
+
+    torch.manual_seed(0)
+    ours = AutoModel.from_config(presets.build_config("tiny").vision_aux_config).eval()
+    i, j = 1, 0
+    dim = ours.config.hidden_sizes[i]
+    timm_block = _TimmConvNeXtBlock(dim).eval()
+    for p in timm_block.parameters():  # no default (ones/zeros) init a wrong mapping could hide behind
+        torch.nn.init.normal_(p, std=0.2)
+    mapped = {convert.timm_convnext_key(f"vision_stages.{i}.blocks.{j}.{k}"): v for k, v in timm_block.state_dict().items()}
+    result = ours.load_state_dict(mapped, strict=False)
+    assert len(mapped) == 9 and result.unexpected_keys == [] and not set(mapped) & set(result.missing_keys)
+    x = torch.randn(2, dim, 6, 6)
+    with torch.no_grad():
+        assert torch.allclose(ours.encoder.stages[i].layers[j](x), timm_block(x), atol=1e-5)
     assert convert.timm_convnext_key("vision_stages.0.blocks.1.mlp.fc2.bias") == "encoder.stages.0.layers.1.pwconv2.bias"
     assert convert.timm_convnext_key("vision_stages.2.downsample.0.weight") == "encoder.stages.2.downsampling_layer.0.weight"
     assert convert.timm_convnext_key("head.fc.weight") is None

@@ -3,7 +3,7 @@ import pytest
 import torch
 from PIL import Image
 
-from vlmlab.evaluate.generate import GreedyDecoder, generate_answers
+from vlmlab.evaluate.generate import GreedyDecoder, generate_answers, split_at_image
 from vlmlab.models import presets
 from vlmlab.models.mgm import MgmForConditionalGeneration
 from vlmlab.models.processor import MgmProcessor
@@ -57,17 +57,25 @@ def test_token_ids_and_stopping(tiny):
     model, proc, items = tiny
     enc = [proc.encode_prompt(it["prompt"], it["image"]) for it in items]
     dec = GreedyDecoder(model, proc.stop_token_ids, proc.tokenizer.pad_token_id, MAX_NEW)
-    alone = [dec(**{k: v for k, v in proc.pad([e]).items()})[0] for e in enc]
-    batch = proc.pad(enc, padding_side="left")
-    together = dec(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["pixel_values_aux"])
-    assert together == alone
+
+    def run(rows):  # one prefix per row: the decoder's own calls, no grouping
+        cuts = [split_at_image(e["input_ids"], model.config.image_token_id) for e in rows]
+        prefixes = dec.prefill([e["input_ids"][:c] for e, c in zip(rows, cuts)],
+                               torch.stack([e["pixel_values"] for e in rows]),
+                               torch.stack([e["pixel_values_aux"] for e in rows]))
+        return dec.decode(prefixes, [e["input_ids"][c:] for e, c in zip(rows, cuts)])
+
+    alone = [run([e])[0] for e in enc]
+    assert run(enc) == alone
     assert any(len(a) < MAX_NEW for a in alone) and any(len(a) == MAX_NEW for a in alone)  # some rows stop early
     assert not any(set(a) & set(proc.stop_token_ids) for a in alone)
 
 
 def test_bad_options_and_empty():
-    with pytest.raises(ValueError, match="compile=True needs"):
+    with pytest.raises(ValueError, match="compile needs"):
         GreedyDecoder(torch.nn.Module(), [1], 0, 4, compile=True)
+    with pytest.raises(ValueError, match="compile must be"):
+        GreedyDecoder(torch.nn.Module(), [1], 0, 4, cache="static", compile="all", prefix_batch=2)
     assert generate_answers(None, None, [], 4, 4) == []
 
 

@@ -141,16 +141,25 @@ def test_importing_a_generated_world_set_gives_back_the_same_bytes(tmp_path):
         assert (tmp_path / "again" / name).read_bytes() == (tmp_path / "raw" / name).read_bytes(), name
 
 
-def test_rows_sharing_an_image_import_once(tmp_path):
+def test_rows_sharing_an_image_import_once(tmp_path, monkeypatch):
     """The enhanced set has 3 captions per image: the importer links each image once."""
     from PIL import Image
 
+    from vlmlab.data import validate
+
     src = tmp_path / "src"
     (src / "images").mkdir(parents=True)
-    Image.new("RGB", (8, 8), "red").save(src / "images" / "a.jpg")
-    rows = [{"id": f"a_{k}", "text": f"<__dj__image>\na red square number {k} <|__dj__eoc|>", "images": ["images/a.jpg"]}
-            for k in range(3)]
+    rows = []
+    for name, colour in (("a", "red"), ("b", "blue")):
+        Image.new("RGB", (8, 8), colour).save(src / "images" / f"{name}.jpg")
+        rows += [{"id": f"{name}_{k}", "text": f"<__dj__image>\na {colour} square number {k} <|__dj__eoc|>",
+                  "images": [f"images/{name}.jpg"]} for k in range(3)]
     (src / "set.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    calls = []
+    real = validate._link_or_copy
+    monkeypatch.setattr(validate, "_link_or_copy", lambda s, d: (calls.append(d.relative_to(tmp_path / "out").as_posix()),
+                                                                  real(s, d)))
     counts = import_seed(src, "set.jsonl", "", tmp_path / "out", seed=0, workers=1)
-    assert counts["samples"] == 3 and counts["rejects"]["total"] == 0
-    assert (tmp_path / "out" / "images" / "a.jpg").is_file()
+    assert counts["samples"] == 6 and counts["rejects"]["total"] == 0
+    assert calls == ["images/a.jpg", "images/b.jpg"]   # one link/copy per image, not per row
+    assert (tmp_path / "out" / "images" / "a.jpg").is_file() and (tmp_path / "out" / "images" / "b.jpg").is_file()

@@ -109,13 +109,15 @@ def test_cli_writes_answers_and_rejects(folders, tmp_path):
     root, base, _, _ = folders
     q = tmp_path / "q.jsonl"
     q.write_text(json.dumps({"question_id": 7, "image": "img0.jpg", "text": "what ?"}) + "\n"
-                 + json.dumps({"question_id": 8, "image": "gone.jpg", "text": "what ?"}) + "\n")
+                 + json.dumps({"question_id": 8, "image": "gone.jpg", "text": "what ?"}) + "\n"
+                 + "[1, 2]\n" + "{not json\n")
     run = subprocess.run([sys.executable, "-m", "vlmlab.infer", "--model", str(base), "--questions", str(q),
                           "--image_root", str(root), "--out", str(tmp_path / "a.jsonl"), "--max_new_tokens", "3"],
                          capture_output=True, text=True, cwd=REPO)
     assert run.returncode == 0, run.stderr[-1500:]
     assert [r["question_id"] for r in read_jsonl(tmp_path / "a.jsonl")] == [7]
-    assert read_jsonl(tmp_path / "a.jsonl.rejects.jsonl")[0]["reason"] == "missing_image"
+    assert sorted(r["reason"] for r in read_jsonl(tmp_path / "a.jsonl.rejects.jsonl")) == \
+        ["bad_json", "bad_schema", "missing_image"]
     bad = subprocess.run([sys.executable, "-m", "vlmlab.infer", "--model", str(base), "--image", "x.jpg",
                           "--question", "what ?"], capture_output=True, text=True, cwd=REPO)
     assert bad.returncode != 0 and bad.stderr.strip().splitlines()[-1] == "error: x.jpg: no such image file"

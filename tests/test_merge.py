@@ -109,3 +109,20 @@ def test_a_bf16_save_is_checked_against_its_own_tolerance(trained, tmp_path):
                                     save_dtype=torch.bfloat16, saved_tolerance=1.0)
     assert figures["max_logit_diff"] < 1e-4 < figures["max_logit_diff_saved"] < 1.0
     assert json.loads((tmp_path / "merged/config.json").read_text())["dtype"] == "bfloat16"
+
+
+def test_no_usable_held_out_sample_is_one_clear_line(trained, tmp_path):
+    """No sample to compare on would let any adapter pass: it stops the stage, as does merge.samples = 0."""
+    root, processor = trained
+    (tmp_path / "captions.jsonl").write_text((root / "eval/captions.jsonl").read_text())  # its images are not beside it
+    for path, n in ((tmp_path / "captions.jsonl", 5), (root / "eval/captions.jsonl", 0)):
+        with pytest.raises(io.StageError) as e:
+            merge.held_out_batches(path, processor, n=n, batch_size=2)
+        assert "no usable held-out sample" in str(e.value) and "\n" not in str(e.value)
+    # a row without its image is skipped, the next rows make up the n
+    rows = [json.loads(line) for line in (root / "eval/captions.jsonl").read_text().splitlines()]
+    rows = [dict(rows[0], image="images/gone.jpg")] + [dict(r, image=str(root / "eval" / r["image"])) for r in rows]
+    (tmp_path / "gap.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    got = merge.held_out_batches(tmp_path / "gap.jsonl", processor, n=3, batch_size=2)
+    want = merge.held_out_batches(root / "eval/captions.jsonl", processor, n=3, batch_size=2)
+    assert all(torch.equal(g[k], w[k]) for g, w in zip(got, want, strict=True) for k in w)

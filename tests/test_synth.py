@@ -72,15 +72,16 @@ def test_counts_add_up_and_bad_images_are_counted_rejects(run):
     ops = m["ops"]
     mapper = ops["image_captioning_mapper"]
     assert mapper["in"] == N_RAW - 2 and mapper["out"] == 3 * mapper["in"]  # 3 captions each, originals dropped
-    prev = mapper["out"]
-    for name, c in ops.items():
-        if name != "image_captioning_mapper":
-            assert c["in"] == prev == c["kept"] + c["dropped"], name
-            prev = c["kept"]
-    assert m["samples_out"] == prev - m["format_rejects"]
+    # every op of the recipe reported its count (read off Data-Juicer's log), in the recipe's order
+    recipe_ops = [next(iter(op)) for op in yaml.safe_load(recipe_for(root).read_text())["process"]]
+    assert list(ops) == recipe_ops
+    # what the last op kept is what Data-Juicer exported (the export file, not the log)
+    assert m["samples_out"] == ops[recipe_ops[-1]]["out"] - m["format_rejects"]
     rejects = read_jsonl(root / "enhanced" / "rejects.jsonl")
     reasons = [r["reason"] for r in rejects]
     assert reasons.count("truncated_image") == 1 and reasons.count("missing_image") == 1
+    for name in recipe_ops[1:]:  # each sample a filter dropped is one rejects row under its name
+        assert reasons.count(name) == ops[name]["dropped"], name
     assert len(rejects) == 2 + sum(c.get("dropped", 0) for c in ops.values()) + m["format_rejects"]
 
 

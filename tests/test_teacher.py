@@ -1,8 +1,10 @@
 """The tiny BLIP-2 teacher: OPT layout, Data-Juicer-style loading, exact fast sampling, learns to stop."""
+import copy
 import random
 
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from transformers import AutoProcessor
 
@@ -78,8 +80,16 @@ def test_caption_loss_over_all_rows_equals_forward_loss():
     model, processor = T.build_teacher(T.TeacherConfig(**TINY), caption_words(captions))
     batch = T.encode_captions(processor, captions, 20)
     batch["pixel_values"] = processor.image_processor(images, return_tensors="pt")["pixel_values"]
-    assert T.caption_loss(model, batch).item() == pytest.approx(model(**batch).loss.item(), rel=1e-5)
-    assert T.caption_loss(model, batch, T.allowed_token_ids(model)).item() < model(**batch).loss.item()
+    with torch.no_grad():
+        out = model(**batch)  # logits (B, T, V) over the whole prompt: image slots, BOS, caption, EOS
+        assert T.caption_loss(model, batch).item() == pytest.approx(out.loss.item(), rel=1e-5)
+        # over the allowed rows: forward's logits with the suppressed columns masked out, same shift as forward
+        allowed = T.allowed_token_ids(model)
+        keep = torch.zeros(out.logits.shape[-1], dtype=torch.bool)
+        keep[allowed] = True
+        masked = out.logits.masked_fill(~keep, float("-inf"))
+        ref = F.cross_entropy(masked[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(), ignore_index=-100)
+        assert T.caption_loss(model, batch, allowed).item() == pytest.approx(ref.item(), rel=1e-5)
 
 
 def test_teacher_learns_the_images_and_stops(trained):
@@ -105,6 +115,36 @@ def test_fast_sampler_matches_transformers_generate(trained):
     assert "custom_generate" in repr(fast.generate) or not hasattr(fast.generate, "__func__")
     greedy = [T.caption_images(m, processor, images, 16, do_sample=False) for m in (fast, slow)]
     assert greedy[0] == greedy[1]
+
+
+@pytest.mark.parametrize("top_p", [1.0, 0.9])
+def test_fast_sampler_warp_matches_transformers_processors(top_p):
+    """Sampling: `_warp` over the allowed columns gives the distribution transformers' generate samples from."""
+    from transformers import (LogitsProcessorList, SuppressTokensLogitsProcessor, TemperatureLogitsWarper,
+                              TopKLogitsWarper, TopPLogitsWarper)
+
+    from vlmlab.synth.teacher_generate import _warp
+
+    model, _ = T.build_teacher(T.TeacherConfig(**TINY), world_words())  # the real vocabulary: ~280 allowed ids
+    gc = copy.deepcopy(model.generation_config)
+    gc.top_p = top_p
+    ids = T.allowed_token_ids(model)
+    assert gc.do_sample and gc.temperature != 1.0 and 0 < gc.top_k < len(ids)  # each warper has work to do
+    # generate's order (GenerationMixin._get_logits_processor): suppress_tokens, then the sampling warpers
+    # temperature -> top-k -> top-p (top-p only when < 1)
+    procs = LogitsProcessorList([SuppressTokensLogitsProcessor(gc.suppress_tokens), TemperatureLogitsWarper(gc.temperature),
+                                 TopKLogitsWarper(gc.top_k)] + ([TopPLogitsWarper(gc.top_p)] if gc.top_p < 1.0 else []))
+    torch.manual_seed(0)
+    x = 3 * torch.randn(8, model.config.text_config.vocab_size)  # (B, V)
+    ref = procs(torch.zeros(8, 1, dtype=torch.long), x.clone()).softmax(-1)  # (B, V)
+    got = _warp(x[:, ids], gc).softmax(-1)  # (B, V')
+    assert not ref.index_fill(1, ids, 0).any()  # no mass outside the allowed ids
+    torch.testing.assert_close(got, ref[:, ids], rtol=1e-5, atol=1e-7)
+    kept = (got > 0).sum(-1)
+    if top_p < 1.0:
+        assert (kept < gc.top_k).all() and (kept >= 1).all(), kept  # top-p cut inside the top-k
+    else:
+        assert (kept == gc.top_k).all(), kept
 
 
 def test_broken_captioner_folder_is_one_clear_error(tmp_path):

@@ -223,6 +223,14 @@ def one_line(excinfo) -> str:
     return msg
 
 
+def test_params_without_optional_keys_keep_the_dataclass_defaults():
+    from dataclasses import replace
+
+    got, want = TrainConfig.from_params({}, {"data": "raw"}, seed=3), TrainConfig(seed=3)
+    # stages aside: an absent stage*_ key falls back to StageConfig's default (params.yaml sets them all)
+    assert replace(got, stage1=want.stage1, stage2=want.stage2) == want
+
+
 def test_bad_params_give_one_clear_line(tmp_path):
     train = {"stage1_global_batch": 16, "stage1_micro_batch": 8}
     with pytest.raises(SystemExit) as e:

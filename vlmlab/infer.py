@@ -79,13 +79,12 @@ def load_model(path: str | os.PathLike, dtype=None, attn_implementation: str | N
             model = MgmForConditionalGeneration.from_pretrained(str(folder), **kwargs)
         else:
             raise fail(f"{folder}: neither config.json (an MGM folder) nor adapter_config.json (a LoRA adapter)")
-    except SystemExit:
-        raise
     except (ValueError, RuntimeError, KeyError, OSError) as e:
         # a peft adapter built for another base, or a folder that is not an MGM: one line, not a traceback
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise fail(f"{folder}: cannot load this model/adapter ({type(e).__name__}: {first[:300]})") from None
-    proc_dir = folder if (folder / CONFIG_NAME).is_file() else _resolve(base_ref) if adapter_cfg.is_file() else folder
+    # an adapter folder may carry no processor of its own: its base's
+    proc_dir = base if adapter_cfg.is_file() and not (folder / CONFIG_NAME).is_file() else folder
     if not (proc_dir / CONFIG_NAME).is_file():
         raise fail(f"{folder}: no {CONFIG_NAME} beside the model (save it with MgmProcessor.save_pretrained)")
     processor = MgmProcessor.from_pretrained(proc_dir)
@@ -123,6 +122,10 @@ def read_questions(path: Path, image_root: Path) -> tuple[list[dict], list[dict]
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
                 rejects.append({"line": n, "id": None, "reason": "bad_json", "detail": e.msg})
+                continue
+            if not isinstance(obj, dict):
+                rejects.append({"line": n, "id": None, "reason": "bad_schema",
+                                "detail": f"a {type(obj).__name__}, not an object"})
                 continue
             qid = obj.get("question_id", obj.get("id", n))
             question = obj.get("text", obj.get("question"))
@@ -169,10 +172,8 @@ def main(model: str, image: str | None = None, question: str | None = None, ques
     rows = [r for r in rows if "error" not in r]
     mgm, processor = load_model(model, dtype=dtype, attn_implementation=attn_implementation, device=device)
     results = []
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # pragma: no cover
-        tqdm = lambda x, **_: x  # noqa: E731
+    from tqdm.auto import tqdm
+
     for i in tqdm(range(0, len(rows), batch_size), desc="infer", disable=len(rows) <= batch_size):
         chunk = rows[i:i + batch_size]
         answers = generate_batch(mgm, processor, chunk, max_new_tokens, do_sample, temperature, top_p)

@@ -37,26 +37,18 @@ def read_llava_json(path: str | Path) -> list[dict]:
     return records
 
 
-def _one(pixels) -> torch.Tensor:
-    """(1, 3, H, W) or (3, H, W) -> (3, H, W)."""
-    pixels = torch.as_tensor(pixels)
-    return pixels[0] if pixels.dim() == 4 else pixels
-
-
 class ConversationDataset(Dataset):
     """LLaVA/MGM training json -> encoded samples (dicts of tensors), with counted rejects.
 
     `image_root` is the folder the records' `image` paths are relative to (the json's own
-    folder for data/raw and data/enhanced). `max_samples` keeps the first N (0: all).
+    folder for data/raw and data/enhanced).
     """
 
     def __init__(self, json_path: str | Path, processor, image_root: str | Path | None = None,
-                 max_samples: int = 0, max_length: int = 0, desc: str = "encode"):
+                 max_length: int = 0, desc: str = "encode"):
         json_path = Path(json_path)
         image_root = Path(image_root) if image_root is not None else json_path.parent
         records = read_llava_json(json_path)
-        if max_samples:
-            records = records[:max_samples]
         results = _encode_all(records, image_root, processor, max_length, desc)
         self.samples: list[dict] = []
         self.rejects: list[dict] = []
@@ -94,22 +86,22 @@ def _encode_one(rec, image_root: Path, processor, shared: dict, max_length: int)
             return "missing_image", str(path), None
         try:
             with Image.open(path) as im:
-                shared[key] = {"image": im.convert("RGB")}
+                shared[key] = im.convert("RGB")
         except OSError as e:
             return "bad_image", f"{path}: {e}", None
     try:
-        enc = processor.encode_conversation(rec["conversations"], shared[key]["image"])
+        enc = processor.encode_conversation(rec["conversations"], shared[key])
     except (ValueError, KeyError) as e:
         return "encode_error", str(e), None
-    input_ids = torch.as_tensor(enc["input_ids"]).reshape(-1)  # (T,)
-    labels = torch.as_tensor(enc["labels"]).reshape(-1)        # (T,)
+    input_ids, labels = enc["input_ids"], enc["labels"]  # (T,), (T,)
     if max_length and len(input_ids) > max_length:
         return "too_long", f"{len(input_ids)} tokens > max_length {max_length}", None
     if not bool((labels != IGNORE_INDEX).any()):
         return "no_answer_tokens", "every label is masked", None
-    # one pair of pixel tensors per image, whatever the number of captions on it
-    pixels = shared[key].setdefault("pixels", (_one(enc["pixel_values"]), _one(enc["pixel_values_aux"])))
-    return None, None, {"input_ids": input_ids, "labels": labels, "pixel_values": pixels[0], "pixel_values_aux": pixels[1]}
+    # one pair of pixel tensors per image, whatever the number of captions on it: _LastImage hands
+    # every record of the image the same (3, S, S) and (3, S', S') tensors
+    return None, None, {"input_ids": input_ids, "labels": labels,
+                        "pixel_values": enc["pixel_values"], "pixel_values_aux": enc["pixel_values_aux"]}
 
 
 def _encode_all(records: list, image_root: Path, processor, max_length: int, desc: str) -> list:
@@ -120,7 +112,7 @@ def _encode_all(records: list, image_root: Path, processor, max_length: int, des
                       key=lambda i: str(records[i].get("image", "") if isinstance(records[i], dict) else ""))
     processor = copy.copy(processor)
     processor.images = _LastImage(processor.images)
-    shared: dict[str, dict] = {}  # the current image path -> its decoded image and (low, high) pixel tensors
+    shared: dict[str, Image.Image] = {}  # the current image path -> its decoded image
     results: list = [None] * len(records)
     for i in tqdm(by_image, desc=desc, mininterval=5, disable=None):
         key = records[i].get("image") if isinstance(records[i], dict) else None

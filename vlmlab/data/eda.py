@@ -8,7 +8,7 @@ so a Chinese caption without spaces counts as one word: that is what a filter wi
 from __future__ import annotations
 
 import hashlib
-import json
+import io
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,10 +20,21 @@ from vlmlab.data.formats import FormatError, caption_of
 from vlmlab.io import fail, read_jsonl
 
 
+# each table's CSV columns, in order: an empty table (every image missing, no caption parsed)
+# is still written, as its header alone
+COLUMNS = {
+    "caption_words": ("words", "samples"),
+    "caption_chars": ("chars", "samples"),
+    "top_words": ("word", "count"),
+    "rejects": ("reason", "count"),
+    "image_sizes": ("size", "count"),
+}
+
+
 @dataclass
 class Analysis:
     metrics: dict                                      # nested dict of numbers (DVC flattens it)
-    tables: dict[str, list[dict]] = field(default_factory=dict)   # name -> rows for a CSV
+    tables: dict[str, list[dict]] = field(default_factory=dict)   # name -> rows for a CSV (COLUMNS[name])
 
 
 def _summary(values: list[int]) -> dict:
@@ -57,11 +68,7 @@ def analyze(folder: str | Path, top_words: int = 30, char_bin: int = 10) -> Anal
     n_words = [len(w) for w in words]
     n_chars = [len(c) for c in captions]
     vocab = Counter(t for w in words for t in w)
-    seen_caps: set[str] = set()
-    dup_caps = 0
-    for c in captions:
-        dup_caps += c in seen_caps
-        seen_caps.add(c)
+    dup_caps = len(captions) - len(set(captions))   # exact repeats beyond each caption's first
 
     # each distinct image path once: its size and content hash (exact duplicates under other names)
     paths = sorted({r["images"][0] for r in rows})
@@ -71,8 +78,9 @@ def analyze(folder: str | Path, top_words: int = 30, char_bin: int = 10) -> Anal
         if not f.is_file():
             missing += 1
             continue
-        digests[p] = hashlib.md5(f.read_bytes()).hexdigest()
-        with Image.open(f) as im:
+        data = f.read_bytes()
+        digests[p] = hashlib.md5(data).hexdigest()
+        with Image.open(io.BytesIO(data)) as im:   # the bytes just hashed: one read per image
             sizes[im.size] += 1
     widths = [w for (w, _), k in sizes.items() for _ in range(k)]
     heights = [h for (_, h), k in sizes.items() for _ in range(k)]

@@ -18,7 +18,7 @@ import hashlib
 import json
 import os
 
-from vlmlab.io import atomic_path
+from vlmlab.io import write_text
 from vlmlab.world.text import CAPTION_PROMPTS
 
 IMAGE_TOKEN = "<__dj__image>"   # Data-Juicer's SpecialTokens.image
@@ -91,9 +91,8 @@ def llava_to_dj(records: list[dict]) -> list[dict]:
 
 
 def write_llava(path: str | os.PathLike, records: list[dict]) -> None:
-    """As upstream writes stage_1.json: indent 2, UTF-8 kept."""
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(records, indent=2, ensure_ascii=False), encoding="utf-8")
+    """As upstream writes stage_1.json: indent 2, UTF-8 kept, no trailing newline."""
+    write_text(path, json.dumps(records, indent=2, ensure_ascii=False))
 
 
 def read_llava(path: str | os.PathLike) -> list[dict]:

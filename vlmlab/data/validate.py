@@ -19,7 +19,7 @@ from pathlib import Path, PurePosixPath
 from PIL import Image, ImageFile, UnidentifiedImageError
 
 from vlmlab.data.formats import FormatError, caption_of, dj_to_llava, prompts_by_id, read_llava, write_llava
-from vlmlab.io import fail
+from vlmlab.io import fail, write_jsonl
 
 # every reason code a reject can carry, in the order the checks run
 REASONS = ("non_utf8", "bad_json", "bad_schema", "duplicate_id", "missing_image_token", "missing_eoc_token",
@@ -114,9 +114,14 @@ def import_seed(src: str | os.PathLike, jsonl: str, stage1_json: str, out: str |
                 checked.append((lineno, *check_line(raw.rstrip(b"\r\n"), seen)))
     lines = len(checked)
     todo = [(src, row["images"][0]) for _, row, bad in checked if not bad]
-    # decoding every image is the slow part (~5 ms each): two processes, results in input order
-    with mp.get_context("fork").Pool(workers) as pool:
-        image_problems = iter(pool.starmap(check_image, todo, chunksize=64))
+    # decoding every image is the slow part (measured 1.3 ms each on the 30 fixture images, 0.3 ms
+    # on the world's 96 px JPEGs): `workers` processes when there is more than one image to check,
+    # results in input order either way (check_image is deterministic)
+    if workers > 1 and len(todo) > 1:
+        with mp.get_context("fork").Pool(workers) as pool:
+            image_problems = iter(pool.starmap(check_image, todo, chunksize=64))
+    else:
+        image_problems = iter([check_image(*job) for job in todo])
     rows, rejects = [], []
     for lineno, row, bad in checked:
         bad = bad or next(image_problems)
@@ -133,10 +138,8 @@ def import_seed(src: str | os.PathLike, jsonl: str, stage1_json: str, out: str |
     out.mkdir(parents=True, exist_ok=True)
     for rel in dict.fromkeys(row["images"][0] for row in rows):   # an image shared by rows (3 captions each) once
         _link_or_copy(src / rel, out / rel)
-    with open(out / "dj.jsonl", "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)   # key order and text kept as read
-    with open(out / "rejects.jsonl", "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rejects)
+    write_jsonl(out / "dj.jsonl", rows)   # key order and text kept as read
+    write_jsonl(out / "rejects.jsonl", rejects)
     write_llava(out / "llava.json", dj_to_llava(rows, prompts, seed))
 
     by_reason = Counter(r["reason"] for r in rejects)

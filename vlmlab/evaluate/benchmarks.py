@@ -58,13 +58,12 @@ def run_textvqa(model, processor, questions: str, annotations: str, image_root: 
     answers, seconds = _generate(model, processor, items, cfg.textvqa_max_new_tokens, cfg)
     preds = [{"question_id": q["question_id"], "prompt": q["text"], "text": a} for q, a in zip(qs, answers)]
     try:
-        scores = textvqa.score_predictions(preds, ann)
+        matched = textvqa.match_annotations(preds, ann)
     except KeyError as e:
         raise fail(f"{questions} vs {annotations}: {e.args[0]}; the two files must describe the same questions") from None
-    by_key = {(str(a["image_id"]), a["question"].lower()): a for a in ann}
+    scores = [textvqa.soft_score(p["text"], a["answers"]) for p, a in zip(preds, matched)]
     rows, by_type = [], {}
-    for p, s in zip(preds, scores):
-        a = by_key[(str(p["question_id"]), textvqa.question_from_prompt(p["prompt"]))]
+    for p, a, s in zip(preds, matched, scores):
         rows.append({**p, "answers": a["answers"], "score": s})
         if "question_type" in a:
             by_type.setdefault(a["question_type"], []).append(s)
@@ -78,12 +77,12 @@ def run_textvqa(model, processor, questions: str, annotations: str, image_root: 
 def run_captions(model, processor, refs_path: str, image_root: str, cfg: GenConfig):
     """Caption references jsonl -> BLEU-1..4 and CIDEr-D of one generated caption per image."""
     refs = _limit(readers.read_caption_refs(refs_path), cfg.limit)
+    if len({str(r["id"]) for r in refs}) != len(refs):
+        raise fail(f"{refs_path}: image ids repeat; give each reference row a unique id")
     paths = _images(image_root, [r["image"] for r in refs], "caption")
     items = [{"prompt": cfg.caption_prompt, "image": p} for p in paths]
     answers, seconds = _generate(model, processor, items, cfg.caption_max_new_tokens, cfg)
     preds = {str(r["id"]): a for r, a in zip(refs, answers)}
-    if len(preds) != len(refs):
-        raise fail(f"{refs_path}: image ids repeat; give each reference row a unique id")
     scores = captions.caption_scores(preds, {str(r["id"]): r["captions"] for r in refs})
     rows = [{"id": r["id"], "image": r["image"], "prompt": cfg.caption_prompt, "text": a, "references": r["captions"]}
             for r, a in zip(refs, answers)]
@@ -98,8 +97,8 @@ def run_mmbench(model, processor, tsv: str, cfg: GenConfig):
     """
     rows = readers.read_mmbench_tsv(tsv)
     if cfg.limit:
-        keep = sorted({r["index"] % mmbench.GROUP for r in rows})[:cfg.limit]
-        rows = [r for r in rows if r["index"] % mmbench.GROUP in set(keep)]
+        keep = set(sorted({r["index"] % mmbench.GROUP for r in rows})[:cfg.limit])
+        rows = [r for r in rows if r["index"] % mmbench.GROUP in keep]
     if all(r["index"] < mmbench.GROUP for r in rows):
         rows = mmbench.expand_rotations(rows)
     for r in rows:

@@ -29,7 +29,6 @@ PEAK_KEYS = [("monitor.wall_s", "wall s"), ("monitor.peak_rss_mb", "peak RSS MB"
 class Collected:
     data: dict[str, dict | None] = field(default_factory=dict)    # dataset -> flat metrics (None: absent)
     train: dict[str, dict | None] = field(default_factory=dict)   # run -> flat metrics
-    merge: dict[str, dict | None] = field(default_factory=dict)   # run -> flat metrics
     eval: dict[str, dict | None] = field(default_factory=dict)    # model -> flat metrics
     model_paths: dict[str, str] = field(default_factory=dict)     # model -> folder
     other: dict[str, dict] = field(default_factory=dict)          # zoo / teacher / synth stage metrics, if present
@@ -49,10 +48,9 @@ def collect(root: Path, datasets: list[str], runs: list[str], models: dict[str, 
     return Collected(
         data={d: _read(m / "data" / f"{d}.json") for d in datasets},
         train={r: _read(m / "train" / f"{r}.json") for r in runs},
-        merge={r: _read(m / "merge" / f"{r}.json") for r in runs if (m / "merge" / f"{r}.json").is_file()},
         eval={name: _read(m / "eval" / f"{name}.json") for name in models},
         model_paths=dict(models),
-        other={n: m for n in OTHER_STAGES if (m := _read(root / "metrics" / f"{n}.json"))},
+        other={n: r for n in OTHER_STAGES if (r := _read(m / f"{n}.json"))},
     )
 
 

@@ -1,4 +1,5 @@
-"""Batched greedy decoding for evaluation: the same answers as one-at-a-time decoding, faster.
+"""Batched greedy decoding for evaluation: the same answers as one-at-a-time decoding (exactly
+in float32; in bf16 on a GPU the order of a kernel's sums can flip near-tied argmaxes), faster.
 
 How (each step is what makes a batch safe or fast):
 - a prompt splits after its image: the prefix (template and image tokens, ~90% of a
@@ -6,8 +7,8 @@ How (each step is what makes a batch safe or fast):
   image share their prefix: its image features and its KV cache are computed once per
   batch and copied into each question's cache row (TextVQA asks ~1.6 questions per image);
 - prompts are grouped by prefix, groups ordered by suffix length and cut into batches,
-  so a batch pads little; answers go back in input order. Images are read per batch (a
-  whole benchmark's pixels do not fit in memory);
+  so a batch pads little; answers go back in input order. Images are read per prefix
+  chunk (a whole benchmark's pixels do not fit in memory);
 - a cache row is [pads | prefix | pads | suffix | answer]; position ids count real tokens
   only, so every row sees exactly the positions it would see alone;
 - distinct prefixes are prefilled in chunks of `prefix_batch`, in the order batches first
@@ -23,7 +24,8 @@ How (each step is what makes a batch safe or fast):
   step the same shape, so `compile=True` can capture it with CUDA graphs
   (torch.compile mode "reduce-overhead"); `cache="dynamic"` (default) grows it.
   `compile=True` also compiles the image features and the prefix prefill, and pads the
-  last prefix chunk to `prefix_batch` rows so that they never meet a new shape.
+  last prefix chunk to `prefix_batch` rows so that they never meet a new shape;
+  `compile="decode"` compiles the decode step only.
 
 Written as our own loop rather than `model.generate` because generate runs the whole MGM
 forward (image-token bookkeeping with a host sync) at every step, cannot share a prefix
@@ -40,20 +42,16 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache, StaticCache
 
-TEXTVQA_SUFFIX = "Answer the question using a single word or phrase."   # as MGM/LLaVA's TextVQA eval
-CAPTION_PROMPT = "Describe the image briefly."
-
-
 def unwrap(model) -> torch.nn.Module:
     """The MGM module under a peft wrapper (its LoRA layers stay active)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def split_at_image(ids: torch.Tensor, image_token_id: int) -> int:
-    """Length of a prompt's shareable prefix: through its last image token (0 without one),
-    leaving at least one suffix token to take the next-token logits from."""
+    """Length of a prompt's prefix: through its last image token (a prompt without one: all
+    but its last token), leaving at least one suffix token to take the next-token logits from."""
     where = (ids == image_token_id).nonzero()
-    return min(int(where[-1]) + 1, len(ids) - 1) if len(where) else 0
+    return min(int(where[-1]) + 1, len(ids) - 1) if len(where) else len(ids) - 1
 
 
 def left_pad(rows: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -70,9 +68,9 @@ def left_pad(rows: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch
 
 @dataclass
 class Prefixes:
-    """Prefilled prompt prefixes: per layer (keys, values), each (m, kv_heads, P, head_dim),
-    or None when every prefix is empty; mask (m, P), 0 on left padding."""
-    kv: list[tuple[torch.Tensor, torch.Tensor]] | None
+    """Prefilled prompt prefixes: per layer (keys, values), each (m, kv_heads, P, head_dim);
+    mask (m, P), 0 on left padding."""
+    kv: list[tuple[torch.Tensor, torch.Tensor]]
     mask: torch.Tensor
 
     @staticmethod
@@ -90,29 +88,22 @@ class Prefixes:
                      for t in parts]
             return (parts[0] if len(parts) == 1 else torch.cat(parts)).index_select(0, rows)
 
-        mask = take([c.mask for c in chunks], 1)
-        with_kv = [c for c in chunks if c.kv is not None]
-        if not with_kv:
-            return Prefixes(None, mask)
-        def empty(t, c):  # the keys or values of a chunk whose prefixes are all empty
-            return t.new_zeros(len(c.mask), t.shape[1], 0, t.shape[3])
-
-        kv = []
-        for layer, (k0, v0) in enumerate(with_kv[0].kv):
-            kv.append((take([c.kv[layer][0] if c.kv else empty(k0, c) for c in chunks], 2),
-                       take([c.kv[layer][1] if c.kv else empty(v0, c) for c in chunks], 2)))
-        return Prefixes(kv, mask)
+        kv = [(take([c.kv[layer][0] for c in chunks], 2), take([c.kv[layer][1] for c in chunks], 2))
+              for layer in range(len(chunks[0].kv))]
+        return Prefixes(kv, take([c.mask for c in chunks], 1))
 
 
 class GreedyDecoder:
     """Greedy decoding of prompt batches with a shared-prefix KV cache (see the module docstring)."""
 
     def __init__(self, model, stop_ids: list[int], pad_id: int, max_new_tokens: int, cache: str = "dynamic",
-                 compile: bool = False, prefix_batch: int | None = None):
+                 compile: bool | str = False, prefix_batch: int | None = None):
         if cache not in ("dynamic", "static"):
             raise ValueError(f"cache must be 'dynamic' or 'static', not {cache!r}")
+        if compile not in (False, True, "decode"):
+            raise ValueError(f"compile must be False, True or 'decode', not {compile!r}")
         if compile and (cache != "static" or not prefix_batch):
-            raise ValueError("compile=True needs cache='static' and a prefix_batch (fixed shapes for compiled graphs)")
+            raise ValueError("compile needs cache='static' and a prefix_batch (fixed shapes for compiled graphs)")
         self.mgm = unwrap(model)
         self.lm = self.mgm.language_model
         self.stop_ids = torch.tensor(sorted(set(stop_ids)), dtype=torch.long)
@@ -120,13 +111,14 @@ class GreedyDecoder:
         self.max_new_tokens = int(max_new_tokens)
         self.cache_kind = cache
         self.prefix_batch = prefix_batch
-        self.pad_prefixes = compile  # fill the last prefix chunk up to prefix_batch rows
+        self.pad_prefixes = compile is True  # fill the last prefix chunk up to prefix_batch rows
         self._static: dict[tuple[int, int], StaticCache] = {}
         self._step: Callable = self._decode_step
         self._features: Callable = self.mgm.get_image_features
         self._prefix_lm: Callable = self.lm.base_model
         if compile:
             self._step = torch.compile(self._decode_step, mode="reduce-overhead", fullgraph=False, dynamic=False)
+        if compile is True:
             self._features = torch.compile(self._features, dynamic=False)
             self._prefix_lm = torch.compile(self._prefix_lm, dynamic=False)
 
@@ -136,10 +128,8 @@ class GreedyDecoder:
 
     def _decode_step(self, tokens, position_ids, attention_mask, cache) -> torch.Tensor:
         # tokens (B, 1), position_ids (B, 1), attention_mask (B, L) -> next token ids (B,)
-        # a generated <image> id is embedded as MGM's forward does it: as id 0, never as a feature slot
-        tokens = tokens.masked_fill(tokens == self.mgm.config.image_token_id, 0)
-        logits = self.lm(input_ids=tokens, attention_mask=attention_mask, position_ids=position_ids,
-                         past_key_values=cache, use_cache=True).logits
+        logits = self.lm(inputs_embeds=self.mgm.embed_inputs(tokens), attention_mask=attention_mask,
+                         position_ids=position_ids, past_key_values=cache, use_cache=True).logits
         return logits[:, -1].argmax(-1)
 
     def _cache(self, batch: int, length: int):
@@ -155,15 +145,8 @@ class GreedyDecoder:
 
     def _embed(self, input_ids, pixel_values=None, pixel_values_aux=None) -> torch.Tensor:
         """(B, T) ids + images -> (B, T, D) embeddings with image features in the placeholder slots."""
-        mgm = self.mgm
-        image_mask = input_ids == mgm.config.image_token_id                          # (B, T)
-        embeds = mgm.get_input_embeddings()(input_ids.masked_fill(image_mask, 0))     # (B, T, D)
-        if pixel_values is None:
-            return embeds
-        feats = self._features(pixel_values, pixel_values_aux)                        # (n_images, N, D)
-        if int(image_mask.sum()) != feats.shape[0] * feats.shape[1]:
-            raise ValueError(f"{int(image_mask.sum())} image tokens for {feats.shape[0]} x {feats.shape[1]} image features")
-        return embeds.masked_scatter(image_mask[..., None], feats.to(embeds.dtype))
+        feats = None if pixel_values is None else self._features(pixel_values, pixel_values_aux)
+        return self.mgm.embed_inputs(input_ids, feats)
 
     @torch.inference_mode()
     def prefill(self, prefixes: list[torch.Tensor], pixel_values=None, pixel_values_aux=None) -> Prefixes:
@@ -172,9 +155,7 @@ class GreedyDecoder:
         dev = self.device
         dtype = self.mgm.get_input_embeddings().weight.dtype
         ids, mask = (t.to(dev) for t in left_pad(prefixes, self.pad_id))          # (m, P)
-        m, P = ids.shape
-        if P == 0:
-            return Prefixes(None, mask)
+        m = len(ids)
         pixels = [None if t is None else t.to(dev, dtype) for t in (pixel_values, pixel_values_aux)]
         if self.pad_prefixes and m < self.prefix_batch:  # one shape for the compiled graphs: repeat the last prefix
             extra = self.prefix_batch - m
@@ -204,7 +185,7 @@ class GreedyDecoder:
         mask[:, P:P + S] = suf_mask
         positions = (mask[:, :P + S].cumsum(-1) - 1).clamp(min=0)                    # (B, P + S)
         cache = self._cache(B, L)
-        for layer, (keys, values) in enumerate(prefix.kv or []):
+        for layer, (keys, values) in enumerate(prefix.kv):
             cache.update(keys, values, layer)
         static = self.cache_kind == "static"
         logits = self.lm(inputs_embeds=self._embed(suf_ids), attention_mask=mask if static else mask[:, :P + S],
@@ -231,15 +212,6 @@ class GreedyDecoder:
             answers.append(row[:cut])
         return answers
 
-    def __call__(self, input_ids, attention_mask, pixel_values=None, pixel_values_aux=None,
-                 cache_len: int | None = None) -> list[list[int]]:
-        """Left-padded batch (B, T), one image per row -> generated ids per row (no sharing)."""
-        image_id = self.mgm.config.image_token_id
-        prompts = [ids[m.bool()] for ids, m in zip(input_ids.cpu(), attention_mask.cpu())]
-        cuts = [split_at_image(p, image_id) for p in prompts]
-        prefixes = self.prefill([p[:c] for p, c in zip(prompts, cuts)], pixel_values, pixel_values_aux)
-        return self.decode(prefixes, [p[c:] for p, c in zip(prompts, cuts)], cache_len)
-
 
 def _image_key(item: dict):
     """What identifies an item's image: its path, or the object (PIL image, pixel tensor)."""
@@ -260,49 +232,47 @@ def static_cache_len(prompts: list[torch.Tensor], image_token_id: int, max_new_t
 
 
 def generate_answers(model, processor, items: list[dict], batch_size: int = 16, max_new_tokens: int = 16,
-                     cache: str = "dynamic", compile: bool = False, prefix_batch: int | None = None,
-                     stop_token_ids: list[int] | None = None, decoder: GreedyDecoder | None = None,
-                     cache_len: int | None = None, progress: Callable[[int], None] | None = None) -> list[str]:
+                     cache: str = "dynamic", compile: bool | str = False, prefix_batch: int | None = None,
+                     decoder: GreedyDecoder | None = None, cache_len: int | None = None) -> list[str]:
     """Greedy answers for items [{"prompt": question text, "image": PIL image | path}] or
     already encoded items (with "input_ids"), in input order.
 
     Prompts are grouped by image (one prefix prefill per image, in chunks of `prefix_batch`,
     default `batch_size`), ordered by length into batches of `batch_size`; decoding stops at
-    the processor's stop tokens (or `stop_token_ids`; [] never stops early) or after
-    `max_new_tokens`. Pass a `decoder` (and a fixed `cache_len`) to reuse one compiled
-    decoder and its static caches across calls.
+    the processor's stop tokens or after `max_new_tokens`. Pass a `decoder` (and a fixed
+    `cache_len`) to reuse one compiled decoder and its static caches across calls.
     """
     if not items:
         return []
-    pad_id = processor.tokenizer.pad_token_id if processor.tokenizer.pad_token_id is not None else 0
     if decoder is None:
-        stops = processor.stop_token_ids if stop_token_ids is None else stop_token_ids
-        decoder = GreedyDecoder(model, stops, pad_id, max_new_tokens, cache=cache, compile=compile,
-                                prefix_batch=prefix_batch or batch_size)
+        pad_id = processor.tokenizer.pad_token_id if processor.tokenizer.pad_token_id is not None else 0
+        decoder = GreedyDecoder(model, processor.stop_token_ids, pad_id, max_new_tokens, cache=cache,
+                                compile=compile, prefix_batch=prefix_batch or batch_size)
     image_id = decoder.mgm.config.image_token_id
     prompts = [it["input_ids"] if "input_ids" in it else processor.prompt_ids(it["prompt"], it.get("image") is not None)
                for it in items]
     cuts = [split_at_image(p, image_id) for p in prompts]
-    group_of = [(_image_key(it), tuple(p[:c].tolist())) for it, p, c in zip(items, prompts, cuts)]
-    groups: dict[tuple, list[int]] = {}
-    for i, g in enumerate(group_of):
-        groups.setdefault(g, []).append(i)
     suffix_len = [len(p) - c for p, c in zip(prompts, cuts)]
-    for members in groups.values():
+    group_ids: dict[tuple, int] = {}  # (image, prefix ids) -> group number
+    group_of = [group_ids.setdefault((_image_key(it), tuple(p[:c].tolist())), len(group_ids))
+                for it, p, c in zip(items, prompts, cuts)]
+    groups: list[list[int]] = [[] for _ in group_ids]
+    for i, g in enumerate(group_of):
+        groups[g].append(i)
+    for members in groups:
         members.sort(key=lambda i: (suffix_len[i], i))
-    order = [i for g in sorted(groups.values(), key=lambda g: (suffix_len[g[0]], g[0])) for i in g]
+    groups.sort(key=lambda g: (suffix_len[g[0]], g[0]))
+    order = [i for g in groups for i in g]
     batches = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
     # one static cache length for every batch: a compiled decode step never sees a new shape
     if cache_len is None and decoder.cache_kind == "static":
-        cache_len = static_cache_len(prompts, image_id, decoder.max_new_tokens)
+        cache_len = max(cuts) + max(suffix_len) + decoder.max_new_tokens
 
-    first_row = {}  # distinct prefixes in the order batches first need them -> their first item
-    for i in order:
-        first_row.setdefault(group_of[i], i)
-    pending = list(first_row)[::-1]
+    pending = [group_of[g[0]] for g in groups][::-1]  # prefixes in the order batches first need them
+    first_row = {group_of[g[0]]: g[0] for g in groups}
     last_batch = {group_of[i]: b for b, idx in enumerate(batches) for i in idx}
     chunk = decoder.prefix_batch or batch_size
-    ready: dict[tuple, tuple[Prefixes, int]] = {}
+    ready: dict[int, tuple[Prefixes, int]] = {}
     answers: list[str | None] = [None] * len(items)
     for b, idx in enumerate(batches):
         while any(group_of[i] not in ready for i in idx):
@@ -319,6 +289,4 @@ def generate_answers(model, processor, items: list[dict], batch_size: int = 16, 
             del ready[g]  # frees a prefix chunk once none of its rows is needed
         for i, text in zip(idx, processor.batch_decode(ids)):
             answers[i] = text
-        if progress:
-            progress(len(idx))
     return answers  # type: ignore[return-value]

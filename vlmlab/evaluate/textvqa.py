@@ -119,18 +119,23 @@ def question_from_prompt(prompt: str) -> str:
     return lines[0].lower()
 
 
-def score_predictions(predictions: list[dict], annotations: list[dict]) -> list[float]:
-    """Per-prediction soft scores, joined as LLaVA's eval_textvqa does.
+def match_annotations(predictions: list[dict], annotations: list[dict]) -> list[dict]:
+    """The annotation row of each prediction, joined as LLaVA's eval_textvqa does.
 
     predictions: LLaVA answer rows {"question_id": image id, "prompt", "text"};
     annotations: TextVQA rows {"image_id", "question", "answers"}. The key is
     (image id, lower-cased question): LLaVA's question_id is the image id and repeats.
     """
     by_key = {(str(a["image_id"]), a["question"].lower()): a for a in annotations}
-    scores = []
+    matched = []
     for n, p in enumerate(predictions, 1):
         key = (str(p["question_id"]), question_from_prompt(p["prompt"]))
         if key not in by_key:
             raise KeyError(f"prediction {n} (question_id {key[0]!r}, question {key[1]!r}) has no annotation")
-        scores.append(soft_score(p["text"], by_key[key]["answers"]))
-    return scores
+        matched.append(by_key[key])
+    return matched
+
+
+def score_predictions(predictions: list[dict], annotations: list[dict]) -> list[float]:
+    """Per-prediction soft scores (see match_annotations for the join)."""
+    return [soft_score(p["text"], a["answers"]) for p, a in zip(predictions, match_annotations(predictions, annotations))]

@@ -173,14 +173,12 @@ def convnext_config_from_state(state: dict[str, torch.Tensor], prefix: str = "",
             "layer_scale_init_value": 1e-6}
 
 
-def config_from_mgm(mgm_config: dict | str | Path, vision_config: dict | None = None,
-                    state: dict[str, torch.Tensor] | None = None) -> MgmConfig:
+def config_from_mgm(mgm_config: dict | str | Path, state: dict[str, torch.Tensor] | None = None) -> MgmConfig:
     """An MgmConfig from MGM's own config.json (model_type `mgm_gemma`/`mgm_llama`/...).
 
     The tower paths inside it (`mm_vision_tower`, `mm_vision_tower_aux`) are opaque names from
     another machine. Tower shapes come from `state` (the checkpoint's own weights) when given,
-    else from the tower model names (CLIP ViT-L/14 at 336 px, OpenCLIP ConvNeXt large/base/xxlarge);
-    `vision_config` (a CLIP config dict) overrides the ViT shapes.
+    else from the tower model names (CLIP ViT-L/14 at 336 px, OpenCLIP ConvNeXt large/base/xxlarge).
     """
     if not isinstance(mgm_config, dict):
         p = Path(mgm_config)
@@ -203,14 +201,14 @@ def config_from_mgm(mgm_config: dict | str | Path, vision_config: dict | None = 
     else:
         text["hidden_act"] = c.get("hidden_act", "silu")
     spec = presets.PRESETS["mgm-2b"]
-    vision = dict(vision_config or spec["vision_config"])
+    vision = dict(spec["vision_config"])
     tower = str(c.get("mm_vision_tower", ""))
-    if vision_config is None and tower and "336" not in tower:
+    if tower and "336" not in tower:
         vision["image_size"] = 224
     aux_size = int(c.get("image_size_aux", 768))
     aux = dict(spec["vision_aux_config"], image_size=aux_size, **_aux_shapes(str(c.get("mm_vision_tower_aux", ""))))
     if state is not None:
-        vision = vision_config or clip_config_from_state(state, "model." + CLIP_PREFIX) or vision
+        vision = clip_config_from_state(state, "model." + CLIP_PREFIX) or vision
         aux = convnext_config_from_state(state, "model.vision_tower_aux.", aux_size) or aux
     expected_aux = c.get("mm_hidden_size_aux")
     if expected_aux is not None and sum(aux["hidden_sizes"]) != int(expected_aux):
@@ -258,31 +256,25 @@ def load_mgm_weights(model: MgmForConditionalGeneration, state: dict[str, torch.
     return {"loaded": sorted(mapped), "missing": missing, "unused": sorted(unused)}
 
 
-def convert_mgm(folder: str | Path, dtype: torch.dtype | None = None) -> tuple[MgmForConditionalGeneration, dict]:
+def convert_mgm(folder: str | Path) -> tuple[MgmForConditionalGeneration, dict]:
     """An official MGM folder (config.json + weights) -> (our model, report)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise fail(f"{folder}: no such MGM folder (give a local copy; nothing is downloaded)")
     state = read_state_dict(folder)
     config = config_from_mgm(folder / "config.json", state=state)
-    model = build_uninitialised(config, dtype)
+    model = build_uninitialised(config)
     report = load_mgm_weights(model, state)
     return model.eval(), report
 
 
-def build_uninitialised(config: MgmConfig, dtype: torch.dtype | None = None) -> MgmForConditionalGeneration:
+def build_uninitialised(config: MgmConfig) -> MgmForConditionalGeneration:
     """Allocate the model without running weight init (every weight is about to be overwritten);
     buffers such as rotary frequencies are still computed, unlike on the meta device."""
     from transformers.initialization import no_init_weights
 
-    previous = torch.get_default_dtype()
-    try:
-        if dtype is not None:
-            torch.set_default_dtype(dtype)
-        with no_init_weights():
-            return MgmForConditionalGeneration(config)
-    finally:
-        torch.set_default_dtype(previous)
+    with no_init_weights():
+        return MgmForConditionalGeneration(config)
 
 
 def mgm_key_shapes(config: MgmConfig) -> dict[str, list[int]]:

@@ -204,8 +204,9 @@ class MgmForConditionalGeneration(MgmPreTrainedModel, GenerationMixin):
             maps.append(x)
         grid = maps[0].shape[-2:]
         # MGM upsamples in float32 and casts back; PyTorch's bilinear kernels already accumulate
-        # bf16/fp16 in float32, so the map's own dtype gives the same values (every element equal
-        # on an H200, bench/results/parts_upsample.json) without the float32 copies
+        # bf16/fp16 in float32, so the map's own dtype gives the same values without the float32
+        # copies (every element equal: on an H200 for a contiguous map, bench/results/parts_upsample.json;
+        # on CPU for channels-last maps as the ConvNeXt returns them)
         maps = [maps[0]] + [F.interpolate(m, size=grid, mode="bilinear", align_corners=False) for m in maps[1:]]
         return torch.cat(maps, dim=1)  # (B, C_aux, G, G)
 
@@ -234,6 +235,22 @@ class MgmForConditionalGeneration(MgmPreTrainedModel, GenerationMixin):
         return self.mm_projector(tokens)                                # (B, N, D_lm)
 
     # -- the whole model --------------------------------------------------------------------
+    def embed_inputs(self, input_ids: torch.Tensor, image_features: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T) ids -> (B, T, D) LM input embeddings, image features (B_img, N, D) in the <image>
+        slots. The placeholder id may lie outside the LM vocabulary (e.g. Gemma + an added
+        <image>), so it is embedded as id 0 (and overwritten where features are given)."""
+        image_mask = input_ids == self.config.image_token_id                                  # (B, T)
+        embeds = self.get_input_embeddings()(input_ids.masked_fill(image_mask, 0))            # (B, T, D)
+        if image_features is None:
+            return embeds
+        n_slots = int(image_mask.sum())
+        if n_slots != image_features.shape[0] * image_features.shape[1]:
+            raise ValueError(
+                f"image features and image tokens do not match: {n_slots} <image> tokens in input_ids, "
+                f"{image_features.shape[0]} images x {image_features.shape[1]} features "
+                "(encode prompts with MgmProcessor, which expands <image> to config.num_image_tokens)")
+        return embeds.masked_scatter(image_mask[..., None].to(embeds.device), image_features.to(embeds.dtype))
+
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,          # (B, T) with N image placeholders per image
@@ -252,21 +269,13 @@ class MgmForConditionalGeneration(MgmPreTrainedModel, GenerationMixin):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         image_features = None
         if inputs_embeds is None:
-            image_mask = input_ids == self.config.image_token_id          # (B, T)
-            # the placeholder id may lie outside the LM vocabulary (e.g. Gemma + an added <image>)
-            inputs_embeds = self.get_input_embeddings()(input_ids.masked_fill(image_mask, 0))  # (B, T, D)
-            n_slots = int(image_mask.sum())
             if pixel_values is not None:
                 image_features = self.get_image_features(pixel_values, pixel_values_aux)  # (B_img, N, D)
-                if n_slots != image_features.shape[0] * image_features.shape[1]:
-                    raise ValueError(
-                        f"image features and image tokens do not match: {n_slots} <image> tokens in input_ids, "
-                        f"{image_features.shape[0]} images x {image_features.shape[1]} features "
-                        "(encode prompts with MgmProcessor, which expands <image> to config.num_image_tokens)")
-                inputs_embeds = inputs_embeds.masked_scatter(
-                    image_mask[..., None].to(inputs_embeds.device), image_features.to(inputs_embeds.dtype))
-            elif n_slots and (past_key_values is None or past_key_values.get_seq_length() == 0):
-                raise ValueError(f"{n_slots} <image> tokens in input_ids but no pixel_values given")
+            elif past_key_values is None or past_key_values.get_seq_length() == 0:  # prefill: images expected
+                n_slots = int((input_ids == self.config.image_token_id).sum())
+                if n_slots:
+                    raise ValueError(f"{n_slots} <image> tokens in input_ids but no pixel_values given")
+            inputs_embeds = self.embed_inputs(input_ids, image_features)
         out = self.language_model(
             inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
             past_key_values=past_key_values, labels=labels, use_cache=use_cache,

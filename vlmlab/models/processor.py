@@ -36,14 +36,13 @@ ROLES = {"human": "user", "user": "user", "gpt": "model", "assistant": "model", 
 
 class MgmProcessor:
     def __init__(self, tokenizer: PreTrainedTokenizerBase, image_size: int, image_size_aux: int,
-                 num_image_tokens: int, image_mean=CLIP_MEAN, image_std=CLIP_STD, max_length: int | None = None):
+                 num_image_tokens: int, image_mean=CLIP_MEAN, image_std=CLIP_STD):
         self.tokenizer = tokenizer
         self.image_size = int(image_size)            # low-res side (model.config.image_size)
         self.image_size_aux = int(image_size_aux)    # high-res side (model.config.image_size_aux)
         self.num_image_tokens = int(num_image_tokens)
         self.image_mean = tuple(image_mean)
         self.image_std = tuple(image_std)
-        self.max_length = max_length                 # encode_conversation truncates to it (None: never)
         if IMAGE_TOKEN not in tokenizer.get_vocab():
             # e.g. Gemma's tokenizer: the placeholder id (len(vocab)) is never embedded by the model
             tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
@@ -72,10 +71,11 @@ class MgmProcessor:
 
     def images(self, image: Image.Image | str | os.PathLike) -> dict[str, torch.Tensor]:
         """Both views of one image: pixel_values (3, S, S), pixel_values_aux (3, S', S')."""
-        if not isinstance(image, Image.Image):
+        if isinstance(image, Image.Image):
+            image = image.convert("RGB")
+        else:
             with Image.open(image) as f:
                 image = f.convert("RGB")
-        image = image.convert("RGB")
         return {"pixel_values": self._view(image, self.image_size),
                 "pixel_values_aux": self._view(image, self.image_size_aux)}
 
@@ -122,19 +122,10 @@ class MgmProcessor:
         if n_image != (1 if image is not None else 0):
             raise ValueError(f"conversation has {n_image} {IMAGE_TOKEN} tokens for {int(image is not None)} image")
         ids, labels = self._turns(conversations)
-        if self.max_length and len(ids) > self.max_length:
-            if self.image_token_id in ids[self.max_length:]:
-                raise ValueError(f"max_length {self.max_length} would cut the image tokens")
-            ids, labels = ids[: self.max_length], labels[: self.max_length]
         out = {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels)}
         if image is not None:
             out.update(self.images(image))
         return out
-
-    def prompt_text(self, question: str, with_image: bool = True) -> str:
-        if with_image and IMAGE_TOKEN not in question:
-            question = f"{IMAGE_TOKEN}\n{question}"
-        return f"{START_OF_TURN}user\n{question}{END_OF_TURN}\n{START_OF_TURN}model\n"
 
     def prompt_ids(self, question: str, with_image: bool = False) -> torch.Tensor:
         """A generation prompt (template up to `<start_of_turn>model\\n`) -> input_ids (T,);
@@ -193,7 +184,8 @@ class MgmProcessor:
         return {"processor_class": "MgmProcessor", "image_size": self.image_size,
                 "image_size_aux": self.image_size_aux, "num_image_tokens": self.num_image_tokens,
                 "image_mean": list(self.image_mean), "image_std": list(self.image_std),
-                "max_length": self.max_length, "image_token": IMAGE_TOKEN,
+                "max_length": None,  # kept in the file format; sequence limits live in training's dataset
+                "image_token": IMAGE_TOKEN,
                 "chat_template": "gemma"}
 
     def save_pretrained(self, folder: str | os.PathLike) -> None:
@@ -211,4 +203,4 @@ class MgmProcessor:
         cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
         tokenizer = AutoTokenizer.from_pretrained(str(folder))
         return cls(tokenizer, cfg["image_size"], cfg["image_size_aux"], cfg["num_image_tokens"],
-                   cfg.get("image_mean", CLIP_MEAN), cfg.get("image_std", CLIP_STD), cfg.get("max_length"))
+                   cfg.get("image_mean", CLIP_MEAN), cfg.get("image_std", CLIP_STD))

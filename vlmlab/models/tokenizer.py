@@ -13,12 +13,12 @@ from typing import Iterable
 from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
+from vlmlab.models.processor import END_OF_TURN, IMAGE_TOKEN, ROLES, START_OF_TURN
+from vlmlab.world.vocab import WORD_PATTERN  # the world's own word split (vocab.tokenize_words)
+
 PAD, EOS, BOS, UNK = "<pad>", "<eos>", "<bos>", "<unk>"
-IMAGE_TOKEN = "<image>"
-START_OF_TURN, END_OF_TURN = "<start_of_turn>", "<end_of_turn>"
 SPECIAL_TOKENS = [PAD, EOS, BOS, UNK, IMAGE_TOKEN, START_OF_TURN, END_OF_TURN]
-TEMPLATE_WORDS = ["user", "model"]  # the chat template's own words (processor.py)
-WORD_PATTERN = r"[a-z0-9]+|[^\sa-z0-9]"  # = vlmlab.world.vocab.tokenize_words
+TEMPLATE_WORDS = sorted(set(ROLES.values()))  # the chat template's own words ("model", "user")
 
 
 def train_world_tokenizer(texts: Iterable[str], extra_words: Iterable[str] = ()) -> PreTrainedTokenizerFast:

@@ -45,10 +45,9 @@ def held_out_batches(path: str | Path, processor, n: int, batch_size: int) -> li
     """The first `n` usable held-out samples as padded batches.
 
     Reads eval captions jsonl (`{"id", "image", "captions"}`: the first reference becomes the
-    answer) or a LLaVA json; image paths relative to the file's folder.
+    answer) or a LLaVA json; image paths relative to the file's folder. Rows whose image is
+    missing are skipped; fails if no row is usable.
     """
-    from PIL import Image
-
     from vlmlab.data.collate import PadCollator, read_llava_json
 
     path = Path(path)
@@ -63,11 +62,11 @@ def held_out_batches(path: str | Path, processor, n: int, batch_size: int) -> li
                                             {"from": "gpt", "value": (row.get("captions") or [""])[0]}]
         image_path = path.parent / row.get("image", "")
         if not image_path.is_file():
-            continue  # counted below: too few usable samples stops the stage
-        with Image.open(image_path) as im:
-            samples.append(processor.encode_conversation(conv, im.convert("RGB")))
-    if len(samples) < min(n, 1):
-        raise io.fail(f"{path}: no held-out sample with a readable image (looked under {path.parent})")
+            continue  # skipped: later rows make up the n; only no usable sample at all stops the stage
+        samples.append(processor.encode_conversation(conv, image_path))
+    if not samples:  # nothing to compare: the merge check would pass on no logits at all
+        raise io.fail(f"{path}: no usable held-out sample, nothing to check the merge on "
+                      f"(merge.samples = {n}; images looked up under {path.parent})")
     collate = PadCollator(processor.tokenizer.pad_token_id)
     return [collate(samples[i:i + batch_size]) for i in range(0, len(samples), batch_size)]
 

@@ -70,23 +70,24 @@ class TrainConfig:
                 keys["lr"] = run["lr"]
             return StageConfig(**keys)
 
+        # train: keys that map onto a TrainConfig field of the same name, with their conversion
+        converters = {"gradient_checkpointing": bool, "attn_implementation": lambda v: v, "deepspeed": lambda v: v or "",
+                      "save_steps": int, "workers": int, "group_by_length": bool, "max_length": int}
         known = {f"{prefix}_{f}" for prefix in ("stage1", "stage2") for f in StageConfig.__dataclass_fields__} | {
-            "launcher", "monitor_interval", "lora_targets", "gradient_checkpointing", "attn_implementation", "deepspeed",
-            "save_steps", "workers", "group_by_length", "max_length"}
+            "launcher", "monitor_interval", "lora_targets", *converters}
         if set(train) - known:
             raise io.fail(f"params.yaml train: unknown key(s) {sorted(set(train) - known)}; see vlmlab/train/recipe.py TrainConfig")
         unknown = set(run) - {"data", "strategy", "lr", "lora_r", "lora_alpha", "lora_dropout"}
         if unknown:
             raise io.fail(f"params.yaml runs: unknown key(s) {sorted(unknown)}; allowed: data, strategy, lr, lora_r, lora_alpha, lora_dropout")
-        strategy = strategies.check_strategy(run.get("strategy", "full"))
-        lora = LoraParams(r=run.get("lora_r", 16), alpha=run.get("lora_alpha", 32), dropout=run.get("lora_dropout", 0.05),
-                          target_modules=list(train.get("lora_targets", LoraParams().target_modules)))
-        return cls(stage1=stage("stage1"), stage2=stage("stage2"), strategy=strategy, lora=lora,
-                   gradient_checkpointing=bool(train.get("gradient_checkpointing", False)),
-                   attn_implementation=train.get("attn_implementation", "sdpa"),
-                   deepspeed=train.get("deepspeed", "") or "", save_steps=int(train.get("save_steps", 50)),
-                   workers=int(train.get("workers", 0)), group_by_length=bool(train.get("group_by_length", True)),
-                   max_length=int(train.get("max_length", 0)), seed=seed)
+        # only the keys params.yaml sets are passed: the others keep the dataclasses' defaults
+        lora = {f: run[k] for k, f in (("lora_r", "r"), ("lora_alpha", "alpha"), ("lora_dropout", "dropout")) if k in run}
+        if "lora_targets" in train:
+            lora["target_modules"] = list(train["lora_targets"])
+        kwargs = {k: convert(train[k]) for k, convert in converters.items() if k in train}
+        if "strategy" in run:
+            kwargs["strategy"] = run["strategy"]  # checked in __post_init__
+        return cls(stage1=stage("stage1"), stage2=stage("stage2"), lora=LoraParams(**lora), seed=seed, **kwargs)
 
 
 def load_base(base: str | Path, attn_implementation: str = "sdpa"):
@@ -99,9 +100,8 @@ def load_base(base: str | Path, attn_implementation: str = "sdpa"):
     base = Path(base)
     if not (base / "config.json").is_file():
         raise io.fail(f"{base}: no base model folder (config.json missing); run `dvc repro zoo` first")
-    # per sub-model: the ConvNeXt tower has no attention, so a plain "sdpa" would be refused for it
-    impl = {"": attn_implementation, "text_config": attn_implementation, "vision_config": attn_implementation}
-    model = AutoModelForImageTextToText.from_pretrained(str(base), dtype=torch.float32, attn_implementation=impl)
+    # the ConvNeXt tower has no attention: MgmForConditionalGeneration sets it to eager whatever is asked
+    model = AutoModelForImageTextToText.from_pretrained(str(base), dtype=torch.float32, attn_implementation=attn_implementation)
     return model, MgmProcessor.from_pretrained(base)
 
 
@@ -133,7 +133,7 @@ def accumulation(sc: StageConfig, world: int) -> tuple[int, int]:
     return micro, accum
 
 
-def training_args(sc: StageConfig, cfg: TrainConfig, out_dir: Path, max_steps: int = -1):
+def training_args(sc: StageConfig, cfg: TrainConfig, out_dir: Path):
     from transformers import TrainingArguments
 
     micro, accum = accumulation(sc, world_size())
@@ -142,7 +142,6 @@ def training_args(sc: StageConfig, cfg: TrainConfig, out_dir: Path, max_steps: i
         per_device_train_batch_size=micro,
         gradient_accumulation_steps=accum,
         num_train_epochs=sc.epochs,
-        max_steps=max_steps,
         learning_rate=sc.lr,
         lr_scheduler_type=sc.scheduler,
         warmup_steps=sc.warmup_ratio,  # a float < 1 is a ratio of all steps
@@ -211,14 +210,14 @@ def make_trainer(model, args, dataset, collator, callbacks, group_by_length: boo
 
 
 def run_stage(model: nn.Module, dataset, collator, sc: StageConfig, cfg: TrainConfig, out_dir: Path,
-              callbacks=(), live=None, step_offset: int = 0, stage: int = 1, max_steps: int = -1):
+              callbacks=(), live=None, step_offset: int = 0, stage: int = 1):
     """One `Trainer.train()`, resumed from the last checkpoint in `out_dir` if there is one.
 
     Returns (trainer, figures): figures are the stage's final numbers (flat, for metrics).
     """
     from transformers.trainer_utils import get_last_checkpoint
 
-    args = training_args(sc, cfg, out_dir, max_steps)
+    args = training_args(sc, cfg, out_dir)
     logger = LiveCallback(live, len(dataset), args.train_batch_size * args.gradient_accumulation_steps * world_size(),
                           step_offset=step_offset, stage=stage)
     trainer = make_trainer(model, args, dataset, collator, [logger, *callbacks], cfg.group_by_length)
@@ -306,8 +305,10 @@ def load_connector(model: nn.Module, path: Path) -> None:
 # ---------------------------------------------------------------- the two stages
 
 def two_stage(model: nn.Module, captions, instruct, collator, cfg: TrainConfig, work: str | Path,
-              live=None, base_path: str | None = None, callbacks=(), max_steps: tuple[int, int] = (-1, -1)):
+              live=None, base_path: str | None = None, callbacks=()):
     """Stage 1 then stage 2 on `model` (fp32, loaded from the base folder).
+
+    `base_path` is the base folder a `lora` adapter names in its adapter_config.json.
 
     Returns (trained model — a PeftModel for `lora` —, the stage-2 Trainer, figures by stage).
     """
@@ -319,10 +320,8 @@ def two_stage(model: nn.Module, captions, instruct, collator, cfg: TrainConfig, 
         fig1 = json.loads(s1_figures.read_text())
         fig1["skipped"] = 1
     else:
-        seed_everything(cfg.seed)
-        strategies.stage1(model)
-        _, fig1 = run_stage(model, captions, collator, cfg.stage1, cfg, work / "stage1", callbacks, live,
-                            stage=1, max_steps=max_steps[0])
+        strategies.stage1(model)  # no seeding here: the Trainer seeds everything with cfg.seed first
+        _, fig1 = run_stage(model, captions, collator, cfg.stage1, cfg, work / "stage1", callbacks, live, stage=1)
         if rank() == 0:
             save_connector(model, s1_weights)
             io.write_json(s1_figures, fig1)
@@ -331,15 +330,15 @@ def two_stage(model: nn.Module, captions, instruct, collator, cfg: TrainConfig, 
     seed_everything(cfg.seed + 1)  # same LoRA init whether or not stage 1 ran in this process
     model = strategies.stage2(model, cfg.strategy, cfg.lora, base_path)
     trainer, fig2 = run_stage(model, instruct, collator, cfg.stage2, cfg, work / "stage2", callbacks, live,
-                              step_offset=fig1["steps"], stage=2, max_steps=max_steps[1])
+                              step_offset=fig1["steps"], stage=2)
     return model, trainer, {"stage1": fig1, "stage2": fig2}
 
 
-def save_trained(model: nn.Module, trainer, out: str | Path, processor=None, base_path: str | None = None) -> None:
+def save_trained(model: nn.Module, trainer, out: str | Path, processor=None) -> None:
     """models/runs/<run>/: a complete MGM folder (full) or a peft adapter folder (lora), + processor.
 
-    Saved in the training dtype (bf16 on CUDA, fp32 on CPU); LoRA adapters name their base by
-    `base_path` (relative to the repository root, as vlmlab.infer.load_model expects).
+    Saved in the training dtype (bf16 on CUDA, fp32 on CPU); LoRA adapters name their base by the
+    `base_path` given to `two_stage` (relative to the repository root, as vlmlab.infer.load_model expects).
     """
     from peft import PeftModel
 
@@ -349,9 +348,6 @@ def save_trained(model: nn.Module, trainer, out: str | Path, processor=None, bas
         return
     with io.atomic_path(out) as tmp:
         if isinstance(model, PeftModel):
-            if base_path is not None:
-                for conf in model.peft_config.values():
-                    conf.base_model_name_or_path = str(base_path)
             model.save_pretrained(str(tmp), state_dict=state)
         else:
             dtype = training_dtype()

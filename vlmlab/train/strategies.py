@@ -70,7 +70,7 @@ def stage1(model: nn.Module) -> nn.Module:
     return set_trainable(model, CONNECTOR_MODULES)
 
 
-def lora_config(lora: LoraParams, base_path: str | None = None):
+def lora_config(lora: LoraParams):
     from peft import LoraConfig
 
     # A regex (full match) so that the vision towers' own q/k/v projections stay untouched.
@@ -79,20 +79,22 @@ def lora_config(lora: LoraParams, base_path: str | None = None):
         r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias="none",
         target_modules=rf".*{LANGUAGE_MODEL}\..*\.({targets})",
         modules_to_save=list(CONNECTOR_MODULES),
-        base_model_name_or_path=base_path,
     )
 
 
 def stage2(model: nn.Module, strategy: str, lora: LoraParams | None = None, base_path: str | None = None) -> nn.Module:
-    """Instruction tuning: `full` returns the model with towers frozen; `lora` a PeftModel."""
+    """Instruction tuning: `full` returns the model with towers frozen; `lora` a PeftModel.
+
+    `base_path`: the base folder the adapter names (adapter_config.json base_model_name_or_path).
+    """
     check_strategy(strategy)
     if strategy == "full":
         return set_trainable(model, (LANGUAGE_MODEL, *CONNECTOR_MODULES))
     from peft import get_peft_model
 
     set_trainable(model, ())  # peft then unfreezes the adapters and the modules_to_save copies
-    peft_model = get_peft_model(model, lora_config(lora or LoraParams(), base_path))
-    if base_path is not None:  # get_peft_model writes the model's own name_or_path over it
+    peft_model = get_peft_model(model, lora_config(lora or LoraParams()))
+    if base_path is not None:  # set here, the one place: get_peft_model writes the model's own name_or_path
         peft_model.peft_config["default"].base_model_name_or_path = str(base_path)
     return peft_model
 

@@ -8,6 +8,7 @@ settings below and the pinned Pillow.
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import multiprocessing as mp
@@ -17,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from vlmlab.data.formats import dj_text, write_llava
+from vlmlab.io import write_jsonl
 from vlmlab.world import text
 from vlmlab.world.scene import render, sample_scene
 
@@ -97,10 +99,6 @@ def _save_image(root: Path, sample_id: str, data: bytes) -> str:
     return rel
 
 
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-
-
 def _caption_set(out: Path, split: str, cfg: WorldConfig, n: int, pool) -> int:
     """A DJ jsonl + LLaVA json caption set (raw alt-text or curated dense captions)."""
     out.mkdir(parents=True, exist_ok=True)   # a set of size 0 is still a (empty) set
@@ -110,7 +108,7 @@ def _caption_set(out: Path, split: str, cfg: WorldConfig, n: int, pool) -> int:
         rows.append({"id": sid, "text": dj_text(t["caption"]), "images": [rel]})
         records.append({"id": sid, "conversations": [{"from": "human", "value": f"<image>\n{t['prompt']}"},
                                                      {"from": "gpt", "value": t["caption"]}], "image": rel})
-    _write_jsonl(out / "dj.jsonl", rows)
+    write_jsonl(out / "dj.jsonl", rows)
     write_llava(out / "llava.json", records)
     return len(rows)
 
@@ -122,12 +120,11 @@ def build_world(out_raw: str | Path | None, out_world: str | Path, params: dict)
     out_world = Path(out_world)
     counts = {}
     ctx = mp.get_context("fork")
-    with (ctx.Pool(cfg.workers) if cfg.workers > 1 else _NoPool()) as pool:
-        pool = pool if cfg.workers > 1 else None
+    with (ctx.Pool(cfg.workers) if cfg.workers > 1 else contextlib.nullcontext()) as pool:   # None: in-process
         if out_raw is not None:
             out_raw = Path(out_raw)
             counts["raw"] = _caption_set(out_raw, "raw", cfg, cfg.raw_size, pool)
-            (out_raw / "rejects.jsonl").write_text("", encoding="utf-8")   # generated data has none
+            write_jsonl(out_raw / "rejects.jsonl", [])   # generated data has none: an empty file
         counts["curated"] = _caption_set(out_world / "curated", "curated", cfg, cfg.curated_size, pool)
 
         inst, ev = out_world / "instruct", out_world / "eval"
@@ -146,14 +143,14 @@ def build_world(out_raw: str | Path | None, out_world: str | Path, params: dict)
                               "category": "default"})
             annotations.append({"question_id": qid, "image_id": sid, "question": t["question"],
                                 "answers": t["answers"], "question_type": t["kind"]})
-        _write_jsonl(ev / "textvqa_questions.jsonl", questions)
+        write_jsonl(ev / "textvqa_questions.jsonl", questions)
         (ev / "textvqa_annotations.json").write_text(json.dumps({"dataset_name": "world_textvqa", "data": annotations},
                                                                 indent=1), encoding="utf-8")
         counts["eval_textvqa"] = len(questions)
 
         caps = [{"id": sid, "image": _save_image(ev, sid, data), "captions": t["captions"]}
                 for sid, data, t in _items("eval_caption", cfg.eval_caption, cfg, pool)]
-        _write_jsonl(ev / "captions.jsonl", caps)
+        write_jsonl(ev / "captions.jsonl", caps)
         counts["eval_caption"] = len(caps)
 
         lines = ["\t".join(("index", "question", "hint", "A", "B", "C", "D", "answer", "category", "image"))]
@@ -164,14 +161,6 @@ def build_world(out_raw: str | Path | None, out_world: str | Path, params: dict)
         (ev / "mmbench.tsv").write_text("\n".join(lines) + "\n", encoding="utf-8")
         counts["eval_mmbench"] = cfg.eval_mmbench
     return counts
-
-
-class _NoPool:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def world_text_corpus(n: int, seed: int) -> list[str]:

@@ -1,7 +1,9 @@
-"""Classification targets for pretraining the tiny vision towers, and a fast batch maker.
+"""Scene labels for the tiny vision towers, and a fast batch maker.
 
-A tower that can name the sign's word, the main object's shape/colour/size/column, the
-object count and the sign's side has learnt what the captions talk about.
+`scene_labels` gives the sign's word, the object count, the sign's side and the shape/colour/
+size/column of objects[0] (the "main" object captions lead with). Tower pretraining
+(`vlmlab.models.zoo.tower_targets`) uses only word, count and sign_side from here: nothing in
+a picture marks objects[0], so zoo adds its own per-column shape/colour/size targets instead.
 """
 from __future__ import annotations
 

@@ -2,7 +2,10 @@
 
 `sample_scene(rng)` draws one from a numpy Generator; `render(scene, size)` paints it with
 PIL. Geometry is stored as fractions of the side, so one scene renders at any size; the
-sign's font is ~1/8 of the side: ~12 px letters at 96 px (legible), ~4 px at 32 px (a blur).
+sign's font is FONT_FRACTION = 0.11 of the side (an 11 px font at 96 px, 4 px at 32 px).
+Measured over 50 scenes (rng seeds 0-49): at 96 px the letters are near-black and span 6-10
+rows (median 8), legible; at 32 px, rendered directly or resized from 96 px as the low-res
+tower sees it, no letter pixel is darker than about 100/255 grey: a blur.
 """
 from __future__ import annotations
 

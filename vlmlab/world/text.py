@@ -107,11 +107,10 @@ def _article(words: str) -> str:
     return "an" if words[0] in "aeiou" else "a"
 
 
-def describe_object(obj: Shape, with_position: bool = True) -> str:
+def describe_object(obj: Shape) -> str:
     """'a large red circle on the left'"""
     phrase = f"{obj.size} {obj.color} {obj.shape}"
-    phrase = f"{_article(phrase)} {phrase}"
-    return f"{phrase} {WHERE[obj.position]}" if with_position else phrase
+    return f"{_article(phrase)} {phrase} {WHERE[obj.position]}"
 
 
 def dense_caption(scene: Scene, rng: np.random.Generator) -> str:

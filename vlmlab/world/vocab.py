@@ -28,7 +28,8 @@ SIGN_WORDS = (
 NUMBER_WORDS = ("zero", "one", "two", "three", "four")   # index = count
 MAX_OBJECTS = 3
 
-_WORD_RE = re.compile(r"[a-z0-9]+|[^\sa-z0-9]")
+WORD_PATTERN = r"[a-z0-9]+|[^\sa-z0-9]"  # words/numbers and single punctuation marks
+_WORD_RE = re.compile(WORD_PATTERN)
 
 
 def tokenize_words(text: str) -> list[str]:
