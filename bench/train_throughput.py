@@ -270,7 +270,7 @@ def bench_trainer(a, device: str, deepspeed: str, flops_cache: dict) -> dict:
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
         with tempfile.TemporaryDirectory() as tmp:
-            trainer, fig = recipe.run_stage(model, data, PadCollator(0, 0), cfg.stage2, cfg, Path(tmp) / "out",
+            trainer, fig, _ = recipe.run_stage(model, data, PadCollator(0, 0), cfg.stage2, cfg, Path(tmp) / "out",
                                            stage=2)
         row.update(samples_per_s=fig["samples_per_s"], tokens_per_s=fig["tokens_per_s"], steps=fig["steps"],
                    loss=round(fig["final_loss"], 4))

@@ -52,8 +52,9 @@ def main(name: str, base: str = "models/zoo", captions: str = "data/raw/llava.js
         data = [ConversationDataset(path, processor, max_length=cfg.max_length, desc=f"encode {path}")
                 for path in (captions, instruct)]
         inputs = (Path(captions).parent, Path(instruct).parent, base)  # json + images, base model
-        resumed = recipe.prepare_work_dir(work, recipe.fingerprint(cfg, *inputs))
-        live = Live(str(plots), resume=resumed, dvcyaml=None, save_dvc_exp=False) if main_process else None
+        recipe.prepare_work_dir(work, recipe.fingerprint(cfg, *inputs))
+        # the curves are redrawn from the checkpoints' history (DVC deletes plots/ before a re-run): no dvclive resume
+        live = Live(str(plots), dvcyaml=None, save_dvc_exp=False) if main_process else None
         model, trainer, figures = recipe.two_stage(model, *data, PadCollator(processor.tokenizer.pad_token_id),
                                                    cfg, work, live=live, base_path=base)
         recipe.save_trained(model, trainer, out, processor)  # a LoRA adapter names `base` (set by two_stage)

@@ -24,7 +24,7 @@ from torch import nn
 from vlmlab import io
 from vlmlab.seeding import seed_everything
 from vlmlab.train import strategies
-from vlmlab.train.live import LiveCallback
+from vlmlab.train.live import LiveCallback, curve_row
 from vlmlab.train.strategies import LoraParams
 
 
@@ -190,10 +190,61 @@ class EpochSeededLengthSampler(torch.utils.data.Sampler):
         return iter(get_length_grouped_indices(self.lengths, self.group_size, generator=g))
 
 
+STAGING = ".checkpoint-staging"  # a checkpoint is written here whole, then renamed to checkpoint-N
+
+
+def is_complete_checkpoint(folder: Path) -> bool:
+    """trainer_state.json is the Trainer's last write into a checkpoint: without it (or unreadable) it is partial."""
+    try:
+        json.loads((folder / "trainer_state.json").read_text(encoding="utf-8"))
+        return True
+    except (OSError, ValueError):
+        return False
+
+
+def last_complete_checkpoint(run_dir: Path, clean: bool = True) -> str | None:
+    """The newest complete `checkpoint-N` in `run_dir`, or None.
+
+    Partial ones (a save killed half-way by an older version, which wrote in place) and a
+    leftover staging folder are removed when `clean` (rank 0): they are this program's own
+    work files, and a later rotation must not mistake them for the newest checkpoint.
+    """
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+    if not run_dir.is_dir():
+        return None
+    found = sorted((int(d.name.rsplit("-", 1)[1]), d) for d in run_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*")
+                   if d.is_dir() and d.name.rsplit("-", 1)[1].isdigit())
+    last = None
+    for step, folder in reversed(found):
+        if last is None and is_complete_checkpoint(folder):
+            last = folder
+        elif last is None and clean:
+            print(f"{folder}: incomplete checkpoint (no readable trainer_state.json), removed", flush=True)
+            shutil.rmtree(folder)
+    if clean:
+        shutil.rmtree(run_dir / STAGING, ignore_errors=True)
+    return str(last) if last is not None else None
+
+
+def publish_checkpoint(staged: Path, run_dir: Path) -> None:
+    """Rename a whole staged checkpoint into place, then drop the older ones (resume needs only the last)."""
+    target = run_dir / staged.name
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(staged, target)
+    for old in run_dir.glob("checkpoint-*"):
+        if old != target and old.is_dir():
+            shutil.rmtree(old)
+    shutil.rmtree(staged.parent, ignore_errors=True)
+
+
 def make_trainer(model, args, dataset, collator, callbacks, group_by_length: bool):
     from transformers import Trainer
 
     class MgmTrainer(Trainer):
+        _staging: str | None = None
+
         def _get_train_sampler(self, train_dataset=None):
             if not group_by_length:
                 return super()._get_train_sampler(train_dataset)
@@ -202,6 +253,27 @@ def make_trainer(model, args, dataset, collator, callbacks, group_by_length: boo
                                             self.args.train_batch_size * self.args.gradient_accumulation_steps,
                                             self.args.data_seed)
 
+        def _get_output_dir(self, trial):
+            return self._staging or super()._get_output_dir(trial)
+
+        def _save_checkpoint(self, model, trial):
+            # transformers writes checkpoint-N in place, trainer_state.json last: a kill inside leaves a
+            # folder that looks newest and cannot be resumed. Write it whole under STAGING, then rename.
+            run_dir = Path(super()._get_output_dir(trial))
+            staging = run_dir / STAGING
+            if self.args.should_save:
+                shutil.rmtree(staging, ignore_errors=True)
+            self.accelerator.wait_for_everyone()
+            self._staging = str(staging)
+            try:
+                super()._save_checkpoint(model, trial)
+            finally:
+                self._staging = None
+            self.accelerator.wait_for_everyone()  # every rank's shards are in before the rename
+            if self.args.should_save:
+                publish_checkpoint(staging / f"checkpoint-{self.state.global_step}", run_dir)
+            self.accelerator.wait_for_everyone()
+
     from transformers.trainer_callback import PrinterCallback
 
     trainer = MgmTrainer(model=model, args=args, train_dataset=dataset, data_collator=collator, callbacks=list(callbacks))
@@ -209,39 +281,50 @@ def make_trainer(model, args, dataset, collator, callbacks, group_by_length: boo
     return trainer
 
 
-def run_stage(model: nn.Module, dataset, collator, sc: StageConfig, cfg: TrainConfig, out_dir: Path,
-              callbacks=(), live=None, step_offset: int = 0, stage: int = 1):
-    """One `Trainer.train()`, resumed from the last checkpoint in `out_dir` if there is one.
+def step_rows(log_history: list[dict]) -> list[dict]:
+    """The per-step rows of a Trainer's log history (the end-of-training summary has no `loss`)."""
+    return [r for r in log_history if "loss" in r and "step" in r]
 
-    Returns (trainer, figures): figures are the stage's final numbers (flat, for metrics).
-    """
-    from transformers.trainer_utils import get_last_checkpoint
 
-    args = training_args(sc, cfg, out_dir)
-    logger = LiveCallback(live, len(dataset), args.train_batch_size * args.gradient_accumulation_steps * world_size(),
-                          step_offset=step_offset, stage=stage)
-    trainer = make_trainer(model, args, dataset, collator, [logger, *callbacks], cfg.group_by_length)
-    last = get_last_checkpoint(str(out_dir)) if out_dir.is_dir() else None
-    t0 = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=last)
-    wall = time.perf_counter() - t0
-    steps = logger.steps
-    # throughput over this process's steps only; the first step (allocator, lazy init) is left out when possible
-    timed = steps[1:] if len(steps) > 1 else steps
-    tokens = trainer.state.num_input_tokens_seen
-    figures = {
-        "loss": float(result.training_loss),
-        "final_loss": steps[-1]["loss"] if steps else float("nan"),
-        "first_loss": steps[0]["loss"] if steps else float("nan"),
+def stage_figures(rows: list[dict], trainer, n_samples: int, epochs: float, wall: float, last: str | None) -> dict:
+    """A stage's final numbers from its whole log history, restored with each checkpoint: a resumed
+    run (even one resumed at its final step, training nothing) reports what an uninterrupted one does."""
+    losses = [r["loss"] for r in rows]
+    # throughput: the first step (allocator, lazy init) is left out when possible
+    timed = [r for r in rows[1:] or rows if "step_s" in r]
+    step_s = sum(r["step_s"] for r in timed)
+    return {
+        "loss": sum(losses) / len(losses) if losses else float("nan"),  # = Trainer's train_loss when logging every step
+        "final_loss": losses[-1] if losses else float("nan"),
+        "first_loss": losses[0] if losses else float("nan"),
         "steps": int(trainer.state.global_step),
-        "samples": len(dataset) * float(sc.epochs),
-        "tokens": int(tokens),
+        "samples": n_samples * float(epochs),
+        "tokens": int(trainer.state.num_input_tokens_seen),
         "wall_s": round(wall, 2),
-        "samples_per_s": round(sum(r["samples_per_s"] * r["step_s"] for r in timed) / max(sum(r["step_s"] for r in timed), 1e-9), 2),
-        "tokens_per_s": round(sum(r["tokens_per_s"] * r["step_s"] for r in timed) / max(sum(r["step_s"] for r in timed), 1e-9), 1),
+        "samples_per_s": round(sum(r["samples_per_s"] * r["step_s"] for r in timed) / max(step_s, 1e-9), 2),
+        "tokens_per_s": round(sum(r["tokens_per_s"] * r["step_s"] for r in timed) / max(step_s, 1e-9), 1),
         "resumed_from_step": int(last.rsplit("-", 1)[-1]) if last else 0,
     }
-    return trainer, figures
+
+
+def run_stage(model: nn.Module, dataset, collator, sc: StageConfig, cfg: TrainConfig, out_dir: Path,
+              callbacks=(), live=None, step_offset: int = 0, stage: int = 1, earlier_rows=()):
+    """One `Trainer.train()`, resumed from the last complete checkpoint in `out_dir` if there is one.
+
+    `earlier_rows`: the curve rows of the stages before (already offset), replayed into `live`.
+    Returns (trainer, figures, rows): figures are the stage's final numbers (flat, for metrics),
+    rows its per-step curve rows (step offset applied).
+    """
+    args = training_args(sc, cfg, out_dir)
+    logger = LiveCallback(live, len(dataset), args.train_batch_size * args.gradient_accumulation_steps * world_size(),
+                          step_offset=step_offset, stage=stage, earlier_rows=earlier_rows)
+    trainer = make_trainer(model, args, dataset, collator, [logger, *callbacks], cfg.group_by_length)
+    last = last_complete_checkpoint(out_dir, clean=rank() == 0)
+    t0 = time.perf_counter()
+    trainer.train(resume_from_checkpoint=last)
+    rows = step_rows(trainer.state.log_history)
+    figures = stage_figures(rows, trainer, len(dataset), sc.epochs, time.perf_counter() - t0, last)
+    return trainer, figures, [curve_row(r, step_offset, stage) for r in rows]
 
 
 # ---------------------------------------------------------------- work dir and resume
@@ -317,20 +400,21 @@ def two_stage(model: nn.Module, captions, instruct, collator, cfg: TrainConfig, 
     s1_figures = work / "stage1" / "figures.json"
     if s1_weights.is_file() and s1_figures.is_file():
         load_connector(model, s1_weights)  # stage 1 finished in an earlier, interrupted run
-        fig1 = json.loads(s1_figures.read_text())
+        saved = json.loads(s1_figures.read_text())
+        fig1, rows1 = saved["figures"], saved["rows"]
         fig1["skipped"] = 1
     else:
         strategies.stage1(model)  # no seeding here: the Trainer seeds everything with cfg.seed first
-        _, fig1 = run_stage(model, captions, collator, cfg.stage1, cfg, work / "stage1", callbacks, live, stage=1)
+        _, fig1, rows1 = run_stage(model, captions, collator, cfg.stage1, cfg, work / "stage1", callbacks, live, stage=1)
         if rank() == 0:
             save_connector(model, s1_weights)
-            io.write_json(s1_figures, fig1)
+            io.write_json(s1_figures, {"figures": fig1, "rows": rows1})
         fig1["skipped"] = 0
 
     seed_everything(cfg.seed + 1)  # same LoRA init whether or not stage 1 ran in this process
     model = strategies.stage2(model, cfg.strategy, cfg.lora, base_path)
-    trainer, fig2 = run_stage(model, instruct, collator, cfg.stage2, cfg, work / "stage2", callbacks, live,
-                              step_offset=fig1["steps"], stage=2)
+    trainer, fig2, _ = run_stage(model, instruct, collator, cfg.stage2, cfg, work / "stage2", callbacks, live,
+                                 step_offset=fig1["steps"], stage=2, earlier_rows=rows1)
     return model, trainer, {"stage1": fig1, "stage2": fig2}
 
 
