@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conftest import write_bomb_png
 from vlmlab.data.validate import REASONS, import_seed
 from vlmlab.io import StageError
 
@@ -47,6 +48,7 @@ def bad_folder(fixtures_dir, tmp_path):
     (src / "images/good2.jpg").write_bytes(good)
     (src / "images/cut.jpg").write_bytes(good[: len(good) // 2])
     (src / "images/text.jpg").write_bytes(b"this is not an image")
+    write_bomb_png(src / "images/bomb.png")
 
     def line(i, text="<__dj__image>\na cat <|__dj__eoc|>", image="images/good.jpg"):
         return json.dumps({"id": i, "text": text, "images": [image]}).encode()
@@ -64,6 +66,7 @@ def bad_folder(fixtures_dir, tmp_path):
         line("10", image="images/nope.jpg"),                         # missing_image
         line("11", image="images/text.jpg"),                         # unreadable_image
         line("12", image="images/cut.jpg"),                          # truncated_image
+        line("14", image="images/bomb.png"),                         # image_too_large (20000 x 20000)
         b"",                                                         # blank lines are skipped
         line("13", text="<__dj__image> a dog\n <|__dj__eoc|>", image="images/good2.jpg"),  # ok, recaptioned layout
     ]
@@ -75,8 +78,8 @@ def test_each_bad_input_becomes_a_reject_with_its_reason(bad_folder, tmp_path):
     counts = import_seed(bad_folder, "seed.jsonl", "stage_1.json", tmp_path / "raw", seed=0)
     rejects = [json.loads(line) for line in open(tmp_path / "raw/rejects.jsonl")]
     assert [r["reason"] for r in rejects] == list(REASONS)
-    assert [r["line"] for r in rejects] == list(range(2, 13))
-    assert counts["samples"] == 2 and counts["lines"] == 13
+    assert [r["line"] for r in rejects] == list(range(2, 14))
+    assert counts["samples"] == 2 and counts["lines"] == 14
     assert counts["rejects"] == {**dict.fromkeys(REASONS, 1), "total": len(REASONS)}
     assert counts["prompts_from_pool"] == 2   # no stage_1.json there
     assert sorted(p.name for p in (tmp_path / "raw/images").iterdir()) == ["good.jpg", "good2.jpg"]

@@ -22,8 +22,11 @@ Question files: one object a line, LLaVA's question-file layout
 ("question" is accepted for "text", "id" for "question_id"); image paths are relative to
 --image_root (default: the jsonl's folder). Output lines:
   {"question_id": ..., "prompt": ..., "text": <answer>, "model": <--model>}
-A line whose image is missing or unreadable goes to <out>.rejects.jsonl with its reason;
-a whole unusable input (no model, no question file, a wrong adapter) stops with one line.
+A line that cannot be used (not UTF-8, not JSON, a field of the wrong type, an image that is
+missing, unreadable or over PIL's decompression-bomb pixel limit) goes to <out>.rejects.jsonl
+with its line number and reason (the file is rewritten on every run, empty when nothing was
+rejected); a whole unusable input (no model, no question file, a wrong adapter, a bad option,
+an --out that is a folder or cannot be written) stops with one line before the model loads.
 Other options: --dtype float32|bfloat16|float16, --attn_implementation eager|sdpa|flash_attention_2,
 --device cpu|cuda, --threads N (CPU).
 """
@@ -31,12 +34,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from vlmlab.io import fail, write_jsonl
+from vlmlab.io import check_writable_file, fail, write_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -96,6 +100,18 @@ def open_image(path: Path) -> Image.Image:
         return f.convert("RGB")
 
 
+def image_problem(path: Path) -> tuple[Image.Image | None, tuple[str, str] | None]:
+    """(RGB image, None), or (None, (reason, detail)) for a missing, unreadable or too large image."""
+    try:
+        return open_image(path), None
+    except (FileNotFoundError, IsADirectoryError):
+        return None, ("missing_image", f"{path}: no such image file")
+    except Image.DecompressionBombError as e:  # PIL's pixel limit stays: the image is refused, not decoded
+        return None, ("image_too_large", f"{path}: {e}")
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        return None, ("unreadable_image", f"{path}: {e}")
+
+
 def generate_batch(model, processor, items: list[dict], max_new_tokens: int = 32, do_sample: bool = False,
                    temperature: float = 1.0, top_p: float = 1.0) -> list[str]:
     """items: [{"question": str, "image": PIL image}] -> answers, one left-padded batch, KV cache."""
@@ -112,29 +128,74 @@ def generate_batch(model, processor, items: list[dict], max_new_tokens: int = 32
 
 
 def read_questions(path: Path, image_root: Path) -> tuple[list[dict], list[dict]]:
-    """Question jsonl -> (usable rows with their image path, rejects with reasons)."""
+    """Question jsonl -> (usable rows with their image path, rejects with line numbers and reasons)."""
     rows, rejects = [], []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            def reject(reason: str, detail: str, qid=None) -> None:
+                rejects.append({"line": n, "id": qid, "reason": reason, "detail": detail})
+
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                reject("non_utf8", str(e))
+                continue
             if not line.strip():
                 continue
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
-                rejects.append({"line": n, "id": None, "reason": "bad_json", "detail": e.msg})
+                reject("bad_json", e.msg)
                 continue
             if not isinstance(obj, dict):
-                rejects.append({"line": n, "id": None, "reason": "bad_schema",
-                                "detail": f"a {type(obj).__name__}, not an object"})
+                reject("bad_schema", f"a {type(obj).__name__}, not an object")
                 continue
             qid = obj.get("question_id", obj.get("id", n))
-            question = obj.get("text", obj.get("question"))
-            if not question or not obj.get("image"):
-                rejects.append({"line": n, "id": qid, "reason": "missing_field", "detail": "needs text and image"})
-                continue
-            image = Path(obj["image"]) if Path(obj["image"]).is_absolute() else image_root / obj["image"]
-            rows.append({"line": n, "question_id": qid, "question": question, "image_path": image})
+            question, image = obj.get("text", obj.get("question")), obj.get("image")
+            if not question or not image:
+                reject("missing_field", "needs text and image", qid)
+            elif not isinstance(question, str) or not isinstance(image, str):
+                reject("bad_schema", f"text and image must be strings (text: {type(question).__name__}, "
+                                     f"image: {type(image).__name__})", qid)
+            else:
+                image_path = Path(image) if Path(image).is_absolute() else image_root / image
+                rows.append({"line": n, "question_id": qid, "question": question, "image_path": image_path})
     return rows, rejects
+
+
+CHOICES = {"attn_implementation": (None, "eager", "sdpa", "flash_attention_2"),
+           "dtype": (None, *DTYPES)}
+
+
+def check_options(opts: dict) -> None:
+    """Every option's type and range, before anything is read or loaded: one line naming the option.
+
+    fire turns `--question 42` into an int and `--batch_size -1` into a negative one: both are refused here."""
+    def bad(name: str, want: str) -> "StageError":
+        value = opts[name]
+        return fail(f"--{name} {value!r} ({type(value).__name__}): {want}")
+
+    for name in ("model", "image", "question", "questions", "image_root", "out"):
+        if opts[name] is not None and not isinstance(opts[name], str):
+            raise bad(name, "must be text (quote it so the shell passes a string: --question '\"42\"')")
+    for name, low in (("batch_size", 1), ("max_new_tokens", 1), ("seed", 0), ("threads", 1)):
+        value = opts[name]
+        if name == "threads" and value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise bad(name, f"must be an integer >= {low}")
+    for name, ok, want in (("temperature", lambda v: v > 0, "must be a number > 0"),
+                           ("top_p", lambda v: 0 < v <= 1, "must be a number in (0, 1]")):
+        value = opts[name]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok(value):
+            raise bad(name, want)
+    if not isinstance(opts["do_sample"], bool):
+        raise bad("do_sample", "is a switch: --do_sample or --nodo_sample")
+    for name, allowed in CHOICES.items():
+        if opts[name] not in allowed:
+            raise bad(name, f"use one of {', '.join(a for a in allowed if a)}")
+    if not isinstance(opts["device"], str) or not re.fullmatch(r"cpu|cuda(:\d+)?", opts["device"]):
+        raise bad("device", "use cpu, cuda or cuda:N")
 
 
 def main(model: str, image: str | None = None, question: str | None = None, questions: str | None = None,
@@ -142,8 +203,12 @@ def main(model: str, image: str | None = None, question: str | None = None, ques
          do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
          dtype: str | None = None, attn_implementation: str | None = None, device: str = "cpu",
          threads: int | None = None) -> None:
+    check_options(dict(locals()))
     if (questions is None) == (question is None):
         raise fail("give either --question (with --image) or --questions <file.jsonl>")
+    if out:  # before any work: an existing folder is never replaced, an unwritable place fails now
+        check_writable_file(out, "--out")
+        check_writable_file(f"{out}.rejects.jsonl", "--out")
     if threads:
         torch.set_num_threads(int(threads))
     torch.manual_seed(seed)
@@ -159,16 +224,14 @@ def main(model: str, image: str | None = None, question: str | None = None, ques
         rows, rejects = read_questions(qpath, Path(image_root) if image_root else qpath.parent)
     # images are checked before the model loads: a typo fails fast
     for r in rows:
-        try:
-            r["image"] = open_image(r["image_path"])
-        except (FileNotFoundError, IsADirectoryError):
-            r["error"] = ("missing_image", f"{r['image_path']}: no such image file")
-        except (UnidentifiedImageError, OSError) as e:
-            r["error"] = ("unreadable_image", f"{r['image_path']}: {e}")
+        r["image"], problem = image_problem(r["image_path"])
+        if problem:
+            r["error"] = problem
     if questions is None and "error" in rows[0]:
         raise fail(rows[0]["error"][1])
     rejects += [{"line": r["line"], "id": r["question_id"], "reason": r["error"][0], "detail": r["error"][1]}
                 for r in rows if "error" in r]
+    rejects.sort(key=lambda r: r["line"])
     rows = [r for r in rows if "error" not in r]
     mgm, processor = load_model(model, dtype=dtype, attn_implementation=attn_implementation, device=device)
     results = []
@@ -181,8 +244,7 @@ def main(model: str, image: str | None = None, question: str | None = None, ques
                     for r, a in zip(chunk, answers)]
     if out:
         write_jsonl(out, results)
-        if rejects:
-            write_jsonl(f"{out}.rejects.jsonl", rejects)
+        write_jsonl(f"{out}.rejects.jsonl", rejects)  # always: a previous run's rejects must not look like this run's
     if questions is None:
         print(results[0]["text"])
     else:

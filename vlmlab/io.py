@@ -6,6 +6,7 @@ temporary name beside its target and renamed into place only when complete.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
@@ -29,25 +30,60 @@ def fail(message: str) -> "StageError":
     return StageError(f"error: {message}")
 
 
+# write errors that are the user's to fix (a full disk, a read-only place): one line, not a traceback
+USER_WRITE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+def cannot_write(target: Path, e: OSError) -> "StageError":
+    return fail(f"{target}: cannot write it ({e.strerror or e}); free space or pick a writable place, "
+                "then re-run (nothing was replaced)")
+
+
 @contextlib.contextmanager
 def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     """Yield a temp path beside `target`; rename it onto `target` only if the block succeeds.
 
-    Works for a file or a folder. A previous `target` is replaced; on error the temp is removed.
+    Works for a file or a folder. A previous `target` of the same kind is replaced (a folder is
+    replaced only by a folder: a file path that names an existing folder is an error, never a
+    deletion); on error the temp is removed and `target` is left as it was.
     """
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    except OSError as e:
+        raise cannot_write(target, e) from None
     tmp_target = tmp / target.name
     try:
-        yield tmp_target
+        try:
+            yield tmp_target
+        except OSError as e:
+            if e.errno in USER_WRITE_ERRORS:
+                raise cannot_write(target, e) from None
+            raise
         if target.is_dir() and not target.is_symlink():
+            if not tmp_target.is_dir():
+                raise fail(f"{target} is a folder: not replacing it with a file (give a file path)")
             shutil.rmtree(target)
         elif target.exists() or target.is_symlink():
             target.unlink()
         os.replace(tmp_target, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_writable_file(path: str | os.PathLike, what: str) -> Path:
+    """Fail early (before any heavy work) if `path` cannot become a file: an existing folder, or a
+    place this process cannot write (checked by writing, so a read-only mount is caught as root too)."""
+    path = Path(path)
+    if path.is_dir():
+        raise fail(f"{what} {path} is a folder: give a file path (e.g. {path / 'answers.jsonl'}); nothing was written")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        os.rmdir(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))  # what atomic_path will do
+    except OSError as e:
+        raise cannot_write(path, e) from None
+    return path
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:

@@ -23,7 +23,8 @@ from vlmlab.io import fail, write_jsonl
 
 # every reason code a reject can carry, in the order the checks run
 REASONS = ("non_utf8", "bad_json", "bad_schema", "duplicate_id", "missing_image_token", "missing_eoc_token",
-           "empty_caption", "bad_image_path", "missing_image", "unreadable_image", "truncated_image")
+           "empty_caption", "bad_image_path", "missing_image", "unreadable_image", "truncated_image",
+           "image_too_large")
 
 
 def check_image(root: Path, rel: str) -> tuple[str, str] | None:
@@ -40,6 +41,8 @@ def check_image(root: Path, rel: str) -> tuple[str, str] | None:
                 im.load()   # full decode: a cut-off file opens fine and fails only here
             except (OSError, SyntaxError) as e:
                 return "truncated_image", f"{rel}: {e}"
+    except Image.DecompressionBombError as e:  # over PIL's pixel limit (kept): refused before decoding
+        return "image_too_large", f"{rel}: {e}"
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         return "unreadable_image", f"{rel}: {e}"
     finally:
