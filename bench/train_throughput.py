@@ -263,15 +263,17 @@ def bench_trainer(a, device: str, deepspeed: str, flops_cache: dict) -> dict:
         model, image_id, n_image, vocab, side, side_aux = build("mgm", a.preset, device, a.attn)
         batch = synthetic_batch(a.batch, a.seq, image_id, n_image, vocab, side, side_aux, "cpu")
         data = SyntheticSet(batch, a.batch * (a.warmup + a.steps))
-        cfg = recipe.TrainConfig(stage2=recipe.StageConfig(lr=1e-5, global_batch=a.batch, micro_batch=a.batch),
-                                 strategy="full", deepspeed=deepspeed, save_steps=0, group_by_length=False,
-                                 attn_implementation=a.attn)
+        stage = recipe.StageConfig(epochs=1.0, lr=1e-5, global_batch=a.batch, micro_batch=a.batch, warmup_ratio=0.03,
+                                   scheduler="cosine")
+        cfg = recipe.TrainConfig(stage1=stage, stage2=stage, strategy="full", lora=None, gradient_checkpointing=False,
+                                 attn_implementation=a.attn, deepspeed=deepspeed, save_steps=0, workers=0,
+                                 group_by_length=False, max_length=0, seed=0)
         model = strategies.stage2(model, "full")
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
         with tempfile.TemporaryDirectory() as tmp:
             trainer, fig, _ = recipe.run_stage(model, data, PadCollator(0, 0), cfg.stage2, cfg, Path(tmp) / "out",
-                                           stage=2)
+                                               stage=2)
         row.update(samples_per_s=fig["samples_per_s"], tokens_per_s=fig["tokens_per_s"], steps=fig["steps"],
                    loss=round(fig["final_loss"], 4))
         if ("mgm", "full") in flops_cache:  # same model, batch and trainable set as the loop's row

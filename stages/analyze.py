@@ -5,12 +5,19 @@
 Writes flat metrics (counts, rejects by reason, caption lengths, vocabulary, duplicates,
 image sizes), CSVs that dvc.yaml declares as plots, and an overview PNG.
 """
+import sys
+from pathlib import Path
+
+# this checkout's vlmlab before any installed copy: a clone or a `dvc exp run --temp` copy runs its own code
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 import csv
 
 import fire
 
 from vlmlab.data.eda import COLUMNS, analyze, plot_overview
-from vlmlab.io import atomic_path, load_params, write_metrics
+from vlmlab.io import atomic_path, write_metrics
+from vlmlab.params import load as load_params
 
 
 def write_csv(path, rows: list[dict], columns) -> None:

@@ -10,17 +10,23 @@ plots) and PNGs: metric bars per model, loss curves overlaid, memory over time o
 """
 from __future__ import annotations
 
-import os
+import sys
 from pathlib import Path
+
+# this checkout's vlmlab before any installed copy: a clone or a `dvc exp run --temp` copy runs its own code
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import os
 
 import fire
 
 from vlmlab import io
 from vlmlab.evaluate import compare as cmp
+from vlmlab.params import load as load_params
 
 
 def main(report: str, metrics: str, plots: str, params: str = "params.yaml"):
-    all_params = io.load_params(params)
+    all_params = load_params(params)
     p = all_params["compare"]
     runs = list(all_params.get("runs", {}))
     models = all_params["evaluate"]["models"]

@@ -9,6 +9,12 @@ The benchmark files (tiny world by default, real ones by path) come from params 
 """
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+# this checkout's vlmlab before any installed copy: a clone or a `dvc exp run --temp` copy runs its own code
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 import fire
 import torch
 
@@ -16,11 +22,12 @@ from vlmlab import io
 from vlmlab.evaluate.benchmarks import GenConfig, run_captions, run_mmbench, run_textvqa
 from vlmlab.infer import load_model
 from vlmlab.monitor import Monitor
+from vlmlab.params import load as load_params
 from vlmlab.seeding import seed_everything
 
 
 def main(name: str, model: str, preds: str, metrics: str, params: str = "params.yaml"):
-    all_params = io.load_params(params)
+    all_params = load_params(params)
     p = all_params["evaluate"]
     seed_everything(all_params["seed"] + 600)  # greedy decoding draws nothing; seeded all the same
     if p["threads"]:

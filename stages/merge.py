@@ -9,13 +9,19 @@ leaving no output, if max |logit diff| on held-out samples between the adapter a
 fold exceeds merge.tolerance, or between the adapter and the reloaded bf16 folder exceeds
 merge.saved_tolerance.
 """
+import sys
 from pathlib import Path
+
+# this checkout's vlmlab before any installed copy: a clone or a `dvc exp run --temp` copy runs its own code
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 
 import fire
 
 from vlmlab import io
 from vlmlab.models.processor import MgmProcessor
 from vlmlab.monitor import Monitor
+from vlmlab.params import load as load_params
 from vlmlab.seeding import seed_everything
 from vlmlab.train import merge, recipe
 
@@ -24,7 +30,7 @@ SEED_OFFSET = 500
 
 def main(adapter: str, out: str, held_out: str = "data/world/eval/captions.jsonl", metrics: str = "",
          monitor: str = "", base: str = "", params: str = "params.yaml") -> None:
-    p = io.load_params(params)
+    p = load_params(params)
     m = p["merge"]
     seed_everything(p["seed"] + SEED_OFFSET)
     processor = MgmProcessor.from_pretrained(adapter)

@@ -6,12 +6,19 @@ data.source=world: everything is generated from the tiny world (params `world`, 
 data.source=path:  data/raw is imported from data.path (validated, rejects counted); the
 curated, instruction and eval sets in data/world still come from the tiny world.
 """
+import sys
+from pathlib import Path
+
+# this checkout's vlmlab before any installed copy: a clone or a `dvc exp run --temp` copy runs its own code
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 import time
 
 import fire
 
 from vlmlab.data.validate import REASONS, import_seed
-from vlmlab.io import atomic_path, fail, load_params, write_metrics
+from vlmlab.io import atomic_path, fail, write_metrics
+from vlmlab.params import load as load_params
 from vlmlab.world.generate import build_world
 
 

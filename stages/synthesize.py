@@ -7,13 +7,19 @@ Renders the recipe from params (synth section), runs it in-process with Data-Jui
 and writes data/enhanced in the seed layout (dj.jsonl, llava.json, rejects.jsonl, trace_sample.jsonl,
 images/) plus per-op counts. The same recipe runs outside with `dj-process --config <recipe>`.
 """
-import os
+import sys
 from pathlib import Path
+
+# this checkout's vlmlab before any installed copy: a clone or a `dvc exp run --temp` copy runs its own code
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import os
 
 import fire
 
 from vlmlab import io
 from vlmlab.monitor import Monitor
+from vlmlab.params import load as load_params
 from vlmlab.synth import recipe as recipes
 from vlmlab.synth.run import synthesize
 
@@ -23,7 +29,7 @@ SEED_OFFSET = 60
 def main(raw: str = "data/raw", teacher: str = "models/teacher", recipe: str = "configs/recipes/synthesize.yaml",
          out: str = "data/enhanced", metrics: str = "metrics/synth.json", monitor: str = "plots/monitor/synthesize",
          work: str = "work/synth", params: str = "params.yaml") -> None:
-    p = io.load_params(params)
+    p = load_params(params)
     cfg = recipes.SynthConfig.from_params(p["synth"])
     seed = p["seed"] + SEED_OFFSET
     captioner = cfg.captioner or teacher

@@ -8,12 +8,19 @@ normal HF folder, score its held-out captions (BLEU-4, CIDEr) next to the seed's
 Real runs (synth.captioner: a local folder, e.g. blip2-opt-2.7b): only check it loads as Data-Juicer
 loads it, and record which folder it was in models/teacher/captioner.json.
 """
+import sys
+from pathlib import Path
+
+# this checkout's vlmlab before any installed copy: a clone or a `dvc exp run --temp` copy runs its own code
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 import torch
 
 import fire
 
 from vlmlab import io
 from vlmlab.monitor import Monitor
+from vlmlab.params import load as load_params
 from vlmlab.seeding import seed_everything
 from vlmlab.synth import scoring, teacher
 from vlmlab.synth.tokenizer import world_words
@@ -24,7 +31,7 @@ SEED_OFFSET = 50
 def main(curated: str = "data/world/curated", eval: str = "data/world/eval/captions.jsonl",
          out: str = "models/teacher", metrics: str = "metrics/teacher.json",
          monitor: str = "plots/monitor/teacher", params: str = "params.yaml") -> None:
-    p = io.load_params(params)
+    p = load_params(params)
     tp, captioner = p["teacher"], p["synth"]["captioner"]
     seed = p["seed"] + SEED_OFFSET
     torch.set_num_threads(tp["threads"])

@@ -9,6 +9,12 @@ stage 1: connector on the run's captions; stage 2: the run's strategy (full | lo
 instruction set. Re-run after an interruption, it resumes from the last checkpoint in --work.
 Launch with `deepspeed --num_gpus N` or `torchrun` instead of `python` (params train.launcher).
 """
+import sys
+from pathlib import Path
+
+# this checkout's vlmlab before any installed copy: a clone or a `dvc exp run --temp` copy runs its own code
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 import os
 
 # Before torch loads OpenMP: idle threads sleep instead of spinning, so two compute threads
@@ -18,7 +24,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import contextlib  # noqa: E402
 import shutil  # noqa: E402
-from pathlib import Path  # noqa: E402
 
 import fire  # noqa: E402
 from dvclive import Live  # noqa: E402
@@ -26,6 +31,7 @@ from dvclive import Live  # noqa: E402
 from vlmlab import io  # noqa: E402
 from vlmlab.data.collate import ConversationDataset, PadCollator  # noqa: E402
 from vlmlab.monitor import Monitor  # noqa: E402
+from vlmlab.params import load as load_params  # noqa: E402
 from vlmlab.train import recipe, strategies  # noqa: E402
 
 SEED_OFFSET = 400  # this stage's share of the master seed
@@ -37,16 +43,16 @@ def main(name: str, base: str = "models/zoo", captions: str = "data/raw/llava.js
     # local_rank: passed by the `deepspeed` launcher; the Trainer reads LOCAL_RANK from the environment.
     # Option names must not prefix torchrun's own (it rejects --run, --monitor as ambiguous).
     run = name
-    p = io.load_params(params)
+    p = load_params(params)
     runs = p.get("runs") or {}
     if run not in runs:
         raise io.fail(f"run {run!r} is not in params.yaml runs: ({', '.join(runs) or 'empty'}); add it there")
-    cfg = recipe.TrainConfig.from_params(p["train"], runs[run], seed=p["seed"] + SEED_OFFSET)
+    cfg = recipe.TrainConfig.from_params(p["train"], runs[run], seed=p["seed"] + SEED_OFFSET, name=run)
     out, metrics = out or f"models/runs/{run}", metrics or f"metrics/train/{run}.json"
     plots, work = Path(plots or f"plots/train/{run}"), Path(work or f"work/train/{run}")
     main_process = recipe.rank() == 0  # under a multi-process launcher only rank 0 writes files
 
-    mon = Monitor(memory or f"plots/monitor/train_{run}", p["train"].get("monitor_interval", 0.5))
+    mon = Monitor(memory or f"plots/monitor/train_{run}", p["train"]["monitor_interval"])
     with mon if main_process else contextlib.nullcontext():
         model, processor = recipe.load_base(base, cfg.attn_implementation)
         data = [ConversationDataset(path, processor, max_length=cfg.max_length, desc=f"encode {path}")

@@ -7,14 +7,21 @@ zoo.source=tiny:  a word-level tokenizer, the LM, the ViT and the ConvNeXt are p
 zoo.source=local: local checkpoints (an official MGM folder, or Gemma + CLIP + ConvNeXt) are
                   checked, converted and assembled; nothing is downloaded.
 """
+import sys
+from pathlib import Path
+
+# this checkout's vlmlab before any installed copy: a clone or a `dvc exp run --temp` copy runs its own code
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 import time
 
 import fire
 import torch
 
-from vlmlab.io import atomic_path, fail, load_params, write_metrics
+from vlmlab.io import atomic_path, fail, write_metrics
 from vlmlab.models import zoo
 from vlmlab.monitor import Monitor
+from vlmlab.params import load as load_params
 from vlmlab.seeding import seed_everything
 
 SEED_OFFSET = 300  # the zoo's RNG streams, apart from other stages'

@@ -71,7 +71,7 @@ def test_oracle_gets_top_scores(world, tiny, monkeypatch):
         return out
 
     monkeypatch.setattr(benchmarks, "generate_answers", oracle)
-    cfg = GenConfig(prefix_batch=3)
+    cfg = GenConfig(batch_size=16, prefix_batch=3)
     _, m = run_textvqa(model, proc, world / "textvqa_questions.jsonl", world / "textvqa_annotations.json", world, cfg)
     assert seen == {"cache": "dynamic", "compile": False, "prefix_batch": 3}  # the stage's params reach the decoder
     expected = sum(soft_score(a["answers"][0], a["answers"]) for a in ann.values()) / len(ann)
@@ -92,8 +92,8 @@ def test_oracle_gets_top_scores(world, tiny, monkeypatch):
 def test_missing_images_and_mismatched_files_fail_clearly(world, tiny, tmp_path):
     model, proc = tiny
     with pytest.raises(StageError, match="images missing under"):
-        run_textvqa(model, proc, world / "textvqa_questions.jsonl", world / "textvqa_annotations.json", tmp_path, GenConfig())
+        run_textvqa(model, proc, world / "textvqa_questions.jsonl", world / "textvqa_annotations.json", tmp_path, GenConfig(batch_size=16))
     other = tmp_path / "ann.json"
     other.write_text(json.dumps({"data": [{"image_id": "x", "question": "q?", "answers": ["a"] * 10}]}))
     with pytest.raises(StageError, match="has no annotation"):
-        run_textvqa(model, proc, world / "textvqa_questions.jsonl", other, world, GenConfig(limit=1, textvqa_max_new_tokens=1))
+        run_textvqa(model, proc, world / "textvqa_questions.jsonl", other, world, GenConfig(batch_size=16, limit=1, textvqa_max_new_tokens=1))

@@ -17,7 +17,7 @@ from vlmlab.world.generate import build_world
 
 N_RAW = 48
 TINY = dict(image_size=32, patch_size=8, vision_hidden=32, vision_layers=1, qformer_hidden=32, qformer_layers=1,
-            num_query_tokens=4, hidden=32, layers=1, heads=2, batch_size=16, lr=3e-3, epochs=3)
+            num_query_tokens=4, hidden=32, layers=1, heads=2, batch_size=16, lr=3e-3, epochs=3, max_words=40)
 
 
 @pytest.fixture(scope="module")

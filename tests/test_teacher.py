@@ -33,7 +33,7 @@ def standin(n: int, seed: int = 0, size: int = 32):
 
 
 TINY = dict(image_size=32, patch_size=8, vision_hidden=32, vision_layers=1, qformer_hidden=32, qformer_layers=1,
-            num_query_tokens=4, hidden=32, layers=1, heads=2, batch_size=16, lr=3e-3)
+            num_query_tokens=4, hidden=32, layers=1, heads=2, batch_size=16, lr=3e-3, max_words=40)
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +77,7 @@ def test_saved_teacher_loads_like_data_juicer_and_fits_its_generate_call(trained
 def test_caption_loss_over_all_rows_equals_forward_loss():
     torch.manual_seed(0)
     images, captions = standin(4)
-    model, processor = T.build_teacher(T.TeacherConfig(**TINY), caption_words(captions))
+    model, processor = T.build_teacher(T.TeacherConfig(epochs=8, **TINY), caption_words(captions))
     batch = T.encode_captions(processor, captions, 20)
     batch["pixel_values"] = processor.image_processor(images, return_tensors="pt")["pixel_values"]
     with torch.no_grad():
@@ -125,7 +125,7 @@ def test_fast_sampler_warp_matches_transformers_processors(top_p):
 
     from vlmlab.synth.teacher_generate import _warp
 
-    model, _ = T.build_teacher(T.TeacherConfig(**TINY), world_words())  # the real vocabulary: ~280 allowed ids
+    model, _ = T.build_teacher(T.TeacherConfig(epochs=8, **TINY), world_words())  # the real vocabulary: ~280 allowed ids
     gc = copy.deepcopy(model.generation_config)
     gc.top_p = top_p
     ids = T.allowed_token_ids(model)

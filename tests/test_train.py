@@ -15,6 +15,7 @@ from vlmlab.data.collate import IGNORE_INDEX, ConversationDataset, PadCollator
 from vlmlab.models import presets
 from vlmlab.models.tokenizer import train_world_tokenizer
 from vlmlab.train import recipe, strategies
+from vlmlab.params import load as load_params
 from vlmlab.train.recipe import StageConfig, TrainConfig
 
 
@@ -56,11 +57,15 @@ def data(world, base):
             ConversationDataset(world / "world/instruct/llava.json", processor), processor)
 
 
+TRAIN = load_params(Path(__file__).resolve().parents[1] / "params.yaml")["train"]
+
+
 def small_config(strategy="full", **kw) -> TrainConfig:
-    return TrainConfig(stage1=StageConfig(global_batch=16, micro_batch=8, lr=1e-3),
-                       stage2=StageConfig(global_batch=8, micro_batch=8, lr=2e-3),
-                       strategy=strategy, lora=strategies.LoraParams(r=4, alpha=8, dropout=0.1),
-                       save_steps=2, seed=7, **kw)
+    """params.yaml's train section with tiny batches (the only defaults are params.yaml's)."""
+    train = {**TRAIN, "stage1_global_batch": 16, "stage1_micro_batch": 8, "stage1_lr": 1e-3,
+             "stage2_global_batch": 8, "stage2_micro_batch": 8, "save_steps": 2, **kw}
+    run = {"data": "raw", "strategy": strategy, "lr": 2e-3, "lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.1}
+    return TrainConfig.from_params(train, run, seed=7)
 
 
 @torch.no_grad()
@@ -223,30 +228,30 @@ def one_line(excinfo) -> str:
     return msg
 
 
-def test_params_without_optional_keys_keep_the_dataclass_defaults():
-    from dataclasses import replace
-
-    got, want = TrainConfig.from_params({}, {"data": "raw"}, seed=3), TrainConfig(seed=3)
-    # stages aside: an absent stage*_ key falls back to StageConfig's default (params.yaml sets them all)
-    assert replace(got, stage1=want.stage1, stage2=want.stage2) == want
+def test_a_missing_train_key_is_one_line_not_a_dataclass_default():
+    train = {k: v for k, v in TRAIN.items() if k != "stage1_epochs"}
+    with pytest.raises(SystemExit) as e:
+        TrainConfig.from_params(train, {"data": "raw", "strategy": "full", "lr": 1e-3}, seed=3)
+    assert one_line(e) == "error: params.yaml: missing key train.stage1_epochs (every knob is set in params.yaml)"
 
 
 def test_bad_params_give_one_clear_line(tmp_path):
-    train = {"stage1_global_batch": 16, "stage1_micro_batch": 8}
+    train = TRAIN
     with pytest.raises(SystemExit) as e:
-        TrainConfig.from_params(train, {"data": "raw", "strategy": "qlora"}, seed=0)
-    assert "unknown training strategy 'qlora'" in one_line(e) and "full, lora" in one_line(e)
+        TrainConfig.from_params(train, {"data": "raw", "strategy": "qlora", "lr": 1e-3}, seed=0)
+    assert "runs.run.strategy = 'qlora'" in one_line(e) and "'full', 'lora'" in one_line(e)
     with pytest.raises(SystemExit) as e:
-        TrainConfig.from_params(train, {"data": "raw", "strategy": "lora", "lora_r": 0}, seed=0)
-    assert "r=0" in one_line(e) and "lora_r" in one_line(e)
+        TrainConfig.from_params(train, {"data": "raw", "strategy": "lora", "lr": 1e-3, "lora_r": 0}, seed=0, name="x")
+    assert "runs.x.lora_r = 0" in one_line(e)
     with pytest.raises(SystemExit) as e:
-        TrainConfig.from_params(train, {"data": "raw", "strategy": "full", "lora_rank": 8}, seed=0)
-    assert "lora_rank" in one_line(e)
+        TrainConfig.from_params(train, {"data": "raw", "strategy": "full", "lr": 1e-3, "lora_rank": 8}, seed=0)
+    assert "runs.run.lora_rank" in one_line(e)
     with pytest.raises(SystemExit) as e:
-        TrainConfig.from_params({**train, "stage1_lrr": 1e-3}, {"data": "raw", "strategy": "full"}, seed=0)
-    assert "stage1_lrr" in one_line(e)
+        TrainConfig.from_params({**train, "stage1_lrr": 1e-3}, {"data": "raw", "strategy": "full", "lr": 1e-3}, seed=0)
+    assert "train.stage1_lrr (did you mean train.stage1_lr?)" in one_line(e)
     with pytest.raises(SystemExit) as e:
-        recipe.accumulation(StageConfig(global_batch=12, micro_batch=8), world=1)
+        recipe.accumulation(StageConfig(epochs=1, lr=1e-3, global_batch=12, micro_batch=8, warmup_ratio=0,
+                                        scheduler="cosine"), world=1)
     assert "multiple" in one_line(e)
     with pytest.raises(SystemExit) as e:
         ConversationDataset(tmp_path / "data/enhanced/llava.json", processor=None)
@@ -278,7 +283,7 @@ def test_train_and_merge_stages_end_to_end(world, base, tmp_path):
                            stage2_micro_batch=16, save_steps=1)
     params["runs"] = {"tiny_lora": {"data": "raw", "strategy": "lora", "lr": 2e-3, "lora_r": 4, "lora_alpha": 8,
                                     "lora_dropout": 0.0}}
-    params["merge"].update(samples=4, batch_size=2)
+    params["merge"].update(samples=4, batch_size=2, runs=["tiny_lora"])
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     out = tmp_path / "out"
     train_stage.main("tiny_lora", base=str(base), captions=str(world / "raw/llava.json"),

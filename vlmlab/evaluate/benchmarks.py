@@ -17,7 +17,7 @@ from vlmlab.io import fail
 
 @dataclass
 class GenConfig:
-    batch_size: int = 16            # prompts per generation batch (sorted by length, left padded)
+    batch_size: int                 # prompts per generation batch (sorted by length, left padded); evaluate.batch_size
     textvqa_max_new_tokens: int = 8  # a word or a phrase
     caption_max_new_tokens: int = 48  # a dense world caption is ~40 word-level tokens
     mmbench_max_new_tokens: int = 4  # a letter (a chatty answer still gets its first words read)

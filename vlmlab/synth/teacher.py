@@ -38,7 +38,7 @@ from vlmlab.synth.tokenizer import IMAGE_TOKEN_ID, LM_VOCAB_SIZE, build_tokenize
 MAX_NEW_TOKENS = 128  # hard-coded in Data-Juicer's image_captioning_mapper
 
 
-@dataclass
+@dataclass(kw_only=True)
 class TeacherConfig:
     image_size: int = 96  # px; the world's stored size, so the sign word stays legible
     patch_size: int = 16  # 96/16 -> 36 patches
@@ -51,11 +51,11 @@ class TeacherConfig:
     layers: int = 2  # OPT decoder layers
     heads: int = 2
     # training
-    epochs: int = 8
+    epochs: int  # params.yaml teacher.epochs (defaults live in params.yaml only)
     batch_size: int = 32
     lr: float = 3e-3
     warmup_frac: float = 0.05
-    max_words: int = 40  # captions longer than this (in tokens) are cut for training
+    max_words: int  # captions longer than this (in tokens) are cut for training (teacher.max_words)
     # generation defaults saved into generation_config.json (Data-Juicer only forces do_sample/max_new_tokens)
     temperature: float = 0.7  # < 1: sampled captions stay close to the mode, still differ
     top_k: int = 20

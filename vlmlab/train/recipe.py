@@ -15,7 +15,7 @@ import json
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -30,29 +30,34 @@ from vlmlab.train.strategies import LoraParams
 
 @dataclass
 class StageConfig:
-    epochs: float = 1.0            # MGM: one pass over the data per stage
-    lr: float = 1e-3               # MGM stage 1: 1e-3; stage 2 (2B, full): 2e-5
-    global_batch: int = 256        # samples per optimizer step, all devices and accumulation (MGM: 256 / 128)
-    micro_batch: int = 16          # samples per device per forward; accumulation makes up the rest
-    warmup_ratio: float = 0.03     # share of steps with linear warmup
-    scheduler: str = "cosine"      # transformers lr_scheduler_type
-    weight_decay: float = 0.0      # MGM: 0
+    """One stage's optimisation; every knob but weight_decay comes from params.yaml `train:` (stage1_*/stage2_*)."""
+    epochs: float                  # passes over the stage's data (MGM: 1)
+    lr: float                      # MGM stage 1: 1e-3; stage 2 (2B, full): 2e-5 (runs.<run>.lr)
+    global_batch: int              # samples per optimizer step, all devices and accumulation (MGM: 256 / 128)
+    micro_batch: int               # samples per device per forward; accumulation makes up the rest
+    warmup_ratio: float            # share of steps with linear warmup
+    scheduler: str                 # transformers lr_scheduler_type
+    weight_decay: float = 0.0      # MGM: 0 (not a params knob)
 
 
-@dataclass
+STAGE_KEYS = ("epochs", "lr", "global_batch", "micro_batch", "warmup_ratio", "scheduler")  # train.stage<N>_<key>
+
+
+@dataclass(kw_only=True)
 class TrainConfig:
-    stage1: StageConfig = field(default_factory=StageConfig)
-    stage2: StageConfig = field(default_factory=lambda: StageConfig(lr=2e-5, global_batch=128))
-    strategy: str = "full"                  # stage 2: full | lora
-    lora: LoraParams = field(default_factory=LoraParams)
-    gradient_checkpointing: bool = False    # trade compute for activation memory (large models on GPU)
-    attn_implementation: str = "sdpa"       # sdpa | eager | flash_attention_2 (where flash-attn is installed)
-    deepspeed: str = ""                     # configs/deepspeed/zero2.json etc.; "" = plain torch
-    save_steps: int = 50                    # checkpoint every N optimizer steps (resume granularity)
-    workers: int = 0                        # dataloader workers; data is pre-encoded, 0 is fastest on 2 cores
-    group_by_length: bool = True            # batches of similar length (less padding)
-    max_length: int = 0                     # reject samples longer than this many tokens (0: keep all)
-    seed: int = 0
+    """A run's training config: params.yaml `train:` + one entry of `runs:` (see from_params); no defaults here."""
+    stage1: StageConfig
+    stage2: StageConfig
+    strategy: str                   # stage 2: full | lora
+    lora: LoraParams | None         # lora runs only
+    gradient_checkpointing: bool    # trade compute for activation memory (large models on GPU)
+    attn_implementation: str        # sdpa | eager | flash_attention_2 (where flash-attn is installed)
+    deepspeed: str                  # configs/deepspeed/zero2.json etc.; "" = plain torch
+    save_steps: int                 # checkpoint every N optimizer steps (resume granularity); 0: none
+    workers: int                    # dataloader workers; data is pre-encoded, 0 is fastest on 2 cores
+    group_by_length: bool           # batches of similar length (less padding)
+    max_length: int                 # reject samples longer than this many tokens (0: keep all)
+    seed: int
 
     def __post_init__(self):
         strategies.check_strategy(self.strategy)
@@ -61,33 +66,21 @@ class TrainConfig:
                 raise io.fail(f"train.{name}: batch sizes, epochs and lr must be > 0 (got {asdict(sc)}) in params.yaml")
 
     @classmethod
-    def from_params(cls, train: dict, run: dict, seed: int) -> "TrainConfig":
-        """params.yaml `train:` section + one entry of `runs:` -> config (one clear line on a bad key)."""
-        def stage(prefix: str) -> StageConfig:
-            keys = {f.name: train[f"{prefix}_{f.name}"] for f in StageConfig.__dataclass_fields__.values()
-                    if f"{prefix}_{f.name}" in train}
-            if "lr" in run and prefix == "stage2":
-                keys["lr"] = run["lr"]
-            return StageConfig(**keys)
+    def from_params(cls, train: dict, run: dict, seed: int, name: str = "run") -> "TrainConfig":
+        """params.yaml `train:` section + the entry `runs.<name>` -> config (one clear line on a bad key)."""
+        from vlmlab import params
 
-        # train: keys that map onto a TrainConfig field of the same name, with their conversion
-        converters = {"gradient_checkpointing": bool, "attn_implementation": lambda v: v, "deepspeed": lambda v: v or "",
-                      "save_steps": int, "workers": int, "group_by_length": bool, "max_length": int}
-        known = {f"{prefix}_{f}" for prefix in ("stage1", "stage2") for f in StageConfig.__dataclass_fields__} | {
-            "launcher", "monitor_interval", "lora_targets", *converters}
-        if set(train) - known:
-            raise io.fail(f"params.yaml train: unknown key(s) {sorted(set(train) - known)}; see vlmlab/train/recipe.py TrainConfig")
-        unknown = set(run) - {"data", "strategy", "lr", "lora_r", "lora_alpha", "lora_dropout"}
-        if unknown:
-            raise io.fail(f"params.yaml runs: unknown key(s) {sorted(unknown)}; allowed: data, strategy, lr, lora_r, lora_alpha, lora_dropout")
-        # only the keys params.yaml sets are passed: the others keep the dataclasses' defaults
-        lora = {f: run[k] for k, f in (("lora_r", "r"), ("lora_alpha", "alpha"), ("lora_dropout", "dropout")) if k in run}
-        if "lora_targets" in train:
-            lora["target_modules"] = list(train["lora_targets"])
-        kwargs = {k: convert(train[k]) for k, convert in converters.items() if k in train}
-        if "strategy" in run:
-            kwargs["strategy"] = run["strategy"]  # checked in __post_init__
-        return cls(stage1=stage("stage1"), stage2=stage("stage2"), lora=LoraParams(**lora), seed=seed, **kwargs)
+        train, run = params.check_section("train", train), params.check_run(name, run)
+        stage1 = StageConfig(**{k: train[f"stage1_{k}"] for k in STAGE_KEYS})
+        stage2 = StageConfig(**{k: run["lr"] if k == "lr" else train[f"stage2_{k}"] for k in STAGE_KEYS})
+        lora = None
+        if run["strategy"] == "lora":
+            lora = LoraParams(r=run["lora_r"], alpha=run["lora_alpha"], dropout=run["lora_dropout"],
+                              target_modules=list(train["lora_targets"]))
+        return cls(stage1=stage1, stage2=stage2, strategy=run["strategy"], lora=lora, seed=seed,
+                   deepspeed=train["deepspeed"] or "",
+                   **{k: train[k] for k in ("gradient_checkpointing", "attn_implementation", "save_steps", "workers",
+                                            "group_by_length", "max_length")})
 
 
 def load_base(base: str | Path, attn_implementation: str = "sdpa"):
