@@ -253,3 +253,199 @@ def test_a_bomb_in_a_seed_folder_is_one_reject_and_the_rest_imported(tmp_path):
     (reject,) = io.read_jsonl(tmp_path / "raw" / "rejects.jsonl")
     assert reject["line"] == 3 and reject["reason"] == "image_too_large" and "images/bomb.png" in reject["detail"]
     assert [r["id"] for r in io.read_jsonl(tmp_path / "raw" / "dj.jsonl")] == ["0", "1", "3"]
+
+
+# ---------------------------------------------------------------- 6. silent parameter problems
+
+from vlmlab import params as schema  # noqa: E402
+
+PARAMS = yaml.safe_load((REPO / "params.yaml").read_text())
+
+
+def with_change(section: str, key: str, value, params=None) -> dict:
+    p = json.loads(json.dumps(params or PARAMS))
+    node = p
+    *parents, last = [section, *key.split(".")] if key else [section]
+    for part in parents:
+        node = node[part]
+    node[last] = value
+    return p
+
+
+def sections_with_keys():
+    for section, value in PARAMS.items():
+        if isinstance(value, dict):
+            yield section
+
+
+def test_params_yaml_passes_its_own_schema():
+    assert schema.validate(PARAMS) == schema.validate(json.loads(json.dumps(PARAMS)))
+    assert set(schema.SECTIONS) == set(PARAMS)
+
+
+@pytest.mark.parametrize("section", list(sections_with_keys()))
+def test_a_misspelt_key_in_every_section_is_one_line_naming_it(section):
+    if section == "runs":   # runs' names are free: a misspelt key inside a run
+        params, key = with_change("runs", "baseline.lrr", 1e-3), "runs.baseline.lrr"
+    elif section == "evaluate":
+        params, key = with_change(section, "batch_sizee", 8), "evaluate.batch_sizee"
+    else:
+        first = next(iter(PARAMS[section]))
+        params, key = with_change(section, first + "e", PARAMS[section][first]), f"{section}.{first}e"
+    with pytest.raises(SystemExit) as e:
+        schema.validate(params)
+    assert one_line(e).startswith(f"error: params.yaml: unknown key {key} (")
+
+
+@pytest.mark.parametrize("section, key, value, message", [
+    ("runs", "baseline.lr", "abc", "runs.baseline.lr = 'abc' (str): expected a number > 0"),
+    ("world", "raw_size", 10.5, "world.raw_size = 10.5 (float): expected an integer >= 1"),
+    ("teacher", "epochs", True, "teacher.epochs = True (bool): expected an integer >= 1"),
+    ("evaluate", "batch_size", -1, "evaluate.batch_size = -1 (int): expected an integer >= 1"),
+    ("train", "lora_targets", "q_proj", "train.lora_targets = 'q_proj' (str): expected a non-empty list of strings"),
+    ("synth", "executor", "spark", "synth.executor = 'spark' (str): expected one of 'default', 'ray'"),
+    ("seed", "", "0", "seed = '0' (str): expected an integer >= 0"),
+])
+def test_a_wrong_type_is_one_line_naming_the_key(section, key, value, message):
+    with pytest.raises(SystemExit) as e:
+        schema.validate(with_change(section, key, value))
+    assert one_line(e) == f"error: params.yaml: {message}"
+
+
+def test_numbers_pyyaml_reads_as_strings_are_numbers():
+    """YAML 1.1 reads `1e-3` (no dot) as a string; `dvc exp run -S runs.baseline.lr=1e-3` means a number."""
+    assert schema.validate(with_change("runs", "baseline.lr", "1e-3"))["runs"]["baseline"]["lr"] == 1e-3
+
+
+def test_a_misspelt_key_stops_the_stage_before_any_work(tmp_path):
+    """`dvc exp run -S +world.raw_sizee=100 prepare` exited 0, ignoring the key; now: exit 1, one line, nothing written."""
+    small = {**PARAMS["world"], **yaml.safe_load((REPO / "tests/small_profile.yaml").read_text())["world"]}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(with_change("world", "raw_sizee", 100,
+                                                                     with_change("world", "", small))))
+    run = subprocess.run([PY, str(REPO / "stages/prepare.py"), "--out_raw", "raw", "--out_world", "world",
+                          "--metrics", "m.json"], cwd=tmp_path, capture_output=True, text=True)
+    assert run.returncode == 1
+    assert run.stderr.strip().splitlines() == [
+        "error: params.yaml: unknown key world.raw_sizee (did you mean world.raw_size?)"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
+
+
+def test_no_dataclass_default_disagrees_with_params_yaml():
+    """Defaults live in params.yaml; a config class may keep one only where it says the same."""
+    import dataclasses
+
+    from vlmlab.evaluate.benchmarks import GenConfig
+    from vlmlab.synth.recipe import SynthConfig
+    from vlmlab.synth.teacher import TeacherConfig
+    from vlmlab.train.recipe import StageConfig, TrainConfig
+    from vlmlab.world.generate import WorldConfig
+
+    mirrors = [(TeacherConfig, PARAMS["teacher"], ""), (SynthConfig, PARAMS["synth"], ""),
+               (GenConfig, PARAMS["evaluate"], ""), (WorldConfig, PARAMS["world"], ""),
+               (TrainConfig, PARAMS["train"], ""), (StageConfig, PARAMS["train"], "stage1_"),
+               (StageConfig, PARAMS["train"], "stage2_")]
+    disagree = []
+    for cls, section, prefix in mirrors:
+        for f in dataclasses.fields(cls):
+            if prefix + f.name in section and f.default is not dataclasses.MISSING \
+                    and f.default != section[prefix + f.name]:
+                disagree.append(f"{cls.__name__}.{f.name} = {f.default!r} vs params.yaml {prefix}{f.name}: "
+                                f"{section[prefix + f.name]!r}")
+    assert not disagree, "\n".join(disagree)
+
+
+# ---------------------------------------------------------------- 4. each stage's code deps are what it imports
+
+def module_path(name: str) -> Path | None:
+    """vlmlab.x.y -> vlmlab/x/y.py or vlmlab/x/y/__init__.py (this repository's modules only)."""
+    base = REPO.joinpath(*name.split("."))
+    for path in (base.with_suffix(".py"), base / "__init__.py"):
+        if path.is_file():
+            return path
+    return None
+
+
+def code_used_by(path: Path) -> set[Path]:
+    """The repository files one module runs: what it imports (at any depth in the file, lazy imports
+    included; a package's __init__ runs with it) and sibling .py files it reads as code (by name)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    package = ".".join(path.relative_to(REPO).with_suffix("").parts[:-1])
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            mod = node.module or ""
+            if node.level:
+                parts = package.split(".")[: len(package.split(".")) - node.level + 1]
+                mod = ".".join(filter(None, [*parts, mod]))
+            names.add(mod)
+            names |= {f"{mod}.{a.name}" for a in node.names}  # `from vlmlab import io`: a module
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.endswith(".py"):
+            sibling = path.parent / node.value
+            if sibling.is_file() and "/" not in node.value:
+                names.add(f"{package}.{node.value[:-3]}")
+    found = set()
+    for name in names:
+        parts = name.split(".")
+        for i in range(1, len(parts) + 1):  # importing a.b.c runs a/__init__ and a/b/__init__ first
+            hit = module_path(".".join(parts[:i]))
+            if hit is not None:
+                found.add(hit)
+    return found
+
+
+def closure(script: Path) -> set[str]:
+    seen, todo = set(), [script]
+    while todo:
+        path = todo.pop()
+        if path not in seen:
+            seen.add(path)
+            todo += code_used_by(path)
+    return {str(p.relative_to(REPO)) for p in seen}
+
+
+def declared_code(deps: list[str]) -> set[str]:
+    """dvc.yaml code deps (under stages/ or vlmlab/) as the .py files they cover."""
+    files = set()
+    for dep in deps:
+        path = REPO / dep
+        if not dep.startswith(("stages/", "vlmlab/")):
+            continue
+        if path.is_dir():
+            files |= {str(p.relative_to(REPO)) for p in path.rglob("*.py") if "__pycache__" not in p.parts}
+        else:
+            files.add(dep)
+    return files
+
+
+def stage_scripts() -> dict[str, tuple[Path, list[str]]]:
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    out = {}
+    for name, stage in stages.items():
+        body = stage.get("do", stage)
+        script = next(w for w in body["cmd"].split() if w.startswith("stages/") and w.endswith(".py"))
+        out[name] = (REPO / script, body["deps"])
+    return out
+
+
+@pytest.mark.parametrize("stage", list(stage_scripts()))
+def test_a_stages_code_deps_are_exactly_its_import_closure(stage):
+    script, deps = stage_scripts()[stage]
+    imported, declared = closure(script), declared_code(deps)
+    missing, extra = sorted(imported - declared), sorted(declared - imported)
+    assert not missing and not extra, (f"dvc.yaml stage {stage}: add to deps {missing}; remove from deps {extra} "
+                                       "(a folder that holds files the stage does not import: list the files)")
+
+
+def test_a_stage_runs_the_checkout_it_lives_in(tmp_path):
+    """A clone (or a `dvc exp run --temp` copy) sharing a venv whose editable install maps vlmlab elsewhere."""
+    clone = tmp_path / "clone"
+    for name in ("stages", "vlmlab"):
+        shutil.copytree(REPO / name, clone / name, ignore=shutil.ignore_patterns("__pycache__"))
+    with open(clone / "vlmlab" / "__init__.py", "a") as f:
+        f.write("\nprint('vlmlab from', __file__)\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    for stage in ("analyze", "train"):
+        run = subprocess.run([PY, f"stages/{stage}.py", "--help"], cwd=clone, env=env, capture_output=True, text=True)
+        assert f"vlmlab from {clone / 'vlmlab' / '__init__.py'}" in run.stdout, (stage, run.stdout[-500:], run.stderr[-800:])
