@@ -6,11 +6,14 @@ STAMP   := $(VENV)/.installed
 
 .PHONY: repro test install clean-venv
 
+# vlmlab itself is not installed: stages, tests and `python -m vlmlab.infer` import the checkout they
+# run in (an editable install maps every clone sharing the venv to the first one); one that an older
+# Makefile made is removed.
 $(STAMP): requirements.txt constraints.txt pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -r requirements.txt -c constraints.txt
-	$(BIN)/python -m pip install -q --no-deps -e .
+	$(BIN)/python -m pip uninstall -q -y vlmlab 2>/dev/null || true
 	touch $(STAMP)
 
 install: $(STAMP)
