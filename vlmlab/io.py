@@ -34,9 +34,26 @@ def fail(message: str) -> "StageError":
 USER_WRITE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
 
 
-def cannot_write(target: Path, e: OSError) -> "StageError":
-    return fail(f"{target}: cannot write it ({e.strerror or e}); free space or pick a writable place, "
+def cannot_write(target: Path, e: Exception) -> "StageError":
+    why = e.strerror if isinstance(e, OSError) and e.strerror else "No space left on device"
+    return fail(f"{target}: cannot write it ({why}); free space or pick a writable place, "
                 "then re-run (nothing was replaced)")
+
+
+def is_user_write_error(e: BaseException, where: str | os.PathLike) -> bool:
+    """A full disk or a read-only place, however the writer reports it: an OSError, safetensors'
+    SafetensorError ("No space left on device (os error 28)"), or torch.save's RuntimeError that
+    names nothing (then: `where` has no free space left at the moment of the failure)."""
+    if isinstance(e, OSError) and e.errno in USER_WRITE_ERRORS:
+        return True
+    if not isinstance(e, Exception) or isinstance(e, StageError):
+        return False
+    if "No space left on device" in str(e):
+        return True
+    try:
+        return shutil.disk_usage(where).free < 2**20
+    except OSError:
+        return False
 
 
 @contextlib.contextmanager
@@ -57,8 +74,8 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     try:
         try:
             yield tmp_target
-        except OSError as e:
-            if e.errno in USER_WRITE_ERRORS:
+        except Exception as e:
+            if is_user_write_error(e, tmp):
                 raise cannot_write(target, e) from None
             raise
         if target.is_dir() and not target.is_symlink():

@@ -212,4 +212,9 @@ def validate(params: Any) -> dict:
 
 def load(path: str | os.PathLike = "params.yaml") -> dict:
     """params.yaml read and validated: what every stage calls first."""
-    return validate(io.load_params(path))
+    try:
+        return validate(io.load_params(path))
+    except ParamError as e:
+        if str(path) == "params.yaml":
+            raise
+        raise ParamError(e.message.replace("params.yaml:", f"{path}:", 1)) from None

@@ -260,6 +260,10 @@ def make_trainer(model, args, dataset, collator, callbacks, group_by_length: boo
             self._staging = str(staging)
             try:
                 super()._save_checkpoint(model, trial)
+            except Exception as e:
+                if io.is_user_write_error(e, staging):  # the last complete checkpoint is still there to resume
+                    raise io.cannot_write(run_dir / f"checkpoint-{self.state.global_step}", e) from None
+                raise
             finally:
                 self._staging = None
             self.accelerator.wait_for_everyone()  # every rank's shards are in before the rename
