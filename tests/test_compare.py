@@ -78,9 +78,9 @@ def test_series_for_plots(tmp_path):
 def test_stage_end_to_end(tmp_path, monkeypatch):
     fake_tree(tmp_path)
     repo = Path(__file__).resolve().parents[1]
-    params = {"seed": 0, "runs": {"baseline": {"data": "raw"}, "blip2_lora": {"data": "enhanced"}},
-              "evaluate": {"models": MODELS},
-              "compare": {"metric": "cider", "datasets": ["raw", "enhanced"], "merge_tolerance": 0.02}}
+    params = yaml.safe_load((repo / "params.yaml").read_text())  # stages check the whole file
+    params["evaluate"]["models"] = MODELS
+    params["compare"] = {"metric": "cider", "datasets": ["raw", "enhanced"], "merge_tolerance": 0.02}
     put(tmp_path, "params.yaml", yaml.safe_dump(params))
     monkeypatch.chdir(tmp_path)
     import runpy
