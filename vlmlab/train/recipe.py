@@ -326,9 +326,12 @@ def run_stage(model: nn.Module, dataset, collator, sc: StageConfig, cfg: TrainCo
 
 # ---------------------------------------------------------------- work dir and resume
 
+WORK_FORMAT = 2  # 2: stage1/figures.json holds {figures, rows}; checkpoints carry step rates in their log history
+
+
 def fingerprint(cfg: TrainConfig, *paths: str | Path) -> str:
-    """Config + input files' bytes: a checkpoint is only resumed under the exact same run."""
-    h = hashlib.sha256(json.dumps(asdict(cfg), sort_keys=True, default=str).encode())
+    """Config + input files' bytes (+ the work dir's format): a checkpoint is only resumed under the exact same run."""
+    h = hashlib.sha256(json.dumps({"work_format": WORK_FORMAT, **asdict(cfg)}, sort_keys=True, default=str).encode())
     for p in paths:
         p = Path(p)
         files = sorted(q for q in p.rglob("*") if q.is_file()) if p.is_dir() else [p]
