@@ -209,7 +209,7 @@ def last_complete_checkpoint(run_dir: Path, clean: bool = True) -> str | None:
     found = sorted((int(d.name.rsplit("-", 1)[1]), d) for d in run_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*")
                    if d.is_dir() and d.name.rsplit("-", 1)[1].isdigit())
     last = None
-    for step, folder in reversed(found):
+    for _, folder in reversed(found):
         if last is None and is_complete_checkpoint(folder):
             last = folder
         elif last is None and clean:
