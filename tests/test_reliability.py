@@ -151,6 +151,12 @@ def test_infer_out_that_is_an_existing_folder_is_refused_and_survives(folders, t
     with pytest.raises(SystemExit) as e:
         io.write_jsonl(mine, [{"a": 1}])
     assert "is a folder" in one_line(e) and (mine / "sub" / "notes.txt").is_file()
+    # nor is the question file replaced by its answers
+    q = questions_file(tmp_path / "q.jsonl", [{"question_id": 1, "image": str(root / "img0.jpg"), "text": "what ?"}])
+    before = q.read_bytes()
+    with pytest.raises(SystemExit) as e:
+        infer.main(str(base), questions=str(q), out=str(q))
+    assert "is the --questions file" in one_line(e) and q.read_bytes() == before
 
 
 def test_a_rerun_to_the_same_out_keeps_no_stale_rejects(folders, tmp_path):

@@ -206,7 +206,9 @@ def main(model: str, image: str | None = None, question: str | None = None, ques
     check_options(dict(locals()))
     if (questions is None) == (question is None):
         raise fail("give either --question (with --image) or --questions <file.jsonl>")
-    if out:  # before any work: an existing folder is never replaced, an unwritable place fails now
+    if out:  # before any work: an existing folder or the input is never replaced, an unwritable place fails now
+        if questions and Path(questions).is_file() and Path(out).resolve() == Path(questions).resolve():
+            raise fail(f"--out {out} is the --questions file: give another path; nothing was written")
         check_writable_file(out, "--out")
         check_writable_file(f"{out}.rejects.jsonl", "--out")
     if threads:
