@@ -40,7 +40,7 @@ def test_forward_shapes_and_loss(tiny):
     assert out.logits.shape == (B, T, model.config.text_config.vocab_size)
     assert out.image_hidden_states.shape == (B, model.config.num_image_tokens, model.config.text_config.hidden_size)
     assert torch.isfinite(out.loss)
-    assert (batch["labels"] != -100).sum(1).tolist() == [2, 2]  # "hello" + <end_of_turn>
+    assert (batch["labels"] != -100).sum(1).tolist() == [4, 4]  # "hello" <end_of_turn> \n <eos>
 
 
 def test_image_token_count_is_checked(tiny):
