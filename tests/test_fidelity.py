@@ -58,7 +58,6 @@ def make_official_mgm(folder, seed: int = 0, spread: float = 0.15) -> dict:
         for p in model.parameters():
             p.add_(torch.randn_like(p) * spread)
     state = {convert.ours_key_to_mgm(k): v.contiguous().clone() for k, v in model.state_dict().items()}
-    state["model.vision_tower.vision_tower.vision_model.embeddings.position_ids"] = torch.arange(17)[None]
     save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
     (folder / "model.safetensors.index.json").write_text(json.dumps(
         {"metadata": {}, "weight_map": {k: "model.safetensors" for k in state}}))

@@ -92,14 +92,14 @@ def test_zoo_stage_end_to_end(tmp_path):
 
 
 def test_local_source_assembles_llm_clip_and_openclip_convnext(tmp_path):
-    from transformers import CLIPVisionModel, LlamaForCausalLM
+    from transformers import CLIPVisionModel, GemmaForCausalLM
 
     from vlmlab.models import convert
 
     torch.manual_seed(0)
     ref, processor = presets.build("tiny", train_world_tokenizer(["a red circle ."]))
     cfg = ref.config
-    LlamaForCausalLM(cfg.text_config).save_pretrained(tmp_path / "llm")
+    GemmaForCausalLM(cfg.text_config).save_pretrained(tmp_path / "llm")
     processor.tokenizer.save_pretrained(tmp_path / "llm")
     clip = CLIPVisionModel(cfg.vision_config)
     clip.save_pretrained(tmp_path / "clip")
