@@ -137,3 +137,13 @@ def test_mgm_2b_preset_has_mgm_2b_shapes():
     assert count["vlm_uni_aux_projector"] == 2 * 2880 + 2880 * 1024 + 1024
     assert count["language_model"] == 2_506_172_416  # Gemma-2B (tied embeddings)
     assert count["vision_tower"] == 303_507_456      # CLIP ViT-L/14-336 vision model
+
+
+def test_gemma_text_embeddings_equal_the_lm_s_own(tiny):
+    # embed_inputs scales the whole input as transformers 4.38 did; for text alone (fp32) that is
+    # exactly what the LM's own scaled embedding gives, so the LM pretrained alone reads the same inputs
+    model, processor = tiny
+    ids = processor.prompt_ids("what does the sign say ?")[None]
+    assert model.config.text_config.model_type == "gemma"
+    with torch.no_grad():
+        assert torch.equal(model.embed_inputs(ids), model.language_model.get_input_embeddings()(ids))

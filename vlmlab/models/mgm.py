@@ -14,7 +14,7 @@ MGM (dvlab-research/MGM, mgm/model/mgm_arch.py) reads an image twice:
   - a causal LM built from its own config (Gemma for MGM-2B, a tiny Gemma for the tiny world).
     MGM-2B ran on transformers 4.38, whose GemmaModel multiplied *all* input embeddings by
     sqrt(hidden_size), spliced image features included; transformers 5 scales inside the
-    token embedding instead, so `embed_inputs` scales the image features itself (docs/fidelity.md).
+    token embedding module instead, so `embed_inputs` applies 4.38's scale to the whole input (docs/fidelity.md).
 
 Submodule names follow MGM's so that checkpoints map one-to-one (see convert.py).
 
