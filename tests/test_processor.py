@@ -98,3 +98,18 @@ def test_save_load_roundtrip_and_decode(processor, tmp_path):
     assert again.image_aspect_ratio == processor.image_aspect_ratio == "pad"
     with pytest.raises(FileNotFoundError, match="no processor here"):
         MgmProcessor.from_pretrained(tmp_path / "nowhere")
+
+
+def test_world_tokenizer_has_gemma_s_layout():
+    tok = train_world_tokenizer(TEXTS)
+    assert [tok.convert_ids_to_tokens(i) for i in range(4)] == ["<pad>", "<eos>", "<bos>", "<unk>"]
+    assert {"<start_of_turn>", "<end_of_turn>"} <= set(tok.all_special_tokens)
+    assert "<image>" not in tok.get_vocab()  # as gemma-2b-it: the processor appends it
+    ids = tok("<start_of_turn>user\ntwo<end_of_turn>\n").input_ids
+    assert tok.convert_ids_to_tokens(ids) == ["<bos>", "<start_of_turn>", "user", "\n", "two", "<end_of_turn>", "\n"]
+
+
+def test_aspect_ratio_follows_the_model_config_beside_it(processor, tmp_path):
+    processor.save_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text('{"model_type": "mgm", "image_aspect_ratio": "square"}')
+    assert MgmProcessor.from_pretrained(tmp_path).image_aspect_ratio == "square"
