@@ -173,6 +173,14 @@ def convnext_config_from_state(state: dict[str, torch.Tensor], prefix: str = "",
             "layer_scale_init_value": 1e-6}
 
 
+def gemma_activation(config: dict) -> str:
+    """The activation a Gemma config.json ran with on transformers 4.38 (MGM-2B's): its GemmaMLP read
+    `hidden_act` ("gelu": the exact erf GELU) and ignored `hidden_activation`. Transformers 5 rewrites
+    "gelu" to the tanh approximation, so the same function goes by a name it leaves alone."""
+    act = config.get("hidden_act") or "gelu_pytorch_tanh"
+    return presets.EXACT_GELU if act == "gelu" else act
+
+
 def config_from_mgm(mgm_config: dict | str | Path, state: dict[str, torch.Tensor] | None = None) -> MgmConfig:
     """An MgmConfig from MGM's own config.json (model_type `mgm_gemma`/`mgm_llama`/...).
 
@@ -195,11 +203,7 @@ def config_from_mgm(mgm_config: dict | str | Path, state: dict[str, torch.Tensor
     text = {k: c[k] for k in text_keys if c.get(k) is not None}
     text["model_type"] = mt[len("mgm_"):]
     if text["model_type"] == "gemma":
-        # MGM-2B ran on transformers 4.38, whose GemmaMLP read `hidden_act` ("gelu": the exact erf
-        # GELU) and ignored `hidden_activation`; transformers 5 rewrites "gelu" to the tanh
-        # approximation, so the same function goes by a name it leaves alone
-        act = c.get("hidden_act") or "gelu_pytorch_tanh"
-        text["hidden_act"] = presets.EXACT_GELU if act == "gelu" else act
+        text["hidden_act"] = gemma_activation(c)
         text.setdefault("tie_word_embeddings", True)
     else:
         text["hidden_act"] = c.get("hidden_act", "silu")

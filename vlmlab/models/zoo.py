@@ -344,6 +344,10 @@ def build_local(p: dict, attn_implementation: str):
         from transformers import AutoConfig, AutoModelForCausalLM
 
         text_config = AutoConfig.from_pretrained(str(llm))
+        if text_config.model_type == "gemma":  # as MGM-2B ran it (AutoConfig rewrote "gelu" to tanh)
+            import json
+
+            text_config.hidden_act = convert.gemma_activation(json.loads((llm / "config.json").read_text()))
         vision_model = CLIPVisionModel.from_pretrained(str(vision))
         state = convert.read_state_dict(aux)
         # OpenCLIP stores the timm trunk as visual.trunk.{stem,stages}.*; MGM renames them vision_{stem,stages}
