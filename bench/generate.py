@@ -47,7 +47,7 @@ OCR = "dakota digital single use camera stone ale sublimely self righteous bowmo
 def build(preset: str, device: str, dtype: torch.dtype, attn: str):
     """A random-init MGM of `preset` shapes with a word-level tokenizer (no downloads)."""
     tok = train_world_tokenizer([" ".join(QUESTIONS), OCR, TEXTVQA_SUFFIX, "Reference OCR token:"])
-    kw = {"image_token_id": tok.convert_tokens_to_ids("<image>"), "pad_token_id": tok.pad_token_id,
+    kw = {"image_token_id": len(tok), "pad_token_id": tok.pad_token_id,  # the processor appends <image> there
           "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "attn_implementation": attn}
     if preset == "tiny":
         kw["vocab_size"] = len(tok)  # mgm-2b keeps Gemma's 256000 rows: the LM head's real cost

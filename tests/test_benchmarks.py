@@ -33,7 +33,8 @@ def tiny():
     torch.set_num_threads(1)
     torch.manual_seed(0)
     tok = train_world_tokenizer(vocab.corpus_words(), vocab.corpus_words())
-    cfg = presets.build_config("tiny", vocab_size=len(tok), image_token_id=tok.convert_tokens_to_ids("<image>"),
+    # the processor appends <image> after the vocabulary (as to Gemma's): id len(tok), outside the LM
+    cfg = presets.build_config("tiny", vocab_size=len(tok), image_token_id=len(tok),
                                pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
     yield MgmForConditionalGeneration(cfg).eval(), MgmProcessor.for_model(tok, cfg)
     torch.set_num_threads(threads)

@@ -19,13 +19,17 @@ def tiny():
     torch.set_num_threads(1)  # tiny matrices: threads only fight over the shared cores
     torch.manual_seed(0)
     tok = train_world_tokenizer([" ".join(WORDS)])
-    cfg = presets.build_config("tiny", vocab_size=len(tok), image_token_id=tok.convert_tokens_to_ids("<image>"),
+    # the processor appends <image> after the vocabulary (as to Gemma's): id len(tok), outside the LM
+    cfg = presets.build_config("tiny", vocab_size=len(tok), image_token_id=len(tok),
                                pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
     model = MgmForConditionalGeneration(cfg).eval()
     with torch.no_grad():  # a random model with large weights: varied answers whose argmax depends on every input
         for p in model.parameters():
             if p.dim() > 1:
                 p.normal_(0, 1.5 / p.shape[-1] ** 0.5)
+        # Gemma multiplies input embeddings by sqrt(hidden): at full size they swamp the residual
+        # stream and the tied head repeats the last prompt token
+        model.get_input_embeddings().weight.div_(cfg.text_config.hidden_size ** 0.5)
     rng = np.random.default_rng(0)
     items = [{"prompt": " ".join(rng.choice(WORDS, size=int(rng.integers(2, 12)))),
               "image": Image.fromarray(rng.integers(0, 255, (96, 96, 3), dtype=np.uint8))} for _ in range(9)]

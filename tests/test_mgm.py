@@ -40,7 +40,7 @@ def test_forward_shapes_and_loss(tiny):
     assert out.logits.shape == (B, T, model.config.text_config.vocab_size)
     assert out.image_hidden_states.shape == (B, model.config.num_image_tokens, model.config.text_config.hidden_size)
     assert torch.isfinite(out.loss)
-    assert (batch["labels"] != -100).sum(1).tolist() == [2, 2]  # "hello" + <end_of_turn>
+    assert (batch["labels"] != -100).sum(1).tolist() == [4, 4]  # "hello" <end_of_turn> \n <eos>
 
 
 def test_image_token_count_is_checked(tiny):
@@ -137,3 +137,13 @@ def test_mgm_2b_preset_has_mgm_2b_shapes():
     assert count["vlm_uni_aux_projector"] == 2 * 2880 + 2880 * 1024 + 1024
     assert count["language_model"] == 2_506_172_416  # Gemma-2B (tied embeddings)
     assert count["vision_tower"] == 303_507_456      # CLIP ViT-L/14-336 vision model
+
+
+def test_gemma_text_embeddings_equal_the_lm_s_own(tiny):
+    # embed_inputs scales the whole input as transformers 4.38 did; for text alone (fp32) that is
+    # exactly what the LM's own scaled embedding gives, so the LM pretrained alone reads the same inputs
+    model, processor = tiny
+    ids = processor.prompt_ids("what does the sign say ?")[None]
+    assert model.config.text_config.model_type == "gemma"
+    with torch.no_grad():
+        assert torch.equal(model.embed_inputs(ids), model.language_model.get_input_embeddings()(ids))

@@ -14,7 +14,7 @@ def processor():
     return MgmProcessor(train_world_tokenizer(TEXTS), image_size=32, image_size_aux=96, num_image_tokens=16)
 
 
-def test_conversation_labels_only_answers_and_their_end(processor):
+def test_conversation_labels_answers_and_round_ends(processor):
     conv = [{"from": "human", "value": "<image>\nwhat does the sign say ?"}, {"from": "gpt", "value": "hello"},
             {"from": "human", "value": "how many ?"}, {"from": "gpt", "value": "two ."}]
     enc = processor.encode_conversation(conv, Image.new("RGB", (96, 96), "red"))
@@ -22,7 +22,9 @@ def test_conversation_labels_only_answers_and_their_end(processor):
     assert ids.count(processor.image_token_id) == 16
     assert ids[0] == processor.tokenizer.bos_token_id
     learned = [t for t, l in zip(ids, labels) if l != IGNORE_INDEX]
-    assert processor.tokenizer.convert_ids_to_tokens(learned) == ["hello", "<end_of_turn>", "two", ".", "<end_of_turn>"]
+    # MGM's gemma template: every round ends "<end_of_turn>\n<eos>", all of it learned
+    assert processor.tokenizer.convert_ids_to_tokens(learned) == ["hello", "<end_of_turn>", "\n", "<eos>",
+                                                                  "two", ".", "<end_of_turn>", "\n", "<eos>"]
     assert all(l in (t, IGNORE_INDEX) for t, l in zip(ids, labels))
     text = processor.tokenizer.decode(ids)
     assert text.count("<start_of_turn> user") == 2 and text.count("<start_of_turn> model") == 2
@@ -33,6 +35,12 @@ def test_missing_placeholder_is_added_and_extra_ones_refused(processor):
     image = Image.new("RGB", (50, 40), "blue")
     enc = processor.encode_conversation([{"from": "human", "value": "what ?"}, {"from": "gpt", "value": "two"}], image)
     assert enc["input_ids"].tolist().count(processor.image_token_id) == 16
+    # as MGM's preprocess_multimodal: a placeholder anywhere in the question moves to its front
+    late = processor.encode_conversation([{"from": "human", "value": " what ? <image>"}, {"from": "gpt", "value": "two"}], image)
+    assert torch.equal(late["input_ids"], processor.encode_conversation(
+        [{"from": "human", "value": "<image>\nwhat ?"}, {"from": "gpt", "value": "two"}], image)["input_ids"])
+    with pytest.raises(ValueError, match="alternate"):
+        processor.encode_conversation([{"from": "human", "value": "<image>\nwhat ?"}], image)
     with pytest.raises(ValueError, match="2 <image> tokens"):
         processor.encode_conversation([{"from": "human", "value": "<image> <image>"}, {"from": "gpt", "value": "x"}], image)
     with pytest.raises(ValueError, match="unknown speaker"):
@@ -41,18 +49,29 @@ def test_missing_placeholder_is_added_and_extra_ones_refused(processor):
 
 def test_prompt_ends_where_the_answer_starts(processor):
     enc = processor.encode_prompt("what does the sign say ?", Image.new("RGB", (96, 96)))
-    tokens = processor.tokenizer.convert_ids_to_tokens(enc["input_ids"].tolist()[-3:])
-    assert tokens == ["<end_of_turn>", "<start_of_turn>", "model"]
+    tokens = processor.tokenizer.convert_ids_to_tokens(enc["input_ids"].tolist()[-5:])
+    assert tokens == ["<end_of_turn>", "\n", "<start_of_turn>", "model", "\n"]
     assert "labels" not in enc
 
 
-def test_views_are_centre_cropped_and_clip_normalised(processor):
+def test_views_pad_or_crop_and_low_res_comes_from_the_normalised_high_res(processor):
     image = Image.new("RGB", (192, 96), (255, 255, 255))
-    image.paste((0, 0, 0), (0, 0, 48, 96))  # black strip on the left, cropped away by the centre crop
-    views = processor.images(image)
+    image.paste((0, 0, 0), (0, 0, 48, 96))  # black strip on the left
     white = (1.0 - torch.tensor(processor.image_mean)) / torch.tensor(processor.image_std)
-    assert torch.allclose(views["pixel_values_aux"].amin((1, 2)), white, atol=1e-5)
+    mean_colour = (torch.tensor([int(m * 255) for m in processor.image_mean]) / 255 - torch.tensor(processor.image_mean)) \
+        / torch.tensor(processor.image_std)
+    padded = processor.images(image)["pixel_values_aux"]  # pad: 192 x 192 canvas, image in rows 48..143
+    assert torch.allclose(padded[:, :20].amin((1, 2)), mean_colour, atol=1e-5)
+    assert torch.allclose(padded[:, :20].amax((1, 2)), mean_colour, atol=1e-5)
+    assert padded[:, 48:].amin() < -1.5  # the black strip survives
+    crop = MgmProcessor(processor.tokenizer, 32, 96, 16, image_aspect_ratio="square")
+    views = crop.images(image)
+    assert torch.allclose(views["pixel_values_aux"].amin((1, 2)), white, atol=1e-5)  # strip cropped away
     assert views["pixel_values"].shape == (3, 32, 32)
+    # 96 -> 32 bilinear without antialias samples the centre pixel of every 3 x 3 block
+    assert torch.equal(views["pixel_values"], views["pixel_values_aux"][:, 1::3, 1::3])
+    with pytest.raises(ValueError, match="image_aspect_ratio"):
+        MgmProcessor(processor.tokenizer, 32, 96, 16, image_aspect_ratio="anyres")
 
 
 def test_pad_left_and_right(processor):
@@ -76,5 +95,21 @@ def test_save_load_roundtrip_and_decode(processor, tmp_path):
     assert all(torch.equal(x[k], y[k]) for k in x)
     answer = [t for t, l in zip(y["input_ids"].tolist(), y["labels"].tolist()) if l != IGNORE_INDEX]
     assert again.batch_decode([answer]) == ["the sign says hello."]
+    assert again.image_aspect_ratio == processor.image_aspect_ratio == "pad"
     with pytest.raises(FileNotFoundError, match="no processor here"):
         MgmProcessor.from_pretrained(tmp_path / "nowhere")
+
+
+def test_world_tokenizer_has_gemma_s_layout():
+    tok = train_world_tokenizer(TEXTS)
+    assert [tok.convert_ids_to_tokens(i) for i in range(4)] == ["<pad>", "<eos>", "<bos>", "<unk>"]
+    assert {"<start_of_turn>", "<end_of_turn>"} <= set(tok.all_special_tokens)
+    assert "<image>" not in tok.get_vocab()  # as gemma-2b-it: the processor appends it
+    ids = tok("<start_of_turn>user\ntwo<end_of_turn>\n").input_ids
+    assert tok.convert_ids_to_tokens(ids) == ["<bos>", "<start_of_turn>", "user", "\n", "two", "<end_of_turn>", "\n"]
+
+
+def test_aspect_ratio_follows_the_model_config_beside_it(processor, tmp_path):
+    processor.save_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text('{"model_type": "mgm", "image_aspect_ratio": "square"}')
+    assert MgmProcessor.from_pretrained(tmp_path).image_aspect_ratio == "square"

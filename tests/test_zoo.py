@@ -1,4 +1,5 @@
 """The zoo stage's tiny components learn (held-out, vs. chance) and assemble into a loadable MGM."""
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -92,14 +93,16 @@ def test_zoo_stage_end_to_end(tmp_path):
 
 
 def test_local_source_assembles_llm_clip_and_openclip_convnext(tmp_path):
-    from transformers import CLIPVisionModel, LlamaForCausalLM
+    from transformers import CLIPVisionModel, GemmaForCausalLM
 
     from vlmlab.models import convert
 
     torch.manual_seed(0)
     ref, processor = presets.build("tiny", train_world_tokenizer(["a red circle ."]))
     cfg = ref.config
-    LlamaForCausalLM(cfg.text_config).save_pretrained(tmp_path / "llm")
+    GemmaForCausalLM(cfg.text_config).save_pretrained(tmp_path / "llm")
+    llm_config = json.loads((tmp_path / "llm" / "config.json").read_text())
+    (tmp_path / "llm" / "config.json").write_text(json.dumps(dict(llm_config, hidden_act="gelu")))  # gemma-2b-it's
     processor.tokenizer.save_pretrained(tmp_path / "llm")
     clip = CLIPVisionModel(cfg.vision_config)
     clip.save_pretrained(tmp_path / "clip")
@@ -112,6 +115,7 @@ def test_local_source_assembles_llm_clip_and_openclip_convnext(tmp_path):
          "local_vision_aux": str(tmp_path / "convnext"), "local_image_size_aux": 96}
     model, proc, metrics = zoo.build_local(p, "sdpa")
     assert model.config.aux_grid == cfg.aux_grid and model.config.num_image_tokens == cfg.num_image_tokens
+    assert model.config.text_config.hidden_act == "gelu_python"  # "gelu" ran as erf GELU in MGM-2B's transformers
     assert torch.equal(model.vision_tower_aux.encoder.stages[1].layers[0].dwconv.weight,
                        ref.vision_tower_aux.encoder.stages[1].layers[0].dwconv.weight)
     assert torch.equal(model.vision_tower.encoder.layers[0].mlp.fc1.weight, clip.encoder.layers[0].mlp.fc1.weight)

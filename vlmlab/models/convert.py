@@ -173,6 +173,14 @@ def convnext_config_from_state(state: dict[str, torch.Tensor], prefix: str = "",
             "layer_scale_init_value": 1e-6}
 
 
+def gemma_activation(config: dict) -> str:
+    """The activation a Gemma config.json ran with on transformers 4.38 (MGM-2B's): its GemmaMLP read
+    `hidden_act` ("gelu": the exact erf GELU) and ignored `hidden_activation`. Transformers 5 rewrites
+    "gelu" to the tanh approximation, so the same function goes by a name it leaves alone."""
+    act = config.get("hidden_act") or "gelu_pytorch_tanh"
+    return presets.EXACT_GELU if act == "gelu" else act
+
+
 def config_from_mgm(mgm_config: dict | str | Path, state: dict[str, torch.Tensor] | None = None) -> MgmConfig:
     """An MgmConfig from MGM's own config.json (model_type `mgm_gemma`/`mgm_llama`/...).
 
@@ -195,8 +203,7 @@ def config_from_mgm(mgm_config: dict | str | Path, state: dict[str, torch.Tensor
     text = {k: c[k] for k in text_keys if c.get(k) is not None}
     text["model_type"] = mt[len("mgm_"):]
     if text["model_type"] == "gemma":
-        # Gemma's MLP is tanh-GELU whatever the old `hidden_act: gelu` says (transformers does the same)
-        text["hidden_activation"] = c.get("hidden_activation") or "gelu_pytorch_tanh"
+        text["hidden_act"] = gemma_activation(c)
         text.setdefault("tie_word_embeddings", True)
     else:
         text["hidden_act"] = c.get("hidden_act", "silu")
@@ -218,7 +225,9 @@ def config_from_mgm(mgm_config: dict | str | Path, state: dict[str, torch.Tensor
         image_token_id=int(text.get("vocab_size", 256000)), image_size_aux=aux_size,
         mm_vision_select_layer=int(c.get("mm_vision_select_layer", -2)),
         mm_vision_select_feature=str(c.get("mm_vision_select_feature", "patch")),
-        mm_projector_type=str(c.get("mm_projector_type", "mlp2x_gelu")))
+        mm_projector_type=str(c.get("mm_projector_type", "mlp2x_gelu")),
+        # mm_utils.process_images pads only for "pad"; anything else (or none) is resize + centre crop
+        image_aspect_ratio="pad" if c.get("image_aspect_ratio") == "pad" else "square")
 
 
 # -- loading --------------------------------------------------------------------------------

@@ -11,14 +11,17 @@ MGM (dvlab-research/MGM, mgm/model/mgm_arch.py) reads an image twice:
     the mined vector is added to the token;
   - an `mlp2x_gelu` projector maps the tokens to the LM width, and they replace the
     `<image>` placeholder tokens of the prompt (one placeholder per image token);
-  - a causal LM built from its own config (Gemma for MGM-2B, a small Llama for the tiny world).
+  - a causal LM built from its own config (Gemma for MGM-2B, a tiny Gemma for the tiny world).
+    MGM-2B ran on transformers 4.38, whose GemmaModel multiplied *all* input embeddings by
+    sqrt(hidden_size), spliced image features included; transformers 5 scales inside the
+    token embedding module instead, so `embed_inputs` applies 4.38's scale to the whole input (docs/fidelity.md).
 
 Submodule names follow MGM's so that checkpoints map one-to-one (see convert.py).
 
 Example (runnable)::
 
     >>> from vlmlab.models import presets
-    >>> config = presets.build_config("tiny", vocab_size=64, image_token_id=5)
+    >>> config = presets.build_config("tiny", vocab_size=64, image_token_id=64)
     >>> model = MgmForConditionalGeneration(config)
     >>> model.config.num_image_tokens
     16
@@ -42,6 +45,14 @@ from transformers import (
 from transformers.cache_utils import Cache
 from transformers.configuration_utils import SubConfigSpec
 from transformers.modeling_outputs import ModelOutput
+
+
+# MGM's `image_aspect_ratio`: "pad" pads to a square (mm_utils.expand2square), anything else is
+# CLIPImageProcessor's resize + centre crop; "square" and "crop" name the latter here
+IMAGE_ASPECT_RATIOS = ("pad", "square", "crop")
+# LMs whose MGM checkpoints were trained with every input embedding (image features included)
+# multiplied by sqrt(hidden_size): Gemma under transformers 4.38 (GemmaModel.forward's normalizer)
+SCALED_INPUT_EMBEDDINGS = ("gemma",)
 
 
 @strict
@@ -73,12 +84,15 @@ class MgmConfig(PreTrainedConfig):
     mm_vision_select_layer: int = -2      # CLIP hidden state used (MGM/LLaVA: the penultimate layer)
     mm_vision_select_feature: str = "patch"  # "patch": drop CLS; "cls_patch": keep it
     mm_projector_type: str = "mlp2x_gelu"    # "linear" or "mlp{N}x_gelu", as MGM's projector builder
+    image_aspect_ratio: str = "pad"       # "pad": expand2square with the mean colour | "square": resize + centre crop
     initializer_range: float = 0.02       # for the glue modules (projector, mining)
     tie_word_embeddings: bool = False     # follows text_config (see __post_init__)
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
         self.tie_word_embeddings = bool(self.text_config.tie_word_embeddings)
+        if self.image_aspect_ratio not in IMAGE_ASPECT_RATIOS:
+            raise ValueError(f"image_aspect_ratio {self.image_aspect_ratio!r}: use one of {IMAGE_ASPECT_RATIOS}")
 
     @property
     def image_size(self) -> int:  # low-res side (MGM: CLIP's 336)
@@ -105,7 +119,7 @@ class MgmConfig(PreTrainedConfig):
 @dataclass
 class MgmCausalLMOutputWithPast(ModelOutput):
     """loss (1,), logits (B, T, V), past_key_values, hidden_states, attentions, and
-    image_hidden_states (B, N, D): the projected image tokens spliced into the prompt (prefill only)."""
+    image_hidden_states (B, N, D): the projected image tokens (before a Gemma LM's input scaling; prefill only)."""
 
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
@@ -238,18 +252,29 @@ class MgmForConditionalGeneration(MgmPreTrainedModel, GenerationMixin):
     def embed_inputs(self, input_ids: torch.Tensor, image_features: torch.Tensor | None = None) -> torch.Tensor:
         """(B, T) ids -> (B, T, D) LM input embeddings, image features (B_img, N, D) in the <image>
         slots. The placeholder id may lie outside the LM vocabulary (e.g. Gemma + an added
-        <image>), so it is embedded as id 0 (and overwritten where features are given)."""
+        <image>), so it is embedded as id 0 (and overwritten where features are given).
+
+        Gemma: MGM-2B ran on transformers 4.38.0, whose GemmaModel multiplied the whole input,
+        spliced image features included, by the Python float sqrt(hidden_size). Transformers 5
+        scales inside the token embedding module (by the scale cast to the weight dtype), which
+        would leave the image features unscaled. So for Gemma the raw embedding rows are looked
+        up, the features spliced in, and the sum scaled as 4.38.0 did (in float32 this equals the
+        embedding module's own scaling bit for bit; in bf16 it is 4.38.0's rounding)."""
         image_mask = input_ids == self.config.image_token_id                                  # (B, T)
-        embeds = self.get_input_embeddings()(input_ids.masked_fill(image_mask, 0))            # (B, T, D)
-        if image_features is None:
-            return embeds
-        n_slots = int(image_mask.sum())
-        if n_slots != image_features.shape[0] * image_features.shape[1]:
-            raise ValueError(
-                f"image features and image tokens do not match: {n_slots} <image> tokens in input_ids, "
-                f"{image_features.shape[0]} images x {image_features.shape[1]} features "
-                "(encode prompts with MgmProcessor, which expands <image> to config.num_image_tokens)")
-        return embeds.masked_scatter(image_mask[..., None].to(embeds.device), image_features.to(embeds.dtype))
+        ids = input_ids.masked_fill(image_mask, 0)
+        embedding = self.get_input_embeddings()
+        text = self.config.text_config
+        scaled = text.model_type in SCALED_INPUT_EMBEDDINGS
+        embeds = F.embedding(ids, embedding.weight, embedding.padding_idx) if scaled else embedding(ids)  # (B, T, D)
+        if image_features is not None:
+            n_slots = int(image_mask.sum())
+            if n_slots != image_features.shape[0] * image_features.shape[1]:
+                raise ValueError(
+                    f"image features and image tokens do not match: {n_slots} <image> tokens in input_ids, "
+                    f"{image_features.shape[0]} images x {image_features.shape[1]} features "
+                    "(encode prompts with MgmProcessor, which expands <image> to config.num_image_tokens)")
+            embeds = embeds.masked_scatter(image_mask[..., None].to(embeds.device), image_features.to(embeds.dtype))
+        return embeds * text.hidden_size ** 0.5 if scaled else embeds
 
     def forward(
         self,

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModel, AutoModelForCausalLM
 
 from vlmlab.models.mgm import MgmConfig, MgmForConditionalGeneration
-from vlmlab.models.processor import CLIP_MEAN, CLIP_STD
+from vlmlab.models.processor import clip_normalise, low_res_view
 
 
 @dataclass
@@ -117,10 +117,14 @@ def pretrain_lm(text_config, tokenizer, train_texts: list[str], val_texts: list[
 
 
 # -- vision towers -------------------------------------------------------------------------
-def normalise(images: np.ndarray) -> torch.Tensor:
-    """uint8 (n, S, S, 3) -> float (n, 3, S, S), CLIP-normalised as MgmProcessor does."""
-    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
-    return (x - torch.tensor(CLIP_MEAN)[:, None, None]) / torch.tensor(CLIP_STD)[:, None, None]
+def normalise(images: np.ndarray, side: int | None = None, chunk: int = 512) -> torch.Tensor:
+    """uint8 (n, S', S', 3) -> float (n, 3, side, side) as MgmProcessor makes a square image's views:
+    CLIP-normalised, then (side < S': the low-res view) bilinearly downsampled from the normalised image."""
+    parts = []
+    for i in range(0, len(images), chunk):  # chunks: the full-size float copy of 8k images is ~1 GB
+        x = clip_normalise(images[i:i + chunk])
+        parts.append(x if side is None or side == x.shape[-1] else low_res_view(x, side))
+    return torch.cat(parts)
 
 
 class TowerClassifier(nn.Module):
@@ -161,19 +165,21 @@ class TowerClassifier(nn.Module):
 
 def pretrain_tower(tower_config, mgm: MgmConfig, num_classes: dict[str, int], train: tuple, val: tuple,
                    loop: LoopConfig, desc: str, weights: dict[str, float] | None = None):
-    """train/val: (uint8 images (n, S, S, 3), {label: int64 (n,)}); weights: loss weight per
+    """train/val: (uint8 images (n, S, S, 3), {label: int64 (n,)}); the tower sees them at its own
+    side (tower_config.image_size), made as MgmProcessor makes its view. weights: loss weight per
     target (default 1). Returns (tower, metrics)."""
     weights = weights or {}
     torch.manual_seed(loop.seed)
     clf = TowerClassifier(tower_config, num_classes, mgm)
-    x_tr, y_tr = normalise(train[0]), {k: torch.from_numpy(v) for k, v in train[1].items()}
+    side = int(tower_config.image_size)
+    x_tr, y_tr = normalise(train[0], side), {k: torch.from_numpy(v) for k, v in train[1].items()}
 
     def loss_fn(idx):
         out = clf(x_tr[idx])
         return sum(weights.get(k, 1.0) * F.cross_entropy(out[k], y_tr[k][idx]) for k in out)
 
     train_loop(clf, loss_fn, len(x_tr), loop, desc)
-    x_va = normalise(val[0])
+    x_va = normalise(val[0], side)
     with torch.no_grad():
         preds = {k: [] for k in num_classes}
         for i in range(0, len(x_va), 256):
@@ -260,8 +266,10 @@ def build_tiny(p: dict, preset: str, attn_implementation: str, seed: int, high_r
     spec = presets.PRESETS[preset]
     high_res = int(high_res or spec["image_size_aux"])
     n_tokens = (spec["vision_config"]["image_size"] // spec["vision_config"]["patch_size"]) ** 2
-    processor = MgmProcessor(tokenizer, spec["vision_config"]["image_size"], high_res, n_tokens)
-    config = presets.build_config(preset, vocab_size=len(tokenizer), image_token_id=processor.image_token_id,
+    processor = MgmProcessor(tokenizer, spec["vision_config"]["image_size"], high_res, n_tokens,
+                             image_aspect_ratio=spec["image_aspect_ratio"])
+    config = presets.build_config(preset, vocab_size=presets.lm_vocab_size(processor),
+                                  image_token_id=processor.image_token_id,
                                   pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
                                   eos_token_id=processor.stop_token_ids, image_size_aux=high_res,
                                   vision_aux_config=dict(spec["vision_aux_config"], image_size=high_res))
@@ -282,18 +290,20 @@ def build_tiny(p: dict, preset: str, attn_implementation: str, seed: int, high_r
         sub._attn_implementation = attn_implementation
     lm, lm_metrics = pretrain_lm(config.text_config, tokenizer, texts, heldout, loop("lm", 1))
     n_val = int(p["heldout_images"])
-    targets, render = tower_targets(), config.image_size_aux  # scenes are drawn at the stored (high-res) size
+    # scenes are drawn at the stored (high-res) size; each tower sees them as MgmProcessor's view
+    # for it (the ViT: the bilinear downsample of the normalised high-res image)
+    targets, render = tower_targets(), config.image_size_aux
+    heldout_scenes = labelled_scenes(n_val, seed + 1, render, render)
     vit, vit_metrics = pretrain_tower(
-        config.vision_config, config, targets,
-        labelled_scenes(int(p["vit_images"]), seed, config.image_size, render),
-        labelled_scenes(n_val, seed + 1, config.image_size, render), loop("vit", 2), "zoo: ViT (low-res)")
+        config.vision_config, config, targets, labelled_scenes(int(p["vit_images"]), seed, render, render),
+        heldout_scenes, loop("vit", 2), "zoo: ViT (low-res)")
     cnx, cnx_metrics = pretrain_tower(
         config.vision_aux_config, config, targets,
         labelled_scenes(int(p["convnext_images"]), seed + 2, render, render),
-        labelled_scenes(n_val, seed + 1, render, render), loop("convnext", 3), "zoo: ConvNeXt (high-res)",
+        heldout_scenes, loop("convnext", 3), "zoo: ConvNeXt (high-res)",
         weights={"word": float(p["convnext_word_weight"])})
     model = assemble(config, lm, vit, cnx)
-    metrics = {"tokenizer": {"vocab_size": len(tokenizer)}, "lm": lm_metrics, "vit": vit_metrics,
+    metrics = {"tokenizer": {"vocab_size": config.text_config.vocab_size}, "lm": lm_metrics, "vit": vit_metrics,
                "convnext": cnx_metrics, "params": param_counts(model)}
     return model, processor, metrics
 
@@ -334,6 +344,10 @@ def build_local(p: dict, attn_implementation: str):
         from transformers import AutoConfig, AutoModelForCausalLM
 
         text_config = AutoConfig.from_pretrained(str(llm))
+        if text_config.model_type == "gemma":  # as MGM-2B ran it (AutoConfig rewrote "gelu" to tanh)
+            import json
+
+            text_config.hidden_act = convert.gemma_activation(json.loads((llm / "config.json").read_text()))
         vision_model = CLIPVisionModel.from_pretrained(str(vision))
         state = convert.read_state_dict(aux)
         # OpenCLIP stores the timm trunk as visual.trunk.{stem,stages}.*; MGM renames them vision_{stem,stages}
