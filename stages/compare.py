@@ -20,6 +20,7 @@ import fire
 
 from vlmlab import io
 from vlmlab.evaluate import compare as cmp
+from vlmlab.evaluate import compare_plots as cplots
 
 
 def main(report: str, metrics: str, plots: str, preds: str = "data/eval", params: str = "params.yaml"):
@@ -34,15 +35,15 @@ def main(report: str, metrics: str, plots: str, preds: str = "data/eval", params
     effects, note = cmp.factor_effects(col, runs, p["datasets"], p["strategies"], boot)
     top = cmp.best_and_runner_up(col, p["metric"], boot)
     series = {
-        "metrics": (cmp.eval_rows(col), ["model", "metric", "value", "ci_low", "ci_high"]),
-        "effects": (cmp.effect_rows(effects), ["effect", "metric", "value", "ci_low", "ci_high", "called"]),
-        "loss": (cmp.loss_rows(root, list(runs)), ["step", "loss", "series"]),
-        "memory": (cmp.memory_rows(root), ["t_s", "memory_mb", "series"]),
+        "metrics": (cplots.eval_rows(col), ["model", "metric", "value", "ci_low", "ci_high"]),
+        "effects": (cplots.effect_rows(effects), ["effect", "metric", "value", "ci_low", "ci_high", "called"]),
+        "loss": (cplots.loss_rows(root, list(runs)), ["step", "loss", "series"]),
+        "memory": (cplots.memory_rows(root), ["t_s", "memory_mb", "series"]),
     }
     figures = {}
     for kind, (rows, fields) in series.items():
-        cmp.write_csv(plots / f"{kind}.csv", rows, fields)
-        drawn = cmp.draw_effects(plots / f"{kind}.png", rows) if kind == "effects" else cmp.draw(plots / f"{kind}.png", kind, rows)
+        cplots.write_csv(plots / f"{kind}.csv", rows, fields)
+        drawn = cplots.draw_effects(plots / f"{kind}.png", rows) if kind == "effects" else cplots.draw(plots / f"{kind}.png", kind, rows)
         if drawn:
             figures[kind] = os.path.relpath(plots / f"{kind}.png", Path(report).parent)
 

@@ -6,6 +6,7 @@ import pytest
 import yaml
 
 from vlmlab.evaluate import compare as cmp
+from vlmlab.evaluate import compare_plots as cplots
 from vlmlab.evaluate import factorial, items
 from vlmlab.io import StageError
 
@@ -162,12 +163,12 @@ def test_models_scored_on_different_items_stop_the_comparison(tmp_path):
 
 def test_series_for_plots(tmp_path):
     fake_tree(tmp_path)
-    assert cmp.loss_rows(tmp_path, ["baseline", "blip2_lora"]) == [
+    assert cplots.loss_rows(tmp_path, ["baseline", "blip2_lora"]) == [
         {"step": 1, "loss": 3.0, "series": "baseline"}, {"step": 2, "loss": 2.5, "series": "baseline"}]
-    mem = cmp.memory_rows(tmp_path)
+    mem = cplots.memory_rows(tmp_path)
     assert [r["memory_mb"] for r in mem] == [500.0, 800.0] and mem[0]["series"] == "evaluate_baseline"
     col = cmp.collect(tmp_path, ["raw", "enhanced"], list(RUNS), MODELS)
-    rows = {(r["model"], r["metric"]): r for r in cmp.eval_rows(col)}
+    rows = {(r["model"], r["metric"]): r for r in cplots.eval_rows(col)}
     assert rows["baseline", "bleu_1"]["ci_low"] == "" and rows["baseline", "cider"]["ci_low"] <= rows["baseline", "cider"]["value"]
 
 
