@@ -120,6 +120,7 @@ def draw_effects(path: Path, rows: list[dict]) -> bool:
                         color="tab:red" if r["called"] else "tab:gray", capsize=3)
         ax.axvline(0.0, color="black", linewidth=0.8)
         ax.set_yticks(ys, [r["effect"] for r in pts])
+        ax.set_ylim(-0.6, len(pts) - 0.4)
         ax.set_title(metric, fontsize=9)
     fig.suptitle("factor effects with paired-bootstrap intervals (red: interval excludes 0)", fontsize=10)
     fig.tight_layout()

@@ -122,13 +122,14 @@ def render(sweep: Sweep, metrics: list[str], figure: str | None = None) -> str:
         out += ["No finished replicate with metrics/compare.json yet.", ""]
     for i, group in enumerate(gs, 1):
         seeds = [r.seed for r in group]
+        sub = "###" if len(gs) > 1 else "##"
         if len(gs) > 1:
-            out += [f"## Params group {i}", ""]
+            out += [f"## Params group {i}" + (" (plotted)" if i == 1 else ""), ""]
         out += [f"Seeds: {', '.join(map(str, seeds))} ({len(seeds)} replicates: "
                 + ", ".join(f"`{r.name}`" for r in group) + ").", ""]
         model_rows, effect_rows = summary_rows(group, metrics)
         if effect_rows:
-            out += ["## Factor effects over seeds", "",
+            out += [f"{sub} Factor effects over seeds", "",
                     "| effect | metric | mean ± sd | > 0 in | called in | by seed |", "|---|---|---|---|---|---|"]
             for r in effect_rows:
                 by = ", ".join(f"{s}: {v:+.4f}" for s, v in r["by_seed"].items())
@@ -136,7 +137,7 @@ def render(sweep: Sweep, metrics: list[str], figure: str | None = None) -> str:
                            f"{r['positive']}/{r['n']} | {r['called']}/{r['n']} | {by} |")
             out += [""]
         if model_rows:
-            out += ["## Metrics per model over seeds", "", "| model | " + " | ".join(metrics) + " |",
+            out += [f"{sub} Metrics per model over seeds", "", "| model | " + " | ".join(metrics) + " |",
                     "|" + "---|" * (len(metrics) + 1)]
             for model in dict.fromkeys(r["model"] for r in model_rows):
                 cells = {r["metric"]: _ms(r) for r in model_rows if r["model"] == model}
@@ -172,6 +173,7 @@ def draw(path, sweep: Sweep, metrics: list[str]) -> bool:
             if label == "effect":
                 ax.axvline(0.0, color="black", linewidth=0.8)
             ax.set_yticks(ys, [r[label] for r in pts], fontsize=8)
+            ax.set_ylim(-0.6, max(len(pts), 1) - 0.4)
             ax.set_title(f"{metric} ({'per model' if label == 'model' else 'main effects'})", fontsize=9)
     fig.suptitle(f"seed sweep: {len(group)} replicates, mean ± sd (dots: seeds)", fontsize=10)
     fig.tight_layout()
