@@ -70,17 +70,27 @@ def contrast(stats: dict[str, Statistic], weights: dict[str, float], counts: np.
     """Paired bootstrap of sum_m weights[m] * metric_m, the same resamples for every model.
 
     A difference A - B is {A: 1, B: -1}; a main effect averages such differences. The
-    models' units must be the same keys in the same order (see `align`).
+    models' units must be the same keys in the same order (see `items.align`).
     """
-    used = [m for m, w in weights.items() if w != 0]
+    return contrasts(stats, {"": weights}, counts, level)[""]
+
+
+def contrasts(stats: dict[str, Statistic], weights: dict[str, dict[str, float]], counts: np.ndarray,
+              level: float) -> dict[str, Interval]:
+    """Several contrasts of the same models on the same resamples; each model's metric is resampled once."""
+    used = list(dict.fromkeys(m for w in weights.values() for m, x in w.items() if x != 0))
     keys = list(stats[used[0]].keys)
     for m in used[1:]:
         if list(stats[m].keys) != keys:
             raise ValueError(f"paired bootstrap: {m} and {used[0]} are not scored on the same items")
-    full = np.ones((1, len(keys)))
-    value = sum(weights[m] * stats[m].values(full)[0] for m in used)
-    boot = sum(weights[m] * stats[m].values(counts) for m in used)
-    return Interval(float(value), *percentile_interval(boot, level))
+    full = {m: stats[m].values(np.ones((1, len(keys))))[0] for m in used}
+    boot = {m: stats[m].values(counts) for m in used}
+    out = {}
+    for name, w in weights.items():
+        terms = [m for m, x in w.items() if x != 0]
+        value = sum(w[m] * full[m] for m in terms)
+        out[name] = Interval(float(value), *percentile_interval(sum(w[m] * boot[m] for m in terms), level))
+    return out
 
 
 class Mean:

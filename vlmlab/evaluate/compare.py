@@ -15,7 +15,7 @@ from pathlib import Path
 
 from vlmlab import io
 from vlmlab.evaluate import factorial, items
-from vlmlab.evaluate.bootstrap import Interval, Statistic, contrast
+from vlmlab.evaluate.bootstrap import Interval, Statistic, contrast, contrasts
 
 OTHER_STAGES = ["zoo", "teacher", "synth"]   # metrics/<stage>.json with a monitor section
 EVAL_KEYS = ["textvqa_acc", "bleu_1", "bleu_2", "bleu_3", "bleu_4", "cider", "mmbench_acc", "mmbench_circular_acc"]
@@ -96,8 +96,7 @@ def factor_effects(col: Collected, runs: dict[str, dict], data_levels: list[str]
         if len(stats) < 4:
             continue
         counts = items.resample_counts_for(stats, boot.samples, boot.seed)
-        for name, w in weights.items():
-            iv = contrast(stats, w, counts, boot.level)
+        for name, iv in contrasts(stats, weights, counts, boot.level).items():
             out.append(Effect(name, metric, iv, factorial.verdict(name, iv.called, iv.value > 0,
                                                                   data_levels, strategy_levels)))
     return out, ""
