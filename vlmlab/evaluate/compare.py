@@ -187,6 +187,11 @@ def _table(title_col: str, rows: dict[str, dict | None], keys: list[tuple[str, s
     return lines
 
 
+def _diff(v: float) -> str:
+    """A signed difference; below 1e-3 in scientific notation, so a called difference never reads +0.0000."""
+    return f"{v:+.4f}" if v == 0 or abs(v) >= 1e-3 else f"{v:+.2e}"
+
+
 def _with_ci(m: dict, key: str) -> str:
     lo, hi = m.get(f"{key}_ci_low"), m.get(f"{key}_ci_high")
     return f"{m[key]:.4f} [{lo:.4f}, {hi:.4f}]" if lo is not None and hi is not None else _fmt(m[key])
@@ -218,7 +223,7 @@ def _effects_section(effects: list[Effect], note: str, boot: Bootstrap, cells_li
     simple = [e for e in effects if e not in main]
     for e in main + simple:
         iv = e.interval
-        out.append(f"| {e.name} | {e.metric} | {iv.value:+.4f} | [{iv.ci_low:+.4f}, {iv.ci_high:+.4f}] | {e.verdict} |")
+        out.append(f"| {e.name} | {e.metric} | {_diff(iv.value)} | [{_diff(iv.ci_low)}, {_diff(iv.ci_high)}] | {e.verdict} |")
     return out + [""]
 
 
@@ -233,7 +238,7 @@ def render_markdown(col: Collected, metric: str, tolerance: float, figures: dict
         verdict = (f"significantly above `{b}`" if iv.called and iv.value > 0 else
                    f"no significant difference from the runner-up `{b}`")
         out += [f"**Highest `{metric}`: `{a}` ({best[1]:.4f}); {verdict} "
-                f"(paired difference {iv.value:+.4f}, interval [{iv.ci_low:+.4f}, {iv.ci_high:+.4f}]).**", ""]
+                f"(paired difference {_diff(iv.value)}, interval [{_diff(iv.ci_low)}, {_diff(iv.ci_high)}]).**", ""]
     elif best:
         out += [f"**Highest `{metric}`: `{best[0]}` ({best[1]:.4f}).**", ""]
     else:
