@@ -28,22 +28,26 @@ CHUNK = 128  # resamples per block: keeps (nonzeros x block) products a few MB
 
 
 class _Sparse:
-    """A sparse matrix M as (row, col, value) triples; `dot(X)` = M @ X for X (cols, B).
+    """A count matrix M (rows x cols) from (row, col, value) triples; `dot(X)` = M @ X for X (cols, B).
 
-    Resamples run along the last axis, so gathering X's rows reads contiguous memory.
+    No BLAS: products are elementwise and sums run in a fixed order (bincount), so the
+    result does not depend on which kernels the CPU selects. Resamples run along the last
+    axis, so gathering X's rows reads contiguous memory.
     """
 
     def __init__(self, rows: list[int], cols: list[int], vals: list[float], n_rows: int):
         self.rows = np.asarray(rows, dtype=np.int64)
         self.cols = np.asarray(cols, dtype=np.int64)
-        self.vals = np.asarray(vals, dtype=np.float64)
+        self.vals = np.asarray(vals, dtype=np.float64)[:, None]
         self.n_rows = n_rows
+        self._slots: dict[int, np.ndarray] = {}
 
     def dot(self, dense: np.ndarray) -> np.ndarray:
         b = dense.shape[1]
-        slots = (self.rows[:, None] * b + np.arange(b)).ravel()
-        weights = (dense[self.cols] * self.vals[:, None]).ravel()
-        return np.bincount(slots, weights, minlength=self.n_rows * b).reshape(self.n_rows, b)
+        if b not in self._slots:  # output cell of every (nonzero, resample) product
+            self._slots[b] = (self.rows[:, None] * b + np.arange(b)).ravel()
+        weights = (dense[self.cols] * self.vals).ravel()
+        return np.bincount(self._slots[b], weights, minlength=self.n_rows * b).reshape(self.n_rows, b)
 
 
 class CorpusCider:
@@ -90,10 +94,11 @@ class CorpusCider:
         self.both = _Sparse(*both, n_ref * n)
         self.penalty = np.asarray(penalty)
         self.ref_image = np.asarray(ref_image)
-        refs_per_image = np.bincount(self.ref_image, minlength=n_img)
+        if np.any(np.bincount(self.ref_image, minlength=n_img) == 0):
+            raise ValueError("CorpusCider: every image needs at least one reference")
         # image i's score = 10 / (n * |refs_i|) * sum over its refs of penalty * sum over orders of cosines
-        self.to_image = np.zeros((n_ref, n_img))
-        self.to_image[np.arange(n_ref), self.ref_image] = 10.0 / (n * refs_per_image[self.ref_image])
+        self.first_ref = np.searchsorted(self.ref_image, np.arange(n_img))   # refs are stored image by image
+        self.ref_weight = 10.0 / (n * np.bincount(self.ref_image)[self.ref_image])
 
     def values(self, counts: np.ndarray) -> np.ndarray:
         counts = np.asarray(counts, dtype=np.float64)
@@ -102,16 +107,20 @@ class CorpusCider:
     def _block(self, counts: np.ndarray) -> np.ndarray:
         counts = counts.T                                               # (images, B)
         b, n = counts.shape[1], self.n
-        n_docs = counts.sum(axis=0)                                     # (B,): the resample's image count
-        df = self.df.dot(counts)                                        # (V, B)
-        idf2 = (np.log(n_docs) - np.log(np.maximum(1.0, df))) ** 2      # (V, B)
+        n_docs = counts.sum(axis=0)                                     # (B,): images in each resample
+        if np.any(n_docs != n_docs[0]):
+            raise ValueError("CorpusCider: every resample must hold the same number of images")
+        df = self.df.dot(counts).astype(np.int64)                       # (V, B): exact integer sums
+        # idf^2 = (log N - log max(1, df))^2 for each possible df: a table, not V x B logarithms
+        idf2_of = (np.log(n_docs[0]) - np.log(np.maximum(1.0, np.arange(int(n_docs[0]) + 1)))) ** 2
+        idf2 = idf2_of[df]                                              # (V, B)
         hyp_norm = np.sqrt(self.hyp.dot(idf2)).reshape(-1, n, b)        # (images, n, B)
         ref_norm = np.sqrt(self.ref.dot(idf2)).reshape(-1, n, b)        # (refs, n, B)
         num = self.both.dot(idf2).reshape(-1, n, b)                     # (refs, n, B)
         denom = hyp_norm[self.ref_image] * ref_norm
         cos = np.where(denom != 0, num / np.where(denom != 0, denom, 1.0), num)
-        per_ref = cos.sum(axis=1) * self.penalty[:, None]               # (refs, B)
-        per_image = self.to_image.T @ per_ref                           # (images, B)
+        per_ref = cos.sum(axis=1) * (self.penalty * self.ref_weight)[:, None]   # (refs, B)
+        per_image = np.add.reduceat(per_ref, self.first_ref, axis=0)    # (images, B)
         return (counts * per_image).sum(axis=0) / n_docs
 
 
@@ -129,7 +138,8 @@ class CorpusBleu:
 
     def values(self, counts: np.ndarray) -> np.ndarray:
         tiny, small = 1e-15, 1e-9  # pycocoevalcap's guards, in its order of operations
-        s = np.asarray(counts, dtype=np.float64) @ self.stats
+        # count-weighted sums as elementwise products and fixed-order sums (no BLAS kernel choice)
+        s = (np.asarray(counts, dtype=np.float64)[:, :, None] * self.stats[None]).sum(axis=1)
         test, reflen, guess, correct = s[:, 0], s[:, 1], s[:, 2:6], s[:, 6:10]
         bleu = np.ones(len(s))
         for k in range(self.order):
