@@ -44,3 +44,19 @@ def test_report_command_writes_markdown_and_plot(tmp_path, monkeypatch):
 def test_not_a_list_is_refused():
     with pytest.raises(SystemExit, match="expected a JSON list"):
         sweep.read({"rev": "workspace"})
+
+
+def test_a_real_queued_sweep_of_the_small_profile():
+    """`dvc exp show --json` (DVC 3.67) after `stages/sweep.py queue --seeds 1,2` on the small profile's repo
+    (tests/test_pipeline.py); deps, outs and metrics other than compare.json trimmed to keep the file small."""
+    shown = json.loads((DATA / "exp_show_small_profile.json").read_text())
+    data = sweep.read(shown)
+    assert sorted(r.seed for r in data.replicates) == [0, 1, 2] and data.skipped == []
+    (group,) = sweep.groups(data)
+    models, effects = sweep.summary_rows(group, ["cider", "textvqa_acc"])
+    assert {r["model"] for r in models} == {"zoo", "baseline", "raw_lora_merged", "blip2_full", "blip2_lora",
+                                            "blip2_lora_merged"}
+    assert all(r["n"] == 3 for r in models + effects)
+    assert {r["effect"] for r in effects} >= {"data", "strategy", "interaction"}
+    assert "Seeds: 0, 1, 2 (3 replicates" in sweep.render(data, ["cider"])
+    assert [r.name for r in sweep.read(shown, include_workspace=True).replicates][0] == "workspace"

@@ -53,7 +53,8 @@ def read(shown: list[dict], include_workspace: bool = False) -> Sweep:
         raise io.fail("dvc exp show --json: expected a JSON list of experiment states (DVC 3)")
     out = Sweep()
     for state, executor in _states(shown):
-        name = state.get("name") or state.get("rev", "?")[:7]
+        rev = state.get("rev", "?")
+        name = state.get("name") or (rev if rev == "workspace" else rev[:7])
         if state.get("rev") == "workspace" and not include_workspace:
             continue
         if executor in ("queued", "running", "failed"):
@@ -108,8 +109,13 @@ def summary_rows(group: list[Replicate], metrics: list[str]) -> tuple[list[dict]
     return model_rows, effect_rows
 
 
+def _num(v: float, sign: str = "") -> str:
+    """4 decimals; below 1e-3 in scientific notation (a tiny spread must not read as 0.0000)."""
+    return f"{v:{sign}.4f}" if v == 0 or abs(v) >= 1e-3 else f"{v:{sign}.2e}"
+
+
 def _ms(row: dict) -> str:
-    return f"{row['mean']:.4f} ± {row['sd']:.4f}" if not math.isnan(row["sd"]) else f"{row['mean']:.4f}"
+    return f"{_num(row['mean'])} ± {_num(row['sd'])}" if not math.isnan(row["sd"]) else _num(row["mean"])
 
 
 def render(sweep: Sweep, metrics: list[str], figure: str | None = None) -> str:
@@ -132,8 +138,8 @@ def render(sweep: Sweep, metrics: list[str], figure: str | None = None) -> str:
             out += [f"{sub} Factor effects over seeds", "",
                     "| effect | metric | mean ± sd | > 0 in | called in | by seed |", "|---|---|---|---|---|---|"]
             for r in effect_rows:
-                by = ", ".join(f"{s}: {v:+.4f}" for s, v in r["by_seed"].items())
-                out.append(f"| {r['effect']} | {r['metric']} | {r['mean']:+.4f} ± {r['sd']:.4f} | "
+                by = ", ".join(f"{s}: {_num(v, '+')}" for s, v in r["by_seed"].items())
+                out.append(f"| {r['effect']} | {r['metric']} | {_num(r['mean'], '+')} ± {_num(r['sd'])} | "
                            f"{r['positive']}/{r['n']} | {r['called']}/{r['n']} | {by} |")
             out += [""]
         if model_rows:
