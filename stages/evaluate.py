@@ -4,7 +4,9 @@
         --preds data/eval/baseline --metrics metrics/eval/baseline.json
 
 Writes per-sample predictions (textvqa.jsonl, captions.jsonl, mmbench.jsonl) to `preds`,
-flat metrics to `metrics` and memory over time to plots/monitor/evaluate_<name>.{csv,png}.
+flat metrics to `metrics` (each headline metric with `<metric>_ci_low`/`_ci_high`, its
+percentile bootstrap interval over the benchmark's items) and memory over time to
+plots/monitor/evaluate_<name>.{csv,png}.
 The benchmark files (tiny world by default, real ones by path) come from params `evaluate`.
 """
 from __future__ import annotations
@@ -19,6 +21,7 @@ import fire
 import torch
 
 from vlmlab import io
+from vlmlab.evaluate import items
 from vlmlab.evaluate.benchmarks import GenConfig, run_captions, run_mmbench, run_textvqa
 from vlmlab.infer import load_model
 from vlmlab.monitor import Monitor
@@ -49,10 +52,14 @@ def main(name: str, model: str, preds: str, metrics: str, params: str = "params.
         io.write_jsonl(tmp / "mmbench.jsonl", mm_rows)
     n = tv["textvqa_questions"] + cap["caption_images"] + mm["mmbench_rows"]
     result = {**tv, **cap, **mm, "questions_per_s": n / mon.peaks["wall_s"], "monitor": mon.peaks}
+    stats = items.statistics({"textvqa": tv_rows, "captions": cap_rows, "mmbench": mm_rows})
+    for metric, ci in items.intervals(stats, p["bootstrap_samples"], p["bootstrap_seed"], p["ci_level"]).items():
+        if abs(ci.value - result[metric]) > 1e-9:  # the resampled statistic must be the metric itself
+            raise io.fail(f"{metric}: bootstrap statistic {ci.value!r} != scored {result[metric]!r}")
+        result[f"{metric}_ci_low"], result[f"{metric}_ci_high"] = ci.ci_low, ci.ci_high
     flat = io.write_metrics(metrics, result)
-    print(f"evaluate {name}: textvqa {tv['textvqa_acc']:.3f}  cider {cap['cider']:.3f}  bleu_4 {cap['bleu_4']:.3f}  "
-          f"mmbench {mm['mmbench_acc']:.3f} (circular {mm['mmbench_circular_acc']:.3f})  "
-          f"{flat['questions_per_s']:.1f} q/s")
+    shown = "  ".join(f"{k} {flat[k]:.3f} [{flat[k + '_ci_low']:.3f}, {flat[k + '_ci_high']:.3f}]" for k in stats)
+    print(f"evaluate {name}: {shown}  {flat['questions_per_s']:.1f} q/s")
 
 
 if __name__ == "__main__":

@@ -70,3 +70,17 @@ def test_bad_inputs_are_named():
         caption_scores({}, {"1": ["x"]})
     with pytest.raises(ValueError, match="no references"):
         caption_scores({"1": "x", "2": "y"}, {"1": ["x"]})
+
+
+def test_per_image_statistics_reproduce_the_corpus_scores(fixtures_dir):
+    """Caption units are images; their resampled statistic at the full set is the stage's BLEU-4 / CIDEr-D."""
+    from vlmlab.evaluate.bootstrap import point
+    from vlmlab.evaluate.items import caption_item_statistics
+
+    preds, refs = coco_setup(fixtures_dir)
+    rows = [{"id": i, "text": preds[i], "references": refs[i]} for i in preds]
+    stats = caption_item_statistics(rows)
+    s = caption_scores(preds, refs)
+    assert point(stats["cider"]) == pytest.approx(s["cider"], rel=1e-12)
+    assert point(stats["bleu_4"]) == pytest.approx(s["bleu_4"], rel=1e-12)
+    assert stats["cider"].keys == [str(i) for i in preds]

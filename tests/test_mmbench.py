@@ -7,7 +7,8 @@ import pytest
 from PIL import Image
 
 from vlmlab.evaluate import readers
-from vlmlab.evaluate.mmbench import GROUP, build_prompt, expand_rotations, extract_choice, rotate_options, score
+from vlmlab.evaluate.mmbench import (GROUP, build_prompt, expand_rotations, extract_choice, group_outcomes,
+                                     rotate_options, score)
 from vlmlab.io import StageError
 
 OPTS = {"A": "red cube", "B": "blue sphere", "C": "green cone", "D": "none of these"}
@@ -104,3 +105,23 @@ def test_tsv_reader(tmp_path):
     bad.write_text("index\tquestion\n1\tq\n")
     with pytest.raises(StageError, match="lacks column"):
         readers.read_mmbench_tsv(bad)
+
+
+def test_group_outcomes_keep_every_rotation_of_a_question_together():
+    """The bootstrap's MMBench unit is the question: its rotations are one unit, never split."""
+    from vlmlab.evaluate.items import mmbench_statistics
+    from vlmlab.evaluate.bootstrap import point
+
+    base = [{"index": i, "options": dict(OPTS), "answer": "B", "category": "color"} for i in (7, 8, 9)]
+    rows = expand_rotations(base)
+    for r in rows:
+        r["pred"] = r["answer"]
+    rows[5]["pred"] = "A"  # question 8, rotation 1 wrong: right single-pass, wrong circular
+    rows[8]["pred"] = "A"  # question 9, rotation 0 wrong
+    groups = group_outcomes(rows)
+    assert [(g["group"], g["first"], g["circular"]) for g in groups] == [(7, True, True), (8, True, False), (9, False, False)]
+    stats = mmbench_statistics(rows)
+    assert stats["mmbench_acc"].keys == [7, 8, 9]  # 3 units, not 12 rows
+    s = score(rows)
+    assert point(stats["mmbench_acc"]) == s["acc"] == 2 / 3
+    assert point(stats["mmbench_circular_acc"]) == s["circular_acc"] == 1 / 3

@@ -74,10 +74,14 @@ def test_repro_builds_every_stage(small_repo):
             items = node
         expected |= {f"{name}@{k}" for k in items}
     assert expected <= set(lock["stages"]), f"not run: {sorted(expected - set(lock['stages']))}"
-    for run in ("baseline", "blip2_lora"):
-        metrics = json.loads((root / "metrics" / "eval" / f"{run}.json").read_text())
+    for model in yaml.safe_load((root / "params.yaml").read_text())["evaluate"]["models"]:
+        metrics = json.loads((root / "metrics" / "eval" / f"{model}.json").read_text())
         assert 0.0 <= metrics["textvqa_acc"] <= 1.0 and "cider" in metrics
-    assert "| " in (root / "reports" / "compare.md").read_text()
+        for k in ("textvqa_acc", "cider", "bleu_4", "mmbench_acc", "mmbench_circular_acc"):
+            assert metrics[f"{k}_ci_low"] <= metrics[k] <= metrics[f"{k}_ci_high"], (model, k)
+    compared = json.loads((root / "metrics" / "compare.json").read_text())
+    assert {"data", "strategy", "interaction"} <= set(compared["effects"])  # the 2x2 design was filled
+    assert "## Factor effects" in (root / "reports" / "compare.md").read_text()
 
 
 def test_second_repro_does_nothing(small_repo):

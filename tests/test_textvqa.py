@@ -93,3 +93,15 @@ def test_unjoinable_prediction_is_named():
     with pytest.raises(KeyError, match="has no annotation"):
         score_predictions([{"question_id": "x", "prompt": "q?\nAnswer.", "text": "a"}],
                           [{"image_id": "y", "question": "q?", "answers": ["a"] * 10}])
+
+
+def test_per_question_statistic_is_the_accuracy_and_keys_repeated_questions_apart(fixtures_dir):
+    """Bootstrap units are questions; LLaVA's question_id is the image id, so the key adds prompt and repeat."""
+    from vlmlab.evaluate.bootstrap import point
+    from vlmlab.evaluate.items import textvqa_statistics
+
+    rows = load(fixtures_dir / "textvqa/textvqa_val_first30_secondary.jsonl")
+    preds = [{"question_id": r["image_id"], "prompt": r["question"], "score": r["m4c_score_13b"]} for r in rows]
+    stat = textvqa_statistics(preds + preds[:1])["textvqa_acc"]
+    assert len(set(stat.keys)) == 31 and stat.keys[30][2] == 1  # the repeated question is a second unit
+    assert point(textvqa_statistics(preds)["textvqa_acc"]) == pytest.approx(sum(r["m4c_score_13b"] for r in rows) / 30)

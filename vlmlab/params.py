@@ -170,8 +170,9 @@ SECTIONS: dict[str, Check] = {
         "captions": PATH, "caption_images": PATH, "mmbench": PATH, "caption_prompt": text(), "batch_size": POS,
         "textvqa_max_new_tokens": POS, "caption_max_new_tokens": POS, "mmbench_max_new_tokens": POS,
         "limit": COUNT, "prefix_batch": COUNT, "compile": flag(), "threads": COUNT, "monitor_interval": SECONDS,
+        "bootstrap_samples": POS, "bootstrap_seed": COUNT, "ci_level": number(0, 1, low_open=True),
     }),
-    "compare": record({"metric": text(), "datasets": texts(), "merge_tolerance": number(0)}),
+    "compare": record({"metric": text(), "datasets": texts(), "strategies": texts(), "merge_tolerance": number(0)}),
 }
 
 

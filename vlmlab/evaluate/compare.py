@@ -1,21 +1,25 @@
-"""Compare runs: gather the metrics every stage wrote, tabulate them, pick the best model,
+"""Compare runs: gather the metrics every stage wrote, tabulate them with their intervals,
+estimate the factor effects of the 2x2 design by paired bootstrap, pick the best model,
 check merged models against their adapters, and draw the overlays.
 
 Only what exists is reported: a run whose metrics file is absent (e.g. the enhanced set
-not synthesized yet) shows as "absent" and never as a number.
+not synthesized yet) shows as "absent" and never as a number. A difference is called only
+when its paired interval excludes 0; otherwise the report says "no significant difference".
 """
 from __future__ import annotations
 
-import csv
 import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from vlmlab import io
+from vlmlab.evaluate import factorial, items
+from vlmlab.evaluate.bootstrap import Interval, Statistic, contrast, contrasts
 
 OTHER_STAGES = ["zoo", "teacher", "synth"]   # metrics/<stage>.json with a monitor section
 EVAL_KEYS = ["textvqa_acc", "bleu_1", "bleu_2", "bleu_3", "bleu_4", "cider", "mmbench_acc", "mmbench_circular_acc"]
+HEADLINE = list(items.HEADLINE)  # the metrics with intervals (metrics/eval/<model>.json: <metric>_ci_low/_ci_high)
 DATA_KEYS = [("samples", "samples"), ("rejects.total", "rejects"), ("caption_words.mean", "words/caption"),
              ("caption_chars.mean", "chars/caption"), ("vocab_size", "vocabulary"),
              ("duplicate_caption_share", "duplicate share")]
@@ -32,6 +36,22 @@ class Collected:
     eval: dict[str, dict | None] = field(default_factory=dict)    # model -> flat metrics
     model_paths: dict[str, str] = field(default_factory=dict)     # model -> folder
     other: dict[str, dict] = field(default_factory=dict)          # zoo / teacher / synth stage metrics, if present
+    items: dict[str, dict[str, Statistic] | None] = field(default_factory=dict)  # model -> per-item statistics
+
+
+@dataclass
+class Bootstrap:
+    samples: int    # resamples
+    seed: int
+    level: float    # e.g. 0.95
+
+
+@dataclass
+class Effect:
+    name: str       # data | strategy | interaction | data_in_<strategy> | strategy_in_<data> | <a>_vs_<b>
+    metric: str
+    interval: Interval
+    verdict: str
 
 
 def _read(path: Path) -> dict | None:
@@ -43,7 +63,9 @@ def _read(path: Path) -> dict | None:
         raise io.fail(f"{path}: unreadable metrics ({e}); re-run the stage that writes it") from None
 
 
-def collect(root: Path, datasets: list[str], runs: list[str], models: dict[str, str]) -> Collected:
+def collect(root: Path, datasets: list[str], runs: list[str], models: dict[str, str],
+            preds: str = "data/eval") -> Collected:
+    """Every stage's metrics under root/metrics, and each model's per-item results under root/preds/<model>."""
     m = root / "metrics"
     return Collected(
         data={d: _read(m / "data" / f"{d}.json") for d in datasets},
@@ -51,7 +73,60 @@ def collect(root: Path, datasets: list[str], runs: list[str], models: dict[str, 
         eval={name: _read(m / "eval" / f"{name}.json") for name in models},
         model_paths=dict(models),
         other={n: r for n in OTHER_STAGES if (r := _read(m / f"{n}.json"))},
+        items={name: items.load_statistics(root / preds / name) for name in models},
     )
+
+
+def factor_effects(col: Collected, runs: dict[str, dict], data_levels: list[str], strategy_levels: list[str],
+                   boot: Bootstrap) -> tuple[list[Effect], str]:
+    """Main effects, interaction and simple effects per headline metric, by paired bootstrap.
+
+    Returns ([], reason) when the runs do not fill the 2x2 design or a cell is not evaluated yet.
+    """
+    cells, why = factorial.cells(runs, col.model_paths, data_levels, strategy_levels)
+    if cells is None:
+        return [], why
+    absent = [m for m in cells.values() if not col.items.get(m)]
+    if absent:
+        return [], f"no per-item results for {', '.join(absent)} (data/eval/<model>) yet"
+    weights = factorial.contrasts(cells, data_levels, strategy_levels)
+    out = []
+    for metric in HEADLINE:
+        stats = items.align({m: col.items[m] for m in cells.values()}, metric)
+        if len(stats) < 4:
+            continue
+        counts = items.resample_counts_for(stats, boot.samples, boot.seed)
+        for name, iv in contrasts(stats, weights, counts, boot.level).items():
+            out.append(Effect(name, metric, iv, factorial.verdict(name, iv.called, iv.value > 0,
+                                                                  data_levels, strategy_levels)))
+    return out, ""
+
+
+def cells_line(runs: dict[str, dict], models: dict[str, str], data_levels: list[str], strategy_levels: list[str]) -> str:
+    """One line naming the model in each cell of the design, for the report."""
+    c, _ = factorial.cells(runs, models, data_levels, strategy_levels)
+    if not c:
+        return ""
+    return "Cells: " + "; ".join(f"{d} × {s} = `{c[d, s]}`" for d in data_levels for s in strategy_levels) + "."
+
+
+def paired_difference(col: Collected, a: str, b: str, metric: str, boot: Bootstrap) -> Interval | None:
+    """metric(a) - metric(b) on the same resampled items; None when either has no per-item results."""
+    if not col.items.get(a) or not col.items.get(b):
+        return None
+    stats = items.align({a: col.items[a], b: col.items[b]}, metric)
+    if len(stats) < 2:
+        return None
+    return contrast(stats, {a: 1.0, b: -1.0}, items.resample_counts_for(stats, boot.samples, boot.seed), boot.level)
+
+
+def best_and_runner_up(col: Collected, metric: str, boot: Bootstrap) -> tuple[str, str, Interval] | None:
+    """The top two models by `metric` and their paired difference (None with fewer than two)."""
+    scored = sorted(((m[metric], n) for n, m in col.eval.items() if m and metric in m), reverse=True)
+    if len(scored) < 2:
+        return None
+    diff = paired_difference(col, scored[0][1], scored[1][1], metric, boot)
+    return (scored[0][1], scored[1][1], diff) if diff else None
 
 
 def best_model(evals: dict[str, dict | None], metric: str) -> tuple[str, float] | None:
@@ -112,16 +187,69 @@ def _table(title_col: str, rows: dict[str, dict | None], keys: list[tuple[str, s
     return lines
 
 
-def render_markdown(col: Collected, metric: str, tolerance: float, figures: dict[str, str]) -> str:
+def _diff(v: float) -> str:
+    """A signed difference; below 1e-3 in scientific notation, so a called difference never reads +0.0000."""
+    return f"{v:+.4f}" if v == 0 or abs(v) >= 1e-3 else f"{v:+.2e}"
+
+
+def _with_ci(m: dict, key: str) -> str:
+    lo, hi = m.get(f"{key}_ci_low"), m.get(f"{key}_ci_high")
+    return f"{m[key]:.4f} [{lo:.4f}, {hi:.4f}]" if lo is not None and hi is not None else _fmt(m[key])
+
+
+def _eval_table(col: Collected) -> list[str]:
+    keys = EVAL_KEYS + ["questions_per_s"]
+    lines = ["| model | " + " | ".join(k.replace("questions_per_s", "questions/s") for k in keys) + " |",
+             "|" + "---|" * (len(keys) + 1)]
+    for name, m in col.eval.items():
+        if m is None:
+            lines.append(f"| {name} | absent |" + " |" * (len(keys) - 1))
+            continue
+        cells = [(_with_ci(m, k) if k in HEADLINE else _fmt(m[k])) if k in m else "—" for k in keys]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _effects_section(effects: list[Effect], note: str, boot: Bootstrap, cells_line: str) -> list[str]:
+    out = ["## Factor effects (paired bootstrap)", ""]
+    if not effects:
+        return out + [f"Not estimated: {note}.", ""]
+    out += [cells_line, "",
+            f"Each effect is a difference of cell means on the same items, resampled together for all "
+            f"four models ({boot.samples} resamples, seed {boot.seed}); the interval is the central "
+            f"{boot.level:.0%} percentile interval. An effect is called only when it excludes 0.", "",
+            "| effect | metric | estimate | interval | verdict |", "|---|---|---|---|---|"]
+    main = [e for e in effects if e.name in ("data", "strategy", "interaction")]
+    simple = [e for e in effects if e not in main]
+    for e in main + simple:
+        iv = e.interval
+        out.append(f"| {e.name} | {e.metric} | {_diff(iv.value)} | [{_diff(iv.ci_low)}, {_diff(iv.ci_high)}] | {e.verdict} |")
+    return out + [""]
+
+
+def render_markdown(col: Collected, metric: str, tolerance: float, figures: dict[str, str],
+                    effects: list[Effect] = (), effects_note: str = "", boot: Bootstrap | None = None,
+                    top: tuple[str, str, Interval] | None = None, cells_line: str = "") -> str:
     best = best_model(col.eval, metric)
     checks = merge_checks(col, tolerance)
     out = ["# Run comparison", ""]
-    if best:
-        out += [f"**Best model by `{metric}`: `{best[0]}` ({best[1]:.4f}).**", ""]
+    if best and top:
+        a, b, iv = top
+        verdict = (f"significantly above `{b}`" if iv.called and iv.value > 0 else
+                   f"no significant difference from the runner-up `{b}`")
+        out += [f"**Highest `{metric}`: `{a}` ({best[1]:.4f}); {verdict} "
+                f"(paired difference {_diff(iv.value)}, interval [{_diff(iv.ci_low)}, {_diff(iv.ci_high)}]).**", ""]
+    elif best:
+        out += [f"**Highest `{metric}`: `{best[0]}` ({best[1]:.4f}).**", ""]
     else:
         out += [f"No evaluated model has `{metric}` yet.", ""]
+    if boot is not None:
+        out += _effects_section(list(effects), effects_note, boot, cells_line)
     out += ["## Evaluation", ""]
-    out += _table("model", col.eval, [(k, k) for k in EVAL_KEYS] + [("questions_per_s", "questions/s")])
+    if boot is not None:
+        out += [f"Headline metrics as value [{boot.level:.0%} bootstrap interval] over the benchmark's items "
+                "(TextVQA questions, caption images, MMBench questions with all their rotations).", ""]
+    out += _eval_table(col)
     out += [""]
     if any(m is None for m in col.eval.values()):
         out += ["Absent: the model's `evaluate` stage has not produced metrics/eval/<model>.json.", ""]
@@ -142,21 +270,36 @@ def render_markdown(col: Collected, metric: str, tolerance: float, figures: dict
                        if k.startswith(prefix) and k.endswith(suffix)})
         if cols:
             rows = {n: m for n, m in col.eval.items() if m}
-            out += [f"## {title}", ""] + _table("model", rows, [(f"{prefix}{c}{suffix}", c) for c in cols]) + [""]
+            out += [f"## {title}", "", "Point values only (no intervals): categories are small.", ""]
+            out += _table("model", rows, [(f"{prefix}{c}{suffix}", c) for c in cols]) + [""]
     if figures:
         out += ["## Figures", ""] + [f"![{k}]({v})" for k, v in figures.items()] + [""]
     return "\n".join(out)
 
 
-def summary(col: Collected, metric: str, tolerance: float) -> dict:
-    """metrics/compare.json: numbers only (DVC drops strings); the best model is flagged per model."""
+def summary(col: Collected, metric: str, tolerance: float, effects: list[Effect] = (),
+            top: tuple[str, str, Interval] | None = None) -> dict:
+    """metrics/compare.json: numbers only (DVC drops strings); the best model is flagged per model.
+
+    effects.<effect>.<metric>.{value, ci_low, ci_high, called (1 when the interval excludes 0)}.
+    """
     best = best_model(col.eval, metric)
     models = {}
     for name, m in col.eval.items():
         if m:
-            models[name] = {k: m[k] for k in EVAL_KEYS if k in m}
+            keys = EVAL_KEYS + [f"{k}_ci_{side}" for k in HEADLINE for side in ("low", "high")]
+            models[name] = {k: m[k] for k in keys if k in m}
             models[name]["is_best"] = int(bool(best) and best[0] == name)
     out = {"best_value": best[1] if best else math.nan, "models_evaluated": len(models), "models": models}
+    if top:
+        iv = top[2]
+        out["best_vs_runner_up"] = {"value": iv.value, "ci_low": iv.ci_low, "ci_high": iv.ci_high, "called": int(iv.called)}
+    if effects:
+        out["effects"] = {}
+        for e in effects:
+            iv = e.interval
+            out["effects"].setdefault(e.name, {})[e.metric] = {
+                "value": iv.value, "ci_low": iv.ci_low, "ci_high": iv.ci_high, "called": int(iv.called)}
     checks = merge_checks(col, tolerance)
     if checks:
         out["merged_vs_adapter"] = {n: {"max_abs_diff": c["max_abs_diff"], "within_tolerance": int(c["within_tolerance"])}
@@ -164,80 +307,3 @@ def summary(col: Collected, metric: str, tolerance: float) -> dict:
     if not best:
         del out["best_value"]  # no evaluated model: nothing to report rather than a NaN
     return out
-
-
-# ------------------------------------------------------------------------- series for plots
-
-def eval_rows(col: Collected) -> list[dict]:
-    return [{"model": n, "metric": k, "value": m[k]} for n, m in col.eval.items() if m for k in EVAL_KEYS if k in m]
-
-
-def loss_rows(root: Path, runs: list[str]) -> list[dict]:
-    """dvclive's per-step loss of each train run (plots/train/<run>/plots/metrics/loss.tsv)."""
-    rows = []
-    for run in runs:
-        path = root / "plots" / "train" / run / "plots" / "metrics" / "loss.tsv"
-        if path.is_file():
-            with open(path, newline="") as f:
-                rows += [{"step": int(r["step"]), "loss": float(r["loss"]), "series": run}
-                         for r in csv.DictReader(f, delimiter="\t")]
-    return rows
-
-
-def memory_rows(root: Path) -> list[dict]:
-    """Memory over time of every monitored stage (plots/monitor/*.csv): GPU memory if any was used, else RSS."""
-    rows = []
-    for path in sorted((root / "plots" / "monitor").glob("*.csv")):
-        with open(path, newline="") as f:
-            samples = list(csv.DictReader(f))
-        if not samples:
-            continue
-        key = "gpu_mem_mb" if any(float(s.get("gpu_mem_mb") or 0) > 0 for s in samples) else "rss_mb"
-        rows += [{"t_s": float(s["t_s"]), "memory_mb": float(s[key]), "series": path.stem} for s in samples]
-    return rows
-
-
-def write_csv(path: Path, rows: list[dict], fields: list[str]) -> None:
-    with io.atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields)
-        w.writeheader()
-        w.writerows(rows)
-
-
-def draw(path: Path, kind: str, rows: list[dict]) -> bool:
-    """PNG of `kind` (metrics | loss | memory) from its rows; with no rows the PNG says so (False)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 4), dpi=100)
-    if not rows:
-        ax.text(0.5, 0.5, f"no {kind} data yet", ha="center", va="center")
-        ax.set_axis_off()
-    elif kind == "metrics":
-        models = list(dict.fromkeys(r["model"] for r in rows))
-        metrics = list(dict.fromkeys(r["metric"] for r in rows))
-        width = 0.8 / len(models)
-        value = {(r["model"], r["metric"]): r["value"] for r in rows}
-        for i, model in enumerate(models):
-            xs = [j + i * width for j in range(len(metrics))]
-            ax.bar(xs, [value.get((model, k), 0.0) for k in metrics], width, label=model)
-        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(metrics))], metrics, rotation=30, ha="right")
-        ax.set_ylabel("score (CIDEr-D on its own 0-10 scale)")
-    else:
-        x, y, group = {"loss": ("step", "loss"), "memory": ("t_s", "memory_mb")}[kind] + ("series",)
-        for name in dict.fromkeys(r[group] for r in rows):
-            pts = [r for r in rows if r[group] == name]
-            ax.plot([p[x] for p in pts], [p[y] for p in pts], label=name)
-        ax.set_xlabel({"step": "optimizer step", "t_s": "seconds"}[x])
-        ax.set_ylabel({"loss": "training loss", "memory_mb": "memory (MiB)"}[y])
-    if rows:
-        ax.legend(fontsize=8)
-    ax.set_title({"metrics": "evaluation metrics per model", "loss": "training loss per run",
-                  "memory": "memory over time per stage"}[kind])
-    fig.tight_layout()
-    with io.atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", metadata={"Software": None})
-    plt.close(fig)
-    return bool(rows)

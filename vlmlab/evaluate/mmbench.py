@@ -91,6 +91,25 @@ def expand_rotations(rows: list[dict]) -> list[dict]:
     return out
 
 
+def group_outcomes(rows: list[dict]) -> list[dict]:
+    """One entry per question (the rows sharing `index % 1e6`), in order of first appearance.
+
+    Rows: {"index", "category", "answer", "pred"}. Entry: {"group", "category", "first" (the
+    rotation-0 row answered right), "circular" (every rotation answered right)}. These are
+    MMBench's resampling units: a bootstrap draws whole questions, all rotations together.
+    """
+    groups: dict[int, list[dict]] = defaultdict(list)
+    for r in rows:
+        groups[r["index"] % GROUP].append(r)
+    out = []
+    for key, members in groups.items():
+        base = min(members, key=lambda r: r["index"])
+        out.append({"group": key, "category": base.get("category") or "all",
+                    "first": base["pred"] == base["answer"],
+                    "circular": all(r["pred"] == r["answer"] for r in members)})
+    return out
+
+
 def score(rows: list[dict]) -> dict:
     """Accuracy of scored rows {"index", "category", "answer", "pred"} (letters; pred may be None).
 
@@ -100,15 +119,9 @@ def score(rows: list[dict]) -> dict:
     """
     if not rows:
         raise ValueError("mmbench.score: no rows to score")
-    groups: dict[int, list[dict]] = defaultdict(list)
-    for r in rows:
-        groups[r["index"] % GROUP].append(r)
     per_cat: dict[str, list[tuple[bool, bool]]] = defaultdict(list)
-    for members in groups.values():
-        base = min(members, key=lambda r: r["index"])
-        first = base["pred"] == base["answer"]
-        circular = all(r["pred"] == r["answer"] for r in members)
-        per_cat[base.get("category") or "all"].append((first, circular))
+    for g in group_outcomes(rows):
+        per_cat[g["category"]].append((g["first"], g["circular"]))
     flat_all = [x for v in per_cat.values() for x in v]
     result = {
         "acc": sum(f for f, _ in flat_all) / len(flat_all),

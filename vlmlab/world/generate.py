@@ -37,9 +37,9 @@ CORPUS_STREAM = 6   # world_text_corpus (LM pretraining); labels.LABEL_STREAM is
 @dataclass(frozen=True)
 class WorldConfig:
     seed: int = 0
-    raw_size: int = 10000      # seed set
+    raw_size: int = 4000       # seed set (params.yaml world.raw_size)
     curated_size: int = 2000   # dense captions
-    instruct_size: int = 3000  # stage-2 conversations
+    instruct_size: int = 2000  # stage-2 conversations
     eval_textvqa: int = 300
     eval_caption: int = 200
     eval_mmbench: int = 150

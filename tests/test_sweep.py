@@ -1,0 +1,62 @@
+import json
+import math
+import runpy
+import sys
+from pathlib import Path
+
+import pytest
+
+from vlmlab.evaluate import sweep
+
+DATA = Path(__file__).parent / "data"
+
+
+def test_replicates_from_exp_show_json():
+    data = sweep.read(json.loads((DATA / "exp_show_handmade.json").read_text()))
+    names = [r.name for r in data.replicates]
+    assert names == ["main", "seed-one", "seed-two", "seed-two-again", "other-lr"]  # workspace left out
+    assert data.skipped == ["queued-one: queued", "broken: failed"]
+    groups = sweep.groups(data)
+    # seed-two-again repeats seed 2 with the same params: the first listed stands; other-lr is another study
+    assert [[r.name for r in g] for g in groups] == [["main", "seed-one", "seed-two"], ["other-lr"]]
+    models, effects = sweep.summary_rows(groups[0], ["textvqa_acc"])
+    base = next(r for r in models if r["model"] == "baseline")
+    assert base["n"] == 3 and base["mean"] == pytest.approx(0.125) and base["sd"] == pytest.approx(0.01)
+    data_eff = next(r for r in effects if r["effect"] == "data")
+    assert data_eff["mean"] == pytest.approx(0.03) and data_eff["sd"] == pytest.approx(0.02)
+    assert (data_eff["called"], data_eff["positive"], data_eff["n"]) == (2, 3, 3)
+    assert sweep.mean_sd([1.0])[1] != sweep.mean_sd([1.0])[1]  # one seed: sd is NaN, shown as the mean alone
+
+
+def test_report_command_writes_markdown_and_plot(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["sweep.py", "report", "--exp_json", str(DATA / "exp_show_handmade.json"),
+                                      "--report", "reports/sweep.md", "--plot", "plots/sweep.png"])
+    runpy.run_path(str(Path(__file__).resolve().parents[1] / "stages/sweep.py"), run_name="__main__")
+    md = (tmp_path / "reports/sweep.md").read_text()
+    assert "Seeds: 0, 1, 2 (3 replicates" in md and "## Params group 2" in md
+    assert "| data | textvqa_acc | +0.0300 ± 0.0200 | 3/3 | 2/3 | 0: +0.0300, 1: +0.0100, 2: +0.0500 |" in md
+    assert "| baseline | 0.1250 ± 0.0100 |" in md
+    assert "Not used: queued-one: queued; broken: failed." in md and "![sweep](../plots/sweep.png)" in md
+    assert (tmp_path / "plots/sweep.png").stat().st_size > 5000
+
+
+def test_not_a_list_is_refused():
+    with pytest.raises(SystemExit, match="expected a JSON list"):
+        sweep.read({"rev": "workspace"})
+
+
+def test_a_real_queued_sweep_of_the_small_profile():
+    """`dvc exp show --json` (DVC 3.67) after `stages/sweep.py queue --seeds 1,2` on the small profile's repo
+    (tests/test_pipeline.py); deps, outs and metrics other than compare.json trimmed to keep the file small."""
+    shown = json.loads((DATA / "exp_show_small_profile.json").read_text())
+    data = sweep.read(shown)
+    assert sorted(r.seed for r in data.replicates) == [0, 1, 2] and data.skipped == []
+    (group,) = sweep.groups(data)
+    models, effects = sweep.summary_rows(group, ["cider", "textvqa_acc"])
+    assert {r["model"] for r in models} == {"zoo", "baseline", "raw_lora_merged", "blip2_full", "blip2_lora",
+                                            "blip2_lora_merged"}
+    assert all(r["n"] == 3 for r in models + effects)
+    assert {r["effect"] for r in effects} >= {"data", "strategy", "interaction"}
+    assert "Seeds: 0, 1, 2 (3 replicates" in sweep.render(data, ["cider"])
+    assert [r.name for r in sweep.read(shown, include_workspace=True).replicates][0] == "workspace"

@@ -1,0 +1,189 @@
+"""Seed replicates of the whole study, from `dvc exp show --json`: mean ± sd over seeds.
+
+The bootstrap intervals of `compare` say how much the *items* could move a result; a seed
+sweep says how much the *training* does (world, teacher, synthesis, initialisation and
+data order all derive from params `seed`). Each replicate is a DVC experiment that
+differs from the others in `seed` only; this module reads their metrics/compare.json as
+`dvc exp show --json` lists them and summarises every model's headline metrics and every
+factor effect over the seeds, with how many seeds called the effect.
+"""
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from dataclasses import dataclass, field
+
+from vlmlab import io
+
+COMPARE = "metrics/compare.json"
+PARAMS = "params.yaml"
+MAIN_EFFECTS = ("data", "strategy", "interaction")   # plotted; the simple effects are in the table
+
+
+@dataclass
+class Replicate:
+    name: str                   # experiment name, or the commit/branch name of a baseline row
+    rev: str
+    seed: int
+    params: dict                # params.yaml without `seed`
+    models: dict[str, dict]     # model -> {metric: value} (compare.json "models")
+    effects: dict[str, dict]    # effect -> metric -> {"value", "ci_low", "ci_high", "called"}
+
+
+@dataclass
+class Sweep:
+    replicates: list[Replicate] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)    # "name: why" for rows that could not be used
+
+
+def _states(shown: list[dict]):
+    """Every experiment state `dvc exp show --json` lists: baseline commits and their experiments."""
+    for row in shown:
+        yield row, None
+        for exp_range in row.get("experiments") or []:
+            state = (exp_range.get("executor") or {}).get("state")
+            for exp in exp_range.get("revs") or []:
+                yield exp, state
+
+
+def read(shown: list[dict], include_workspace: bool = False) -> Sweep:
+    """Replicates from the parsed `dvc exp show --json` output (a list of experiment states)."""
+    if not isinstance(shown, list):
+        raise io.fail("dvc exp show --json: expected a JSON list of experiment states (DVC 3)")
+    out = Sweep()
+    for state, executor in _states(shown):
+        rev = state.get("rev", "?")
+        name = state.get("name") or (rev if rev == "workspace" else rev[:7])
+        if state.get("rev") == "workspace" and not include_workspace:
+            continue
+        if executor in ("queued", "running", "failed"):
+            out.skipped.append(f"{name}: {executor}")
+            continue
+        data = state.get("data") or {}
+        params = ((data.get("params") or {}).get(PARAMS) or {}).get("data")
+        metrics = ((data.get("metrics") or {}).get(COMPARE) or {}).get("data")
+        if state.get("error") or not params or not metrics:
+            out.skipped.append(f"{name}: " + ("error" if state.get("error") else f"no {PARAMS if not params else COMPARE}"))
+            continue
+        rest = {k: v for k, v in params.items() if k != "seed"}
+        out.replicates.append(Replicate(name, state["rev"], int(params["seed"]), rest,
+                                        metrics.get("models", {}), metrics.get("effects", {})))
+    return out
+
+
+def groups(sweep: Sweep) -> list[list[Replicate]]:
+    """Replicates grouped by every param but `seed`; one replicate per seed (the first listed) in each."""
+    by_params: dict[str, dict[int, Replicate]] = {}
+    for r in sweep.replicates:
+        by_params.setdefault(json.dumps(r.params, sort_keys=True), {}).setdefault(r.seed, r)
+    return [sorted(g.values(), key=lambda r: r.seed) for g in by_params.values()]
+
+
+def mean_sd(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (NaN sd for a single value)."""
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else math.nan
+
+
+def summary_rows(group: list[Replicate], metrics: list[str]) -> tuple[list[dict], list[dict]]:
+    """(per model and metric, per effect and metric) rows: mean, sd, n, values by seed; effects: seeds called."""
+    models = list(dict.fromkeys(m for r in group for m in r.models))
+    model_rows = []
+    for model in models:
+        for metric in metrics:
+            vals = {r.seed: r.models[model][metric] for r in group if metric in r.models.get(model, {})}
+            if vals:
+                mean, sd = mean_sd(list(vals.values()))
+                model_rows.append({"model": model, "metric": metric, "mean": mean, "sd": sd, "n": len(vals),
+                                   "by_seed": vals})
+    effect_rows = []
+    for effect in dict.fromkeys(e for r in group for e in r.effects):
+        for metric in metrics:
+            got = [(r.seed, r.effects[effect][metric]) for r in group if metric in r.effects.get(effect, {})]
+            if got:
+                mean, sd = mean_sd([e["value"] for _, e in got])
+                effect_rows.append({"effect": effect, "metric": metric, "mean": mean, "sd": sd, "n": len(got),
+                                    "called": sum(int(e["called"]) for _, e in got),
+                                    "positive": sum(e["value"] > 0 for _, e in got),
+                                    "by_seed": {s: e["value"] for s, e in got}})
+    return model_rows, effect_rows
+
+
+def _num(v: float, sign: str = "") -> str:
+    """4 decimals; below 1e-3 in scientific notation (a tiny spread must not read as 0.0000)."""
+    return f"{v:{sign}.4f}" if v == 0 or abs(v) >= 1e-3 else f"{v:{sign}.2e}"
+
+
+def _ms(row: dict) -> str:
+    return f"{_num(row['mean'])} ± {_num(row['sd'])}" if not math.isnan(row["sd"]) else _num(row["mean"])
+
+
+def render(sweep: Sweep, metrics: list[str], figure: str | None = None) -> str:
+    out = ["# Seed sweep", "",
+           "Each replicate is the whole study (world, teacher, synthesis, training, evaluation) with another "
+           "`seed`; everything else equal. Mean ± sample sd over seeds; an effect's *called* count is the number "
+           "of seeds whose paired-bootstrap interval excluded 0.", ""]
+    gs = groups(sweep)
+    if not gs:
+        out += ["No finished replicate with metrics/compare.json yet.", ""]
+    for i, group in enumerate(gs, 1):
+        seeds = [r.seed for r in group]
+        sub = "###" if len(gs) > 1 else "##"
+        if len(gs) > 1:
+            out += [f"## Params group {i}" + (" (plotted)" if i == 1 else ""), ""]
+        out += [f"Seeds: {', '.join(map(str, seeds))} ({len(seeds)} replicates: "
+                + ", ".join(f"`{r.name}`" for r in group) + ").", ""]
+        model_rows, effect_rows = summary_rows(group, metrics)
+        if effect_rows:
+            out += [f"{sub} Factor effects over seeds", "",
+                    "| effect | metric | mean ± sd | > 0 in | called in | by seed |", "|---|---|---|---|---|---|"]
+            for r in effect_rows:
+                by = ", ".join(f"{s}: {_num(v, '+')}" for s, v in r["by_seed"].items())
+                out.append(f"| {r['effect']} | {r['metric']} | {_num(r['mean'], '+')} ± {_num(r['sd'])} | "
+                           f"{r['positive']}/{r['n']} | {r['called']}/{r['n']} | {by} |")
+            out += [""]
+        if model_rows:
+            out += [f"{sub} Metrics per model over seeds", "", "| model | " + " | ".join(metrics) + " |",
+                    "|" + "---|" * (len(metrics) + 1)]
+            for model in dict.fromkeys(r["model"] for r in model_rows):
+                cells = {r["metric"]: _ms(r) for r in model_rows if r["model"] == model}
+                out.append(f"| {model} | " + " | ".join(cells.get(m, "—") for m in metrics) + " |")
+            out += [""]
+    if sweep.skipped:
+        out += ["Not used: " + "; ".join(sweep.skipped) + ".", ""]
+    if figure:
+        out += [f"![sweep]({figure})", ""]
+    return "\n".join(out)
+
+
+def draw(path, sweep: Sweep, metrics: list[str]) -> bool:
+    """Per metric: each model's seeds (dots) with mean ± sd, and the main effects' mean ± sd."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    gs = groups(sweep)
+    group = gs[0] if gs else []
+    model_rows, effect_rows = summary_rows(group, metrics) if group else ([], [])
+    fig, axes = plt.subplots(2, len(metrics), figsize=(3.2 * len(metrics), 6.5), dpi=100, squeeze=False)
+    for j, metric in enumerate(metrics):
+        for row_i, (rows, label) in enumerate(((model_rows, "model"), (effect_rows, "effect"))):
+            ax = axes[row_i][j]
+            pts = [r for r in rows if r["metric"] == metric and (label == "model" or r["effect"] in MAIN_EFFECTS)]
+            ys = list(range(len(pts)))[::-1]
+            for y, r in zip(ys, pts):
+                ax.scatter(list(r["by_seed"].values()), [y] * r["n"], s=12, color="tab:gray", zorder=2)
+                sd = 0.0 if math.isnan(r["sd"]) else r["sd"]
+                ax.errorbar(r["mean"], y, xerr=sd, fmt="D", color="tab:blue", capsize=3, zorder=3)
+            if label == "effect":
+                ax.axvline(0.0, color="black", linewidth=0.8)
+            ax.set_yticks(ys, [r[label] for r in pts], fontsize=8)
+            ax.set_ylim(-0.6, max(len(pts), 1) - 0.4)
+            ax.set_title(f"{metric} ({'per model' if label == 'model' else 'main effects'})", fontsize=9)
+    fig.suptitle(f"seed sweep: {len(group)} replicates, mean ± sd (dots: seeds)", fontsize=10)
+    fig.tight_layout()
+    with io.atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", metadata={"Software": None})
+    plt.close(fig)
+    return bool(group)
