@@ -74,6 +74,13 @@ def check_local_models(recipe: Path) -> None:
                               f"synth at a local copy")
 
 
+def captioner_op(recipe: Path) -> str:
+    """The recipe's first op: the captioning mapper (stock or fast)."""
+    import yaml
+
+    return next(iter(yaml.safe_load(Path(recipe).read_text(encoding="utf-8"))["process"][0]))
+
+
 def check_seed_rows(seed_jsonl: Path, workers: int = 2) -> tuple[list[dict], list[dict]]:
     """Seed rows whose image decodes (paths made absolute for Data-Juicer) and rejects for the rest."""
     root = seed_jsonl.parent
@@ -201,15 +208,15 @@ def normalise(rows: list[dict], image_root: Path) -> tuple[list[dict], list[dict
     return out, rejects
 
 
-def mapper_trace(seed_rows: list[dict], rows: list[dict], n: int) -> list[dict]:
-    """Before/after for the captioning mapper: a seed caption and the captions of its image that survived the filters."""
+def mapper_trace(seed_rows: list[dict], rows: list[dict], n: int, op: str) -> list[dict]:
+    """Before/after for the captioning mapper `op`: a seed caption and the captions of its image that survived the filters."""
     by_id: dict[str, list[str]] = {}
     for r in rows:
         by_id.setdefault(str(r["id"]).rsplit("_", 1)[0], []).append(r["text"])
     out = []
     for r in seed_rows:
         if str(r["id"]) in by_id:
-            out.append({"op": "image_captioning_mapper", "id": r["id"], "original_text": r["text"],
+            out.append({"op": op, "id": r["id"], "original_text": r["text"],
                         "processed_texts": by_id[str(r["id"])]})
             if len(out) >= n:
                 break
@@ -255,9 +262,10 @@ def synthesize(raw: Path, recipe: Path, out: Path, work: Path, seed: int, trace_
     counts = op_counts(len(good), result["ops"], result["trace_dir"]) if result["ops"] else {}
     rows, bad_rows = normalise(exported, raw)
     rejects += filter_rejects(result["trace_dir"]) + bad_rows
-    trace = mapper_trace(good, rows, trace_sample) + _filter_trace(result["trace_dir"], trace_sample)
+    captioner = captioner_op(recipe)
+    trace = mapper_trace(good, rows, trace_sample, captioner) + _filter_trace(result["trace_dir"], trace_sample)
     write_enhanced(out, raw, rows, rejects, trace, seed)
-    mapper = counts.get("image_captioning_mapper", {"out": 0, "seconds": 0.0})
+    mapper = counts.get(captioner, {"out": 0, "seconds": 0.0})
     return {
         "samples_in": len(good) + seed_rejects,  # seed rows
         "seed_rejects": seed_rejects,  # rows whose image does not decode: never reach Data-Juicer
