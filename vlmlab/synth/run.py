@@ -74,6 +74,23 @@ def check_local_models(recipe: Path) -> None:
                               f"synth at a local copy")
 
 
+def allow_custom_op_reload(recipe: Path) -> None:
+    """Let Data-Juicer load the recipe's `custom_operator_paths` again in this process.
+
+    Data-Juicer 1.6.1 imports a custom op file as a module named after the file and refuses a second
+    load of that name, even of the same file: a second recipe run in one process (tests, notebooks)
+    would fail. Forgetting our own earlier load of the same file lets it load again (our ops register
+    with force=True)."""
+    import yaml
+
+    for path in yaml.safe_load(Path(recipe).read_text(encoding="utf-8")).get("custom_operator_paths") or []:
+        path = os.path.abspath(path)
+        name = os.path.splitext(os.path.basename(path))[0]
+        loaded = sys.modules.get(name)
+        if loaded is not None and os.path.abspath(getattr(loaded, "__file__", "") or "") == path:
+            del sys.modules[name]
+
+
 def captioner_op(recipe: Path) -> str:
     """The recipe's first op: the captioning mapper (stock or fast)."""
     import yaml
@@ -125,6 +142,7 @@ def run_recipe(recipe: Path, dataset_path: Path, work_dir: Path, seed: int) -> d
             from data_juicer.config import init_configs
             from data_juicer.core import ExecutorFactory
 
+            allow_custom_op_reload(recipe)
             cfg = init_configs(args=["--config", str(recipe), "--dataset_path", str(dataset_path),
                                      "--work_dir", str(work_dir), "--export_path", str(work_dir / "export/dj.jsonl"),
                                      "--ds_cache_dir", str(work_dir / "hf_datasets")])
