@@ -201,6 +201,22 @@ def through_generate(folder: Path, paths: list[str], bs: int, caption_num: int) 
     return {"seconds": seconds, "captions": len(out), "peak_gib": peak, "dtype": "torch.bfloat16", "steps": steps[-1]}
 
 
+def profile_fast(folder: Path, paths: list[str], bs: int, caption_num: int, out: Path) -> None:
+    """torch.profiler over one sub-batch of our op (after a warm-up): where a decoding step's time goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    op = load_ops()[FAST](hf_img2seq=str(folder), caption_num=caption_num, keep_candidate_mode="all",
+                          keep_original_sample=False, gpu_batch_size=bs, accelerator="cuda")
+    samples = {"text": ["<__dj__image>\nx <|__dj__eoc|>"] * bs, "images": [[p] for p in paths[:bs]]}
+    op.process_batched(samples)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        op.process_batched(samples)
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=60)
+    out.write_text(table + "\n")
+    print(table)
+
+
 def free():
     import gc
 
@@ -225,6 +241,7 @@ def main() -> None:
                     help="gpu_batch_size values for our op with compile=true (whole-cache masked attention + CUDA graphs)")
     ap.add_argument("--images", type=int, default=0, help="images per measurement (default: 2x its batch size)")
     ap.add_argument("--caption-num", type=int, default=3)
+    ap.add_argument("--profile", type=int, default=0, help="also profile one sub-batch of our op at this gpu_batch_size")
     ap.add_argument("--smoke", action="store_true", help="CPU check of every path with 1-layer towers and LM")
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
@@ -241,7 +258,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "blip2-opt-2.7b-shaped"
         opt27b_shaped(folder, "cuda" if torch.cuda.is_available() else "cpu", smoke=a.smoke)
-        paths = write_jpegs(images(a.images or 2 * max(bs for _, bs in plan)), Path(tmp))
+        paths = write_jpegs(images(a.images or 2 * max([bs for _, bs in plan] + [a.profile])), Path(tmp))
         for k, (path, bs) in enumerate(plan):
             n = a.images or 2 * bs
             try:
@@ -264,6 +281,8 @@ def main() -> None:
             print(json.dumps(row), flush=True)
             out.write_text(json.dumps(result, indent=2) + "\n")  # after every row: a cut-off run keeps what it measured
             free()  # every row starts from an empty GPU: its peak is its own
+        if a.profile:
+            profile_fast(folder, paths, a.profile, a.caption_num, out.with_suffix(".profile.txt"))
     best = {p: max((r["captions_per_s"] for r in result["rows"] if r["path"] == p and "error" not in r), default=None)
             for p in ("stock", "generate", "fast")}
     result["best_captions_per_s"] = best
