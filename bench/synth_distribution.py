@@ -105,20 +105,25 @@ def main() -> None:
     ap.add_argument("--bootstrap-bleu", type=int, default=200, help="resamples for corpus BLEU-4 (slower)")
     ap.add_argument("--work", default="work/synth_distribution")
     ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--seed", type=int, default=None, help="seed of the captioning runs (default: the stage's)")
+    ap.add_argument("--reuse", action="store_true", help="reuse --work's world and teacher from an earlier run")
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
     torch.set_num_threads(1)
     params = io.load_params(a.params)
     work = Path(a.work)
     t0 = time.perf_counter()
-    teacher, rows = teacher_folder(work, params, a.images)
+    if a.reuse and (work / "teacher" / "config.json").is_file():
+        teacher, rows = work / "teacher", io.read_jsonl(work / "world" / "eval" / "captions.jsonl")
+    else:
+        teacher, rows = teacher_folder(work, params, a.images)
     teacher_s = time.perf_counter() - t0
     refs = {str(r["id"]): r["captions"] for r in rows}
     seed_rows = [{"id": str(r["id"]), "text": f"<__dj__image>\n{r['captions'][0]} <|__dj__eoc|>",
                   "images": [str((work / "world" / "eval" / r["image"]).resolve())]} for r in rows]
     io.write_jsonl(work / "seed.jsonl", seed_rows)
-    seed = params["seed"] + 60
-    runs = {op: recaption(op, params, teacher, work / "seed.jsonl", work / op, seed) for op in ("stock", "fast")}
+    seed = params["seed"] + 60 if a.seed is None else a.seed
+    runs = {op: recaption(op, params, teacher, work / "seed.jsonl", work / f"{op}_{seed}", seed) for op in ("stock", "fast")}
     ids = sorted(refs)
     n = params["synth"]["caption_num"]
     for op, run in runs.items():
