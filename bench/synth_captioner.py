@@ -1,17 +1,23 @@
-"""Images/s of BLIP-2 captioning as Data-Juicer's image_captioning_mapper runs it, for several gpu_batch_size.
+"""Captions/s of BLIP-2 re-captioning through Data-Juicer: the stock op, ours, and plain batched `generate`.
 
-    python bench/synth_captioner.py --out bench_synth.json                      # blip2-opt-2.7b shapes, bf16, CUDA
-    python bench/synth_captioner.py --tiny --teacher models/teacher --out /tmp/s.json   # CPU: the tiny teacher
-    python bench/synth_captioner.py --smoke --batch-sizes 2 --images 2 --out /tmp/s.json  # CPU check of the GPU path
+    python bench/synth_captioner.py --out bench_synth.json                        # blip2-opt-2.7b shapes, bf16, CUDA
+    python bench/synth_captioner.py --smoke --images 4 --out /tmp/s.json          # CPU check of every path (1-layer model)
 
+Rows, all with caption_num=3 candidates per image and 128 new tokens (random weights never finish a row
+early, so every path decodes its full 128 steps, as the stock op's worst case; `steps` records it):
+- `stock`: Data-Juicer 1.6.1's `image_captioning_mapper` (`process_batched` on `images` samples): one
+  `model.generate(max_new_tokens=128, do_sample=True)` per candidate per sub-batch of `gpu_batch_size` images;
+- `fast`: our `fast_image_captioning_mapper` (vlmlab/synth/ops/, loaded through Data-Juicer's
+  custom-operator mechanism), same arguments: one static-cache decode per sub-batch, attention over the
+  filled cache slots only; `fast_compiled`: the same op with compile=true (masked attention over the
+  whole static cache, every step one CUDA graph);
+- `generate`: plain transformers `generate(num_return_sequences=3, max_new_tokens=128, do_sample=True)` on
+  sub-batches of `gpu_batch_size` images (processor on the main thread): what batching alone gives.
 GPU: a randomly initialised model with blip2-opt-2.7b's shapes (ViT-g 39 layers, Q-Former 12, OPT-2.7b,
 32 queries, vocab 50272), bf16, saved to a temp folder and loaded from there exactly as the op loads
-`Salesforce/blip2-opt-2.7b` (AutoProcessor + config.architectures[0]). Random weights never emit EOS,
-so every caption runs the op's full `max_new_tokens=128`: the op's worst case, which a trained model
-reaches only on a batch whose longest caption is 128 tokens.
-Where Data-Juicer is installed the op itself runs (`process_batched`, caption_num captions per image);
-otherwise (the GPU machine has no Data-Juicer) the op's exact call sequence: processor on a sub-batch of
-`gpu_batch_size` images -> `generate(max_new_tokens=128, do_sample=True)` -> batch_decode. The JSON says which.
+`Salesforce/blip2-opt-2.7b` (AutoProcessor + config.architectures[0]). Images are JPEG files on disk.
+Each measurement is timed after a warm-up call of the same shapes (compilation and CUDA graph capture
+are in the warm-up); `peak_gib` is torch's peak allocated memory during the timed call.
 """
 from __future__ import annotations
 
@@ -49,7 +55,8 @@ def opt27b_shaped(folder: Path, device: str, smoke: bool = False) -> None:
                          num_query_tokens=32, image_token_index=50265)
     torch.manual_seed(0)
     with torch.device(device):
-        model = Blip2ForConditionalGeneration(config).to(torch.bfloat16)
+        # bf16 on CUDA; the CPU smoke check in fp32 (bf16 matmuls crawl on a CPU without bf16 units)
+        model = Blip2ForConditionalGeneration(config).to(torch.bfloat16 if device == "cuda" else torch.float32)
     model.generation_config.eos_token_id = 2
     model.save_pretrained(folder)
     words = [f"w{i}" for i in range(1000)]  # the ids matter (OPT's layout), not the words
@@ -109,105 +116,189 @@ def stub_ray_if_missing() -> bool:
     return True
 
 
-def through_op(folder: Path, imgs: list[Image.Image], gpu_batch_size: int, caption_num: int, trust: bool):
-    """Data-Juicer's op if importable, else its call sequence. Returns (seconds, captions, path)."""
-    stub_ray_if_missing()
-    try:
-        from data_juicer.ops.mapper.image_captioning_mapper import ImageCaptioningMapper
-    except ImportError:
-        ImageCaptioningMapper = None
-    if ImageCaptioningMapper is not None:
-        with tempfile.TemporaryDirectory() as tmp:
-            paths = []
-            for i, im in enumerate(imgs):
-                paths.append(f"{tmp}/{i}.jpg")
-                im.save(paths[-1])
-            op = ImageCaptioningMapper(hf_img2seq=str(folder), trust_remote_code=trust, caption_num=caption_num,
-                                       keep_candidate_mode="all", keep_original_sample=False,
-                                       gpu_batch_size=gpu_batch_size, accelerator="cuda" if torch.cuda.is_available() else "cpu")
-            samples = {"text": ["<__dj__image>\nx <|__dj__eoc|>"] * len(paths), "images": [[p] for p in paths]}
-            op.process_batched({k: v[:1] for k, v in samples.items()})  # load the model, warm up
-            from data_juicer.utils.model_utils import get_model
+STOCK, FAST = "image_captioning_mapper", "fast_image_captioning_mapper"
 
-            dtype = str(get_model(op.model_key, None, op.use_cuda())[0].dtype)
-            _sync()
-            t0 = time.perf_counter()
-            out = op.process_batched(samples)
-            _sync()
-            return time.perf_counter() - t0, len(out["text"]), f"data_juicer.image_captioning_mapper ({dtype})"
+
+def write_jpegs(imgs: list[Image.Image], folder: Path) -> list[str]:
+    paths = []
+    for i, im in enumerate(imgs):
+        paths.append(str(folder / f"{i}.jpg"))
+        im.save(paths[-1], quality=90)
+    return paths
+
+
+def load_ops():
+    """Data-Juicer's op registry, our op loaded the way a recipe's custom_operator_paths loads it."""
+    stub_ray_if_missing()
+    from data_juicer.config.config import load_custom_operators
+    from data_juicer.ops.base_op import OPERATORS
+
+    from vlmlab.synth.recipe import FAST_OP_FILE
+
+    if FAST_OP_FILE.stem not in OPERATORS.modules:
+        load_custom_operators([str(FAST_OP_FILE)])
+    return OPERATORS.modules
+
+
+def timed(fn):
+    """(result, seconds, peak GiB allocated during the call)."""
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    result = fn()
+    if cuda:
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    peak = round(torch.cuda.max_memory_allocated() / 2**30, 1) if cuda else None
+    return result, seconds, peak
+
+
+def through_op(name: str, folder: Path, paths: list[str], bs: int, caption_num: int, **extra) -> dict:
+    """One measurement of a Data-Juicer op (stock or ours) on `paths`, after a warm-up sub-batch."""
+    from data_juicer.utils.model_utils import get_model
+
+    cuda = torch.cuda.is_available()
+    op = load_ops()[name](hf_img2seq=str(folder), caption_num=caption_num, keep_candidate_mode="all",
+                          keep_original_sample=False, gpu_batch_size=bs, accelerator="cuda" if cuda else "cpu", **extra)
+    samples = {"text": ["<__dj__image>\nx <|__dj__eoc|>"] * len(paths), "images": [[p] for p in paths]}
+    op.process_batched({k: v[:bs] for k, v in samples.items()})  # load; compile and capture the sub-batch shape
+    torch.manual_seed(0)
+    out, seconds, peak = timed(lambda: op.process_batched(samples))
+    model = get_model(op.model_key, None, cuda)[0]
+    row = {"seconds": seconds, "captions": len(out["text"]), "peak_gib": peak, "dtype": str(model.dtype)}
+    if name == FAST:
+        captioner = next(iter(sys.modules[type(op).__module__]._CAPTIONERS.values()))
+        row.update(steps=captioner.last_steps, compiled=captioner.compiled)
+    return row
+
+
+def through_generate(folder: Path, paths: list[str], bs: int, caption_num: int) -> dict:
+    """Plain transformers: processor + generate(num_return_sequences=caption_num) per sub-batch of bs images."""
+    import transformers
+    from data_juicer.utils.mm_utils import load_image
     from transformers import AutoConfig, AutoProcessor
 
-    import transformers
-
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    processor = AutoProcessor.from_pretrained(folder, trust_remote_code=trust)
+    processor = AutoProcessor.from_pretrained(folder)
     arch = AutoConfig.from_pretrained(folder).architectures[0]
-    # no dtype argument, as the op: transformers takes the checkpoint's (bf16 here); the table reports it
-    model = getattr(transformers, arch).from_pretrained(folder, trust_remote_code=trust, device_map=device).eval()
-    model.config.image_token_index = 50265  # as the op does on every call
+    model = getattr(transformers, arch).from_pretrained(folder, device_map=device).eval()
+    model.config.image_token_index = 50265
+    steps = []
 
-    def run(batch):
-        inputs = processor(images=batch, return_tensors="pt").to(model.device)
-        ids = model.generate(**inputs, max_new_tokens=128, do_sample=True)
+    def run(chunk):
+        inputs = processor(images=[load_image(p) for p in chunk], return_tensors="pt").to(device)
+        ids = model.generate(**inputs, max_new_tokens=128, do_sample=True, num_return_sequences=caption_num)
+        steps.append(ids.shape[1] - model.config.num_query_tokens - 1)
         return processor.batch_decode(ids, skip_special_tokens=True)
 
-    with torch.no_grad():
-        run(imgs[:gpu_batch_size])  # warm-up
-        _sync()
-        t0 = time.perf_counter()
-        n = 0
-        for _ in range(caption_num):
-            for i in range(0, len(imgs), gpu_batch_size):
-                n += len(run(imgs[i: i + gpu_batch_size]))
-        _sync()
-    return time.perf_counter() - t0, n, f"op call sequence, data_juicer not installed ({model.dtype})"
+    with torch.inference_mode():
+        run(paths[:bs])
+        torch.manual_seed(0)
+        out, seconds, peak = timed(lambda: [c for i in range(0, len(paths), bs) for c in run(paths[i:i + bs])])
+    del model
+    return {"seconds": seconds, "captions": len(out), "peak_gib": peak, "dtype": "torch.bfloat16", "steps": steps[-1]}
 
 
-def _sync():
-    if torch.cuda.is_available():
+def profile_fast(folder: Path, paths: list[str], bs: int, caption_num: int, out: Path) -> None:
+    """torch.profiler over one sub-batch of our op (after a warm-up): where a decoding step's time goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    op = load_ops()[FAST](hf_img2seq=str(folder), caption_num=caption_num, keep_candidate_mode="all",
+                          keep_original_sample=False, gpu_batch_size=bs, accelerator="cuda")
+    samples = {"text": ["<__dj__image>\nx <|__dj__eoc|>"] * bs, "images": [[p] for p in paths[:bs]]}
+    op.process_batched(samples)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        op.process_batched(samples)
         torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=60)
+    out.write_text(table + "\n")
+    print(table)
+
+
+def free():
+    import gc
+
+    from data_juicer.utils.model_utils import free_models
+
+    free_models()
+    for name, module in list(sys.modules.items()):
+        if name.endswith(FAST) and hasattr(module, "_CAPTIONERS"):
+            module._CAPTIONERS.clear()
+    torch._dynamo.reset()  # compiled graphs and their CUDA-graph memory pools
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tiny", action="store_true", help="CPU: the tiny teacher folder instead of a 2.7b-shaped model")
-    ap.add_argument("--teacher", default="models/teacher", help="with --tiny: the teacher folder")
-    ap.add_argument("--batch-sizes", default="", help="gpu_batch_size values (default: 8,16,32,64 GPU; 32,128 tiny)")
-    ap.add_argument("--images", type=int, default=0, help="images per measurement (default: 4x the largest batch)")
-    ap.add_argument("--caption-num", type=int, default=1)
-    ap.add_argument("--threads", type=int, default=2, help="CPU threads (tiny)")
-    ap.add_argument("--smoke", action="store_true", help="CPU check of the 2.7b path with 1-layer towers and LM")
+    ap.add_argument("--stock", default="16,64", help="gpu_batch_size values for the stock op")
+    ap.add_argument("--generate", default="64,128,256", help="images per plain generate call")
+    ap.add_argument("--fast", default="64,256,512", help="gpu_batch_size values for our op")
+    ap.add_argument("--fast-compiled", default="256",
+                    help="gpu_batch_size values for our op with compile=true (whole-cache masked attention + CUDA graphs)")
+    ap.add_argument("--images", type=int, default=0, help="images per measurement (default: 2x its batch size)")
+    ap.add_argument("--caption-num", type=int, default=3)
+    ap.add_argument("--profile", type=int, default=0, help="also profile one sub-batch of our op at this gpu_batch_size")
+    ap.add_argument("--smoke", action="store_true", help="CPU check of every path with 1-layer towers and LM")
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
-    torch.set_num_threads(a.threads)
-    sizes = [int(s) for s in (a.batch_sizes or ("32,128" if a.tiny else "8,16,32,64")).split(",")]
-    n = a.images or 4 * max(sizes)
-    rows = []
+    if not torch.cuda.is_available() and not a.smoke:
+        sys.exit("error: the 2.7b-shaped benchmark needs CUDA; use --smoke on a CPU")
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
+    what = "blip2-opt-2.7b shapes, random init, bf16" + (" (smoke: 1-layer towers and LM, fp32 on CPU)" if a.smoke else "")
+    result = {"model": what, "device": device, "caption_num": a.caption_num, "max_new_tokens": 128,
+              "torch": torch.__version__, "rows": []}
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    plan = [(path, int(bs)) for path, sizes in (("stock", a.stock), ("generate", a.generate), ("fast", a.fast),
+                                                ("fast_compiled", a.fast_compiled)) for bs in sizes.split(",") if bs]
     with tempfile.TemporaryDirectory() as tmp:
-        if a.tiny:
-            folder, trust, what = Path(a.teacher), True, f"tiny teacher {a.teacher}"
-            if not (folder / "config.json").is_file():
-                sys.exit(f"error: {folder} has no teacher; run `dvc repro teacher` or pass --teacher")
-        else:
-            if not torch.cuda.is_available() and not a.smoke:
-                sys.exit("error: the 2.7b-shaped benchmark needs CUDA; use --tiny (or --smoke) on a CPU")
-            folder, trust = Path(tmp) / "blip2-opt-2.7b-shaped", False
-            what = "blip2-opt-2.7b shapes, random init, bf16" + (" (smoke: 1-layer towers and LM)" if a.smoke else "")
-            opt27b_shaped(folder, "cuda" if torch.cuda.is_available() else "cpu", smoke=a.smoke)
-        imgs = images(n)
-        for bs in sizes:
-            seconds, captions, path = through_op(folder, imgs, bs, a.caption_num, trust)
-            rows.append({"gpu_batch_size": bs, "images": n * a.caption_num, "captions": captions,
-                         "seconds": round(seconds, 2), "images_per_s": round(n * a.caption_num / seconds, 2),
-                         "path": path})
-            torch.cuda.empty_cache() if torch.cuda.is_available() else None
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU x{a.threads} threads"
-    print(f"{what} on {device}, caption_num={a.caption_num}")
-    print(f"{'gpu_batch_size':>15} {'images':>7} {'seconds':>8} {'images/s':>9}  path")
-    for r in rows:
-        print(f"{r['gpu_batch_size']:>15} {r['images']:>7} {r['seconds']:>8} {r['images_per_s']:>9}  {r['path']}")
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps({"model": what, "device": device, "rows": rows}, indent=2) + "\n")
+        folder = Path(tmp) / "blip2-opt-2.7b-shaped"
+        opt27b_shaped(folder, "cuda" if torch.cuda.is_available() else "cpu", smoke=a.smoke)
+        paths = write_jpegs(images(a.images or 2 * max([bs for _, bs in plan] + [a.profile])), Path(tmp))
+        for k, (path, bs) in enumerate(plan):
+            n = a.images or 2 * bs
+            try:
+                if path == "generate":
+                    row = through_generate(folder, paths[:n], bs, a.caption_num)
+                else:
+                    extra = {"compile": True} if path == "fast_compiled" else {}
+                    row = through_op(STOCK if path == "stock" else FAST, folder, paths[:n], bs, a.caption_num, **extra)
+            except Exception as e:  # one failing row must not cost the others (one GPU call measures all)
+                import traceback
+
+                traceback.print_exc()
+                result["rows"].append({"path": path, "gpu_batch_size": bs, "error": f"{type(e).__name__}: {e}"[:500]})
+                free()
+                continue
+            row = {"path": path, "gpu_batch_size": bs, "rows_per_decode": bs * (1 if path == "stock" else a.caption_num),
+                   "images": n, **row, "seconds": round(row["seconds"], 2),
+                   "captions_per_s": round(row["captions"] / row["seconds"], 1)}
+            result["rows"].append(row)
+            print(json.dumps(row), flush=True)
+            out.write_text(json.dumps(result, indent=2) + "\n")  # after every row: a cut-off run keeps what it measured
+            free()  # every row starts from an empty GPU: its peak is its own
+        if a.profile:
+            profile_fast(folder, paths, a.profile, a.caption_num, out.with_suffix(".profile.txt"))
+    best = {p: max((r["captions_per_s"] for r in result["rows"] if r["path"] == p and "error" not in r), default=None)
+            for p in ("stock", "generate", "fast")}
+    result["best_captions_per_s"] = best
+    if best["fast"] and best["stock"] and best["generate"]:
+        result["fast_vs_stock"] = round(best["fast"] / best["stock"], 1)
+        result["fast_vs_generate"] = round(best["fast"] / best["generate"], 1)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"{what} on {device}, caption_num={a.caption_num}, 128 new tokens")
+    print(f"{'path':>9} {'batch':>6} {'rows':>5} {'images':>7} {'seconds':>8} {'captions/s':>11} {'peak GiB':>9} steps")
+    for r in result["rows"]:
+        if "error" in r:
+            print(f"{r['path']:>9} {r['gpu_batch_size']:>6} error: {r['error'][:200]}")
+            continue
+        print(f"{r['path']:>9} {r['gpu_batch_size']:>6} {r['rows_per_decode']:>5} {r['images']:>7} {r['seconds']:>8} "
+              f"{r['captions_per_s']:>11} {str(r['peak_gib']):>9} {r.get('steps')}")
+    print("best:", best, {k: result[k] for k in ("fast_vs_stock", "fast_vs_generate") if k in result})
 
 
 if __name__ == "__main__":

@@ -3,13 +3,16 @@
 The file it writes (configs/recipes/synthesize.yaml) runs as it is with
 `dj-process --config configs/recipes/synthesize.yaml` (or Data-Juicer's Ray executor with
 `--executor_type ray`); `vlmlab.synth.run` runs the same file in-process. Ops, in order:
-  image_captioning_mapper   N seed images -> caption_num captions each (keep_candidate_mode: all)
+  fast_image_captioning_mapper (synth.captioner_op: fast; ours, vlmlab/synth/ops/, a Data-Juicer custom
+                            operator) or image_captioning_mapper (stock): N seed images -> caption_num
+                            captions each (keep_candidate_mode: all)
   words_num_filter, word_repetition_filter, character_repetition_filter, text_length_filter
   image_text_matching_filter / image_text_similarity_filter   only when a model path is given
   image_deduplicator        only when a method is given (needs imagededup, not installed by default)
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -18,9 +21,24 @@ import yaml
 from vlmlab import io
 
 
+CAPTIONER_OPS = {"fast": "fast_image_captioning_mapper", "stock": "image_captioning_mapper"}
+FAST_OP_FILE = Path(__file__).parent / "ops" / "fast_image_captioning_mapper.py"  # registered by Data-Juicer from its path
+
+
+def op_path(path: Path) -> str:
+    """`path` relative to the working directory when under it (a recipe rendered in the repository stays
+    the same on every machine), else absolute."""
+    path = Path(os.path.abspath(path))
+    try:
+        return path.relative_to(Path.cwd()).as_posix()
+    except ValueError:
+        return str(path)
+
+
 @dataclass
 class SynthConfig:
     captioner: str = ""  # local BLIP-2 folder; "" = the teacher stage's models/teacher
+    captioner_op: str = "fast"  # fast: fast_image_captioning_mapper (ours, same semantics) | stock: image_captioning_mapper
     caption_num: int = 3  # captions generated per image
     keep_candidate_mode: str = "all"  # all: every caption becomes a sample (10k -> 30k); random_any | similar_one_simhash
     keep_original_sample: bool = False  # the study drops the noisy seed captions
@@ -57,6 +75,8 @@ class SynthConfig:
         if cfg.keep_candidate_mode not in ("all", "random_any", "similar_one_simhash"):
             raise io.fail(f"params.yaml synth.keep_candidate_mode={cfg.keep_candidate_mode!r}: "
                           "use all, random_any or similar_one_simhash")
+        if cfg.captioner_op not in CAPTIONER_OPS:
+            raise io.fail(f"params.yaml synth.captioner_op={cfg.captioner_op!r}: use {' or '.join(CAPTIONER_OPS)}")
         if cfg.executor not in ("default", "ray"):
             raise io.fail(f"params.yaml synth.executor={cfg.executor!r}: use default or ray")
         return cfg
@@ -65,7 +85,7 @@ class SynthConfig:
 def process_list(cfg: SynthConfig, captioner: str) -> list[dict]:
     """Data-Juicer's `process:` list, one single-key dict per op."""
     ops = [
-        {"image_captioning_mapper": {
+        {CAPTIONER_OPS[cfg.captioner_op]: {
             "hf_img2seq": captioner, "trust_remote_code": cfg.trust_remote_code, "caption_num": cfg.caption_num,
             "keep_candidate_mode": cfg.keep_candidate_mode, "keep_original_sample": cfg.keep_original_sample,
             "gpu_batch_size": cfg.gpu_batch_size, "batch_size": cfg.batch_size, "memory": cfg.mapper_memory}},
@@ -107,6 +127,7 @@ def render_recipe(cfg: SynthConfig, *, captioner: str, dataset_path: str, export
         "trace_num": 10**9,  # trace every drop: per-op counts and rejects.jsonl come from it
         "skip_op_error": False,  # Data-Juicer's default (true) silently drops a whole batch on one bad image
         "op_fusion": False,
+        **({"custom_operator_paths": [op_path(FAST_OP_FILE)]} if cfg.captioner_op == "fast" else {}),
         "process": process_list(cfg, captioner),
     }
 
@@ -115,14 +136,14 @@ HEADER = """\
 # Rendered by stages/synthesize.py from params.yaml (synth section): edit params, not this file.
 # Runs as it is from the repository root: dj-process --config {path}
 # (dataset_path is written by the stage: the seed rows whose images decode; see vlmlab/synth/run.py).
-# 10k seed images -> image_captioning_mapper ({caption_num} captions each, originals dropped) -> quality filters.
+# 10k seed images -> {captioner} ({caption_num} captions each, originals dropped) -> quality filters.
 # Data-Juicer has no seed option: the stage calls torch.manual_seed({seed}) (+ random, numpy) before the run.
 """
 
 
 def write_recipe(recipe: dict, path: str | Path, seed: int) -> Path:
     path = Path(path)
-    caption_num = recipe["process"][0]["image_captioning_mapper"]["caption_num"]
-    text = HEADER.format(path=path, caption_num=caption_num, seed=seed) + yaml.safe_dump(recipe, sort_keys=False)
+    (captioner, args), = recipe["process"][0].items()
+    text = HEADER.format(path=path, captioner=captioner, caption_num=args["caption_num"], seed=seed) + yaml.safe_dump(recipe, sort_keys=False)
     io.write_text(path, text)
     return path

@@ -74,6 +74,30 @@ def check_local_models(recipe: Path) -> None:
                               f"synth at a local copy")
 
 
+def allow_custom_op_reload(recipe: Path) -> None:
+    """Let Data-Juicer load the recipe's `custom_operator_paths` again in this process.
+
+    Data-Juicer 1.6.1 imports a custom op file as a module named after the file and refuses a second
+    load of that name, even of the same file: a second recipe run in one process (tests, notebooks)
+    would fail. Forgetting our own earlier load of the same file lets it load again (our ops register
+    with force=True)."""
+    import yaml
+
+    for path in yaml.safe_load(Path(recipe).read_text(encoding="utf-8")).get("custom_operator_paths") or []:
+        path = os.path.abspath(path)
+        name = os.path.splitext(os.path.basename(path))[0]
+        loaded = sys.modules.get(name)
+        if loaded is not None and os.path.abspath(getattr(loaded, "__file__", "") or "") == path:
+            del sys.modules[name]
+
+
+def captioner_op(recipe: Path) -> str:
+    """The recipe's first op: the captioning mapper (stock or fast)."""
+    import yaml
+
+    return next(iter(yaml.safe_load(Path(recipe).read_text(encoding="utf-8"))["process"][0]))
+
+
 def check_seed_rows(seed_jsonl: Path, workers: int = 2) -> tuple[list[dict], list[dict]]:
     """Seed rows whose image decodes (paths made absolute for Data-Juicer) and rejects for the rest."""
     root = seed_jsonl.parent
@@ -118,6 +142,7 @@ def run_recipe(recipe: Path, dataset_path: Path, work_dir: Path, seed: int) -> d
             from data_juicer.config import init_configs
             from data_juicer.core import ExecutorFactory
 
+            allow_custom_op_reload(recipe)
             cfg = init_configs(args=["--config", str(recipe), "--dataset_path", str(dataset_path),
                                      "--work_dir", str(work_dir), "--export_path", str(work_dir / "export/dj.jsonl"),
                                      "--ds_cache_dir", str(work_dir / "hf_datasets")])
@@ -201,15 +226,15 @@ def normalise(rows: list[dict], image_root: Path) -> tuple[list[dict], list[dict
     return out, rejects
 
 
-def mapper_trace(seed_rows: list[dict], rows: list[dict], n: int) -> list[dict]:
-    """Before/after for the captioning mapper: a seed caption and the captions of its image that survived the filters."""
+def mapper_trace(seed_rows: list[dict], rows: list[dict], n: int, op: str) -> list[dict]:
+    """Before/after for the captioning mapper `op`: a seed caption and the captions of its image that survived the filters."""
     by_id: dict[str, list[str]] = {}
     for r in rows:
         by_id.setdefault(str(r["id"]).rsplit("_", 1)[0], []).append(r["text"])
     out = []
     for r in seed_rows:
         if str(r["id"]) in by_id:
-            out.append({"op": "image_captioning_mapper", "id": r["id"], "original_text": r["text"],
+            out.append({"op": op, "id": r["id"], "original_text": r["text"],
                         "processed_texts": by_id[str(r["id"])]})
             if len(out) >= n:
                 break
@@ -255,9 +280,10 @@ def synthesize(raw: Path, recipe: Path, out: Path, work: Path, seed: int, trace_
     counts = op_counts(len(good), result["ops"], result["trace_dir"]) if result["ops"] else {}
     rows, bad_rows = normalise(exported, raw)
     rejects += filter_rejects(result["trace_dir"]) + bad_rows
-    trace = mapper_trace(good, rows, trace_sample) + _filter_trace(result["trace_dir"], trace_sample)
+    captioner = captioner_op(recipe)
+    trace = mapper_trace(good, rows, trace_sample, captioner) + _filter_trace(result["trace_dir"], trace_sample)
     write_enhanced(out, raw, rows, rejects, trace, seed)
-    mapper = counts.get("image_captioning_mapper", {"out": 0, "seconds": 0.0})
+    mapper = counts.get(captioner, {"out": 0, "seconds": 0.0})
     return {
         "samples_in": len(good) + seed_rejects,  # seed rows
         "seed_rejects": seed_rejects,  # rows whose image does not decode: never reach Data-Juicer

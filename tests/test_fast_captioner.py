@@ -1,0 +1,135 @@
+"""fast_image_captioning_mapper (vlmlab/synth/ops/): the stock op's semantics and output, one decode per sub-batch."""
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vlmlab.synth import recipe as R
+from vlmlab.synth import teacher as T
+from vlmlab.synth.tokenizer import world_words
+
+TINY = dict(image_size=32, patch_size=8, vision_hidden=32, vision_layers=1, qformer_hidden=32, qformer_layers=1,
+            num_query_tokens=4, hidden=32, layers=1, heads=2)
+OP_FILE = R.FAST_OP_FILE
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """An untrained tiny teacher (random weights are enough to compare two samplers) and 7 images."""
+    root = tmp_path_factory.mktemp("fastcap")
+    torch.manual_seed(0)
+    model, processor = T.build_teacher(T.TeacherConfig(**TINY), world_words())
+    T.save_teacher(model, processor, root / "teacher")
+    rng = np.random.default_rng(0)
+    for i in range(7):
+        Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(root / f"{i}.jpg")
+    return root
+
+
+def ops(folder, **kw):
+    from data_juicer.config.config import load_custom_operators
+    from data_juicer.ops.base_op import OPERATORS
+
+    if "fast_image_captioning_mapper" not in OPERATORS.modules:
+        load_custom_operators([str(OP_FILE)])
+    args = dict(hf_img2seq=str(folder / "teacher"), trust_remote_code=True, caption_num=3, gpu_batch_size=3,
+                accelerator="cpu", **kw)
+    return OPERATORS.modules["image_captioning_mapper"](**args), OPERATORS.modules["fast_image_captioning_mapper"](**args)
+
+
+def samples(folder):
+    """Five samples: one image each, one with two images in two chunks, one without an image."""
+    img = [str(folder / f"{i}.jpg") for i in range(7)]
+    text = ["<__dj__image>\nold caption one <|__dj__eoc|>", "<__dj__image> a <|__dj__eoc|> <__dj__image> b <|__dj__eoc|>",
+            "<__dj__image>\nthree <|__dj__eoc|>", "no image here <|__dj__eoc|>", "<__dj__image>\nfive <|__dj__eoc|>"]
+    images = [[img[0]], [img[1], img[2]], [img[3]], [], [img[4]]]
+    return {"text": text, "images": images, "id": ["a", "b", "c", "d", "e"]}
+
+
+def set_generation(op, **kw):
+    """Change the generation config of the model `op` loaded (Data-Juicer caches one model per op)."""
+    from data_juicer.utils.model_utils import get_model
+
+    model, _ = get_model(op.model_key, None, False)
+    for k, v in kw.items():
+        setattr(model.generation_config, k, v)
+
+
+@pytest.mark.parametrize("mode,keep", [("all", False), ("random_any", True)])
+def test_same_output_as_the_stock_op_when_sampling_is_deterministic(folder, mode, keep):
+    """top_k=1 makes sampling an argmax: then both ops must write the very same samples (texts with the DJ
+    special tokens, image lists, other fields, order, keep modes), so only the sampler's draws differ."""
+    stock, fast = ops(folder, keep_candidate_mode=mode, keep_original_sample=keep)
+    set_generation(stock, top_k=1)
+    set_generation(fast, top_k=1)
+    random.seed(0)
+    want = stock.process_batched(samples(folder))
+    random.seed(0)
+    got = fast.process_batched(samples(folder))
+    assert got == want
+    n = 3 if mode == "all" else 1
+    assert len(got["text"]) == (n + keep) * 4 + keep  # + the imageless sample, kept as it is when keep
+    assert all(t.endswith("<|__dj__eoc|>") for t in got["text"])
+
+
+def test_same_seed_same_captions_and_every_candidate_sampled(folder):
+    _, fast = ops(folder, keep_candidate_mode="all", keep_original_sample=False)
+    runs = []
+    for seed in (5, 5, 6):
+        torch.manual_seed(seed)
+        runs.append(fast.process_batched(samples(folder))["text"])
+    assert runs[0] == runs[1] and runs[0] != runs[2]
+    per_image = [runs[0][i:i + 3] for i in range(0, 9, 3)]  # caption_num rows of one sample are its candidates
+    assert all(len(set(c)) == 3 for c in per_image)  # random weights, 20 tokens of sampling: never equal
+
+
+def test_stops_when_every_row_has_emitted_eos(folder):
+    from data_juicer.utils.model_utils import get_model
+
+    from vlmlab.synth.fast_captioner import FastCaptioner
+
+    stock, _ = ops(folder)
+    model, processor = get_model(stock.model_key, None, False)
+    model.config.image_token_index = 50265
+    inputs = processor(images=[Image.open(folder / "0.jpg")], return_tensors="pt")
+    greedy = FastCaptioner(model, processor, caption_num=2, max_new_tokens=12)
+    greedy.gc.top_k = 1
+    ids = greedy.generate(**inputs)
+    prompt = ids.shape[1] - greedy.last_steps
+    greedy.eos = torch.tensor([int(ids[0, prompt])])  # the argmax first token is now EOS: every row ends at step 1
+    assert greedy.generate(**inputs).shape[1] == prompt + 1 and greedy.last_steps == 1
+
+
+def test_options_the_sampler_does_not_implement_are_refused(folder):
+    _, fast = ops(folder)
+    set_generation(fast, repetition_penalty=1.3)
+    with pytest.raises(ValueError, match="repetition_penalty.*synth.captioner_op: stock"):
+        fast.process_batched(samples(folder))
+
+
+def test_dj_process_runs_the_op_from_custom_operator_paths(folder, tmp_path):
+    """The command-line route: `dj-process --custom-operator-paths <op file>` with a recipe naming the op."""
+    import yaml
+
+    from vlmlab import io
+
+    rows = [{"id": str(i), "text": f"<__dj__image>\nseed {i} <|__dj__eoc|>", "images": [str(folder / f"{i}.jpg")]}
+            for i in range(4)]
+    io.write_jsonl(tmp_path / "in.jsonl", rows)
+    recipe = {"project_name": "t", "dataset_path": str(tmp_path / "in.jsonl"), "export_path": str(tmp_path / "out.jsonl"),
+              "work_dir": str(tmp_path / "w"), "np": 1, "use_cache": False,
+              "process": [{"fast_image_captioning_mapper": {"hf_img2seq": str(folder / "teacher"), "caption_num": 2,
+                                                            "keep_candidate_mode": "all", "keep_original_sample": False,
+                                                            "gpu_batch_size": 4, "max_new_tokens": 8}}]}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    dj = Path(sys.executable).parent / "dj-process"
+    proc = subprocess.run([str(dj), "--config", str(tmp_path / "r.yaml"), "--custom-operator-paths", str(OP_FILE)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = io.read_jsonl(tmp_path / "out.jsonl")
+    assert len(out) == 8 and all(r["text"].startswith("<__dj__image>") for r in out)

@@ -1,0 +1,129 @@
+"""Data-Juicer operator `fast_image_captioning_mapper`: `image_captioning_mapper`, fast.
+
+A custom operator (Data-Juicer's `custom_operator_paths`): name it in a recipe with
+`custom_operator_paths: [vlmlab/synth/ops/fast_image_captioning_mapper.py]`, or
+`dj-process --config recipe.yaml --custom-operator-paths vlmlab/synth/ops/fast_image_captioning_mapper.py`.
+
+It is the stock op with one method replaced: same arguments, the same model loading (Data-Juicer's
+model cache), the same prompts, caption_num candidates per image, keep_candidate_mode, keep_original_sample,
+DJ special tokens and output layout (the stock op's own `_distribute_captions`), and the same sampling
+distribution (the captioner's generation_config, as transformers' generate resolves it). What changes is
+how the candidates are generated (vlmlab.synth.fast_captioner): all caption_num candidates of a sub-batch
+in one decode over a static KV cache (attention over its filled slots only; `compile: true` instead
+captures each step as a CUDA graph), bf16 on CUDA, stopping once every row has emitted EOS; images are
+decoded and preprocessed in worker threads ahead of the model. On an H200 with blip2-opt-2.7b shapes:
+5.1x the stock op's captions/s (bench/results/synth.json).
+The stock op's captions come from `torch`'s global generator in another order, so the two ops draw
+different (equally distributed) captions for the same seed; each is the same from run to run.
+"""
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+from data_juicer.ops.base_op import OPERATORS
+from data_juicer.ops.mapper.image_captioning_mapper import ImageCaptioningMapper
+from data_juicer.utils.mm_utils import SpecialTokens, load_image
+from data_juicer.utils.model_utils import get_model
+
+OP_NAME = "fast_image_captioning_mapper"
+
+# built once per process and model: compiled graphs and static caches are neither picklable nor cheap
+_CAPTIONERS: dict = {}
+
+
+@OPERATORS.register_module(OP_NAME, force=True)  # force: a recipe run may load this file after an import
+class FastImageCaptioningMapper(ImageCaptioningMapper):
+    """Generates image captions like `image_captioning_mapper` (same arguments and outputs), with every
+    candidate of a sub-batch sampled in one compiled decode.
+
+    :param max_new_tokens: most tokens per caption (the stock op's fixed value: 128)
+    :param compile: true: every decoding step one CUDA graph (torch.compile "reduce-overhead", masked attention
+        over the whole static cache; 142 vs 180 captions/s measured on an H200); "auto"/false: eager steps
+        attending to the filled cache slots
+    :param bf16: run the captioner in bfloat16 on CUDA
+    :param preprocess_threads: threads that decode and preprocess images ahead of the model
+    Other arguments: see `image_captioning_mapper`.
+    """
+
+    def __init__(self, *args, max_new_tokens: int = 128, compile: bool | str = "auto", bf16: bool = True,
+                 preprocess_threads: int = 4, **kwargs):
+        super().__init__(*args, **kwargs)
+        if compile not in ("auto", True, False):
+            raise ValueError(f"{OP_NAME}: compile must be auto, true or false, not {compile!r}")
+        self.max_new_tokens = int(max_new_tokens)
+        self.compile = compile
+        self.bf16 = bool(bf16)
+        self.preprocess_threads = max(1, int(preprocess_threads))
+
+    def _captioner(self, model, processor):
+        from vlmlab.synth.fast_captioner import FastCaptioner
+
+        key = (id(model), self.caption_num, self.max_new_tokens, self.compile, self.bf16, self.gpu_batch_size)
+        if key not in _CAPTIONERS:
+            _CAPTIONERS[key] = FastCaptioner(model, processor, self.caption_num, self.max_new_tokens,
+                                             compile=self.compile, bf16=self.bf16, pad_rows=self.gpu_batch_size)
+        return _CAPTIONERS[key]
+
+    def _batched_generate(self, images, prompts, model, processor):
+        """images: paths (or PIL images) -> [num_images][caption_num] captions; sub-batches of gpu_batch_size
+        images are loaded and preprocessed by threads while the model captions the previous one."""
+        if not images:
+            return []
+        captioner = self._captioner(model, processor)
+        pin = captioner.device.type == "cuda"
+        starts = range(0, len(images), self.gpu_batch_size)
+
+        def prepare(start):
+            chunk = images[start:start + self.gpu_batch_size]
+            loaded = list(loaders.map(lambda x: x if hasattr(x, "convert") else load_image(x), chunk))
+            texts = None if prompts is None else prompts[start:start + len(chunk)]
+            if texts is not None and all(p is None for p in texts):
+                texts = None  # as the stock op: no prompt unless one image of the sub-batch has one
+            inputs = processor(images=loaded, text=texts, return_tensors="pt")
+            return {k: v.pin_memory() if pin else v for k, v in inputs.items()}
+
+        out = []
+        with ThreadPoolExecutor(self.preprocess_threads) as loaders, ThreadPoolExecutor(1) as feeder:
+            pending = [feeder.submit(prepare, s) for s in list(starts)[:2]]  # two sub-batches ahead
+            for k in range(len(starts)):
+                inputs = pending.pop(0).result()
+                if k + 2 < len(starts):
+                    pending.append(feeder.submit(prepare, starts[k + 2]))
+                out += captioner.captions(inputs)
+        return out
+
+    def process_batched(self, samples, rank=None):
+        """The stock op's process_batched with image paths in place of loaded images (loaded in threads)."""
+        n = len(samples[self.text_key])
+        rows = [{key: samples[key][i] for key in samples} for i in range(n)]
+        paths, prompts, where = [], [], []  # where[g] = (sample, chunk, image in chunk) of image g
+        for s, sample in enumerate(rows):
+            keys = sample.get(self.image_key) or []
+            if not keys:
+                continue
+            if self.prompt_key and isinstance(sample.get(self.prompt_key), str):
+                prompt = sample[self.prompt_key]
+            elif self.prompt and isinstance(self.prompt, str):
+                prompt = self.prompt
+            else:
+                prompt = None
+            offset = 0
+            for c, chunk in enumerate(sample[self.text_key].split(SpecialTokens.eoc)):
+                if not chunk.strip():
+                    continue
+                count = chunk.count(SpecialTokens.image)
+                for j in range(count):
+                    paths.append(keys[offset + j])
+                    prompts.append(prompt)
+                    where.append((s, c, j))
+                offset += count
+        if not paths:
+            return samples if self.keep_original_sample else {key: [] for key in samples}
+        model, processor = get_model(self.model_key, rank, self.use_cuda())
+        model.config.image_token_index = 50265  # as the stock op does on every call
+        captions = self._batched_generate(paths, prompts if any(p is not None for p in prompts) else None,
+                                          model, processor)
+        out = self._distribute_captions(captions, where, rows)
+        if not out:
+            return {key: [] for key in samples}
+        return {key: [r[key] for r in out] for key in out[0]}
