@@ -387,10 +387,11 @@ def code_used_by(path: Path) -> set[Path]:
                 mod = ".".join(filter(None, [*parts, mod]))
             names.add(mod)
             names |= {f"{mod}.{a.name}" for a in node.names}  # `from vlmlab import io`: a module
-        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.endswith(".py"):
-            sibling = path.parent / node.value
-            if sibling.is_file() and "/" not in node.value:
-                names.add(f"{package}.{node.value[:-3]}")
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.endswith(".py") \
+                and "/" not in node.value:  # a file next to it or one folder down (a Data-Juicer custom op)
+            for code in [path.parent / node.value, *path.parent.glob(f"*/{node.value}")]:
+                if code.is_file():
+                    names.add(".".join(code.relative_to(REPO).with_suffix("").parts))
     found = set()
     for name in names:
         parts = name.split(".")

@@ -144,7 +144,7 @@ SECTIONS: dict[str, Check] = {
         "threads": POS, "eval_limit": COUNT, "eval_batch_size": POS, "monitor_interval": SECONDS,
     }),
     "synth": record({
-        "captioner": PATH, "trust_remote_code": flag(), "caption_num": POS,
+        "captioner": PATH, "captioner_op": text("fast", "stock"), "trust_remote_code": flag(), "caption_num": POS,
         "keep_candidate_mode": text("all", "random_any", "similar_one_simhash"), "keep_original_sample": flag(),
         "gpu_batch_size": POS, "batch_size": POS, "np": POS, "mapper_memory": text(), "min_words": COUNT,
         "max_words": POS, "word_rep_len": POS, "max_word_rep_ratio": RATIO, "char_rep_len": POS,
