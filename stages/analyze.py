@@ -5,6 +5,7 @@
 Writes flat metrics (counts, rejects by reason, caption lengths, vocabulary, duplicates,
 image sizes), CSVs that dvc.yaml declares as plots, and an overview PNG.
 """
+from vlmlab.determinism import pin; pin()  # noqa: E702  first: CPU kernels bit for bit on any x86 (vlmlab/determinism.py)
 import csv
 
 import fire

@@ -10,6 +10,7 @@ plots) and PNGs: metric bars per model, loss curves overlaid, memory over time o
 """
 from __future__ import annotations
 
+from vlmlab.determinism import pin; pin()  # noqa: E702  first: CPU kernels bit for bit on any x86 (vlmlab/determinism.py)
 import os
 from pathlib import Path
 

@@ -9,6 +9,7 @@ The benchmark files (tiny world by default, real ones by path) come from params 
 """
 from __future__ import annotations
 
+from vlmlab.determinism import pin; pin()  # noqa: E702  first: CPU kernels bit for bit on any x86 (vlmlab/determinism.py)
 import fire
 import torch
 

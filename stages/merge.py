@@ -9,6 +9,7 @@ leaving no output, if max |logit diff| on held-out samples between the adapter a
 fold exceeds merge.tolerance, or between the adapter and the reloaded bf16 folder exceeds
 merge.saved_tolerance.
 """
+from vlmlab.determinism import pin; pin()  # noqa: E702  first: CPU kernels bit for bit on any x86 (vlmlab/determinism.py)
 from pathlib import Path
 
 import fire

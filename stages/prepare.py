@@ -6,6 +6,7 @@ data.source=world: everything is generated from the tiny world (params `world`, 
 data.source=path:  data/raw is imported from data.path (validated, rejects counted); the
 curated, instruction and eval sets in data/world still come from the tiny world.
 """
+from vlmlab.determinism import pin; pin()  # noqa: E702  first: CPU kernels bit for bit on any x86 (vlmlab/determinism.py)
 import time
 
 import fire

@@ -7,6 +7,7 @@ Renders the recipe from params (synth section), runs it in-process with Data-Jui
 and writes data/enhanced in the seed layout (dj.jsonl, llava.json, rejects.jsonl, trace_sample.jsonl,
 images/) plus per-op counts. The same recipe runs outside with `dj-process --config <recipe>`.
 """
+from vlmlab.determinism import pin; pin()  # noqa: E702  first: CPU kernels bit for bit on any x86 (vlmlab/determinism.py)
 import os
 from pathlib import Path
 

@@ -8,6 +8,7 @@ normal HF folder, score its held-out captions (BLEU-4, CIDEr) next to the seed's
 Real runs (synth.captioner: a local folder, e.g. blip2-opt-2.7b): only check it loads as Data-Juicer
 loads it, and record which folder it was in models/teacher/captioner.json.
 """
+from vlmlab.determinism import pin; pin()  # noqa: E702  first: CPU kernels bit for bit on any x86 (vlmlab/determinism.py)
 import torch
 
 import fire

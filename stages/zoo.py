@@ -7,6 +7,7 @@ zoo.source=tiny:  a word-level tokenizer, the LM, the ViT and the ConvNeXt are p
 zoo.source=local: local checkpoints (an official MGM folder, or Gemma + CLIP + ConvNeXt) are
                   checked, converted and assembled; nothing is downloaded.
 """
+from vlmlab.determinism import pin; pin()  # noqa: E702  first: CPU kernels bit for bit on any x86 (vlmlab/determinism.py)
 import time
 
 import fire
