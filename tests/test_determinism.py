@@ -65,3 +65,17 @@ def test_pin_refuses_kernels_chosen_before_it():
     r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
                        env={**os.environ, "PYTHONPATH": str(REPO), "ATEN_CPU_CAPABILITY": "default"}, timeout=120)
     assert r.returncode != 0 and "ran before vlmlab.determinism.pin()" in r.stderr, r.stderr[-1000:]
+
+
+@pytest.mark.parametrize("script", sorted((REPO / "stages").glob("*.py")), ids=lambda p: p.name)
+def test_every_stage_pins_before_anything_else_loads(script):
+    """pin() must come before any import that could run a tensor op (only os / __future__ may precede it)."""
+    import ast
+
+    for node in ast.parse(script.read_text()).body:
+        if isinstance(node, ast.ImportFrom) and node.module == "vlmlab.determinism":
+            return
+        names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                 [node.module] if isinstance(node, ast.ImportFrom) else [])
+        assert not names or set(names) <= {"os", "__future__"}, f"{script.name}: {names} imported before pin()"
+    pytest.fail(f"{script.name}: no `from vlmlab.determinism import pin; pin()`")

@@ -5,20 +5,26 @@ first dispatch, MKL its code path at its first call (both after `import torch`, 
 running the same wheels, and what is pinned here (measured with bench/determinism.py):
 
 - ATen's vectorised kernels are compiled per ISA (DEFAULT / AVX2 / AVX512) and dispatched on the
-  CPU: sums, softmax, norms and the Sleef exp/log/tanh round differently per vector width.
-  Pinned to AVX2 (ATEN_CPU_CAPABILITY), which every x86-64-v3 CPU has (Intel since Haswell,
-  AMD since Zen); on an older CPU torch falls back to DEFAULT and results differ (named in check()).
-- MKL's sgemm picks a code path per CPU: its own Zen kernels on AMD, AVX2/AVX-512 ones on Intel.
-  Its conditional numerical reproducibility (MKL_CBWR) honours ISA branches (AVX2, ...) only on
-  Intel CPUs; on AMD they silently fall back to AUTO (measured: mkl_cbwr_get says AUTO). COMPATIBLE
-  is the one branch MKL runs identically on Intel and AMD, so it is the one pinned.
-- oneDNN (torch's mkldnn backend) runs the convolutions with JIT kernels chosen by ISA, and its
-  blocking depends on the cache sizes: not pinnable by an ISA cap alone. It is switched off, so
-  convolutions go through ATen's im2col + MKL (COMPATIBLE) path.
+  CPU: measured different bits for randn/normal_ (weight init), softmax, log_softmax, layer_norm,
+  tanh-GELU, SiLU, SDPA and the AdamW step. Pinned to AVX2 (ATEN_CPU_CAPABILITY), which every
+  x86-64-v3 CPU has (Intel since Haswell, AMD since Zen); a CPU without AVX2 runs DEFAULT kernels
+  and its results differ (check() says so). The ISA is fixed at the first dispatch, not at import.
+- MKL's sgemm (every Linear, matmul, im2col convolution) picks a code path per CPU: its own Zen
+  kernels on AMD, AVX2/AVX-512 ones on Intel. Its conditional numerical reproducibility (MKL_CBWR)
+  honours ISA branches (AVX2, ...) only on Intel: on AMD they silently stay on AUTO (mkl_cbwr_get
+  reads back AUTO; same bits as unset). COMPATIBLE is the one branch both vendors run, so it is
+  pinned, through mkl_cbwr_set (works after `import torch`, before MKL's first call) and the env.
+- oneDNN (torch's mkldnn backend) runs convolutions and the erf-GELU with JIT kernels chosen by ISA,
+  with blocking chosen by cache size, so an ISA cap alone does not pin it. It is switched off:
+  convolutions go through ATen's im2col + MKL (COMPATIBLE), GELU through ATen's AVX2 kernel.
 - Thread counts: ATen splits reductions and MKL its GEMMs by thread count, and MKL may lower its
-  thread count at run time (dynamic threads). The count is the stage's own param (never the core
-  count), MKL's dynamic adjustment is off.
-- torch.use_deterministic_algorithms: raises on ops with no deterministic CPU kernel.
+  count at run time (dynamic threads). The count is the stage's own (pin's argument or its
+  params), never the core count; MKL's dynamic adjustment is off.
+- torch.use_deterministic_algorithms(warn_only): CPU kernels here are deterministic at a fixed
+  thread count; on GPU hosts it flags the ops that are not.
+Not pinned: glibc's libm (scalar std::exp/log/cos in ATen's non-vectorised paths, Python's math in
+LR schedules) comes from the OS, so two machines must share the glibc major version (the venv
+does not carry it); torch.compile (evaluate.compile) builds C++ with the machine's own compiler.
 """
 from __future__ import annotations
 
