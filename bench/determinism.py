@@ -71,11 +71,9 @@ def tower_part(kind: str, steps: int):
 
 
 def teacher_part(steps: int):
-    from PIL import Image
-
     from vlmlab.synth import teacher
     from vlmlab.synth.tokenizer import world_words
-    from vlmlab.world import generate, text
+    from vlmlab.world import text
     from vlmlab.world.scene import render, sample_scene
 
     images, captions = [], []
@@ -88,7 +86,6 @@ def teacher_part(steps: int):
     torch.manual_seed(350)
     model, processor = teacher.build_teacher(cfg, world_words())
     teacher.train_teacher(model, processor, images, captions, cfg, seed=350, log_every=0)
-    del generate, Image
     return model
 
 
