@@ -10,6 +10,8 @@ fold exceeds merge.tolerance, or between the adapter and the reloaded bf16 folde
 merge.saved_tolerance.
 """
 import sys
+from vlmlab.determinism import pin; pin()  # noqa: E702  first: CPU kernels bit for bit on any x86 (vlmlab/determinism.py)
+
 from pathlib import Path
 
 # this checkout's vlmlab before any installed copy: a clone or a `dvc exp run --temp` copy runs its own code

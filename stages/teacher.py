@@ -13,6 +13,7 @@ from pathlib import Path
 
 # this checkout's vlmlab before any installed copy: a clone or a `dvc exp run --temp` copy runs its own code
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from vlmlab.determinism import pin; pin()  # noqa: E702  first: CPU kernels bit for bit on any x86 (vlmlab/determinism.py)
 
 import torch
 

@@ -21,6 +21,7 @@ import os
 # on a 2-core machine shared with other processes slow down gracefully (spinning threads
 # measured 3x slower than one thread under load; sleeping ones as fast as one thread).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+from vlmlab.determinism import pin; pin(threads=2)  # noqa: E402,E702  CPU kernels bit for bit on any x86 (vlmlab/determinism.py); 2 threads: as before, on any core count
 
 import contextlib  # noqa: E402
 import shutil  # noqa: E402

@@ -256,4 +256,8 @@ def main(model: str, image: str | None = None, question: str | None = None, ques
 if __name__ == "__main__":
     import fire
 
+    from vlmlab.determinism import pin
+
+    pin()  # before any tensor op: CPU kernels bit for bit on any x86; --threads still sets the count
+
     fire.Fire(main)

@@ -1,0 +1,89 @@
+"""vlmlab.determinism.pin(): a real training gives the same weights whatever kernels the machine would pick.
+
+Each setting forces, from outside, what differs between x86 machines: ATen's kernel ISA, MKL's code
+path, oneDNN's ISA, thread counts. Without the pins the weights differ (checked here too, so the
+equality is not vacuous); with them they are identical.
+"""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+# a few AdamW steps of the zoo's ViT tower (conv patch embedding, SDPA attention, layer norms, GELU,
+# linear heads, cross-entropy): the ops whose kernels differ by ISA, MKL branch and oneDNN
+TRAIN = """
+import sys
+if sys.argv[1] == "pin":
+    from vlmlab.determinism import pin
+    pin()
+import hashlib, torch
+from vlmlab.models import presets, zoo
+cfg = presets.build_config("tiny", vocab_size=64, image_token_id=4)
+data = zoo.labelled_scenes(64, 7, cfg.image_size, cfg.image_size_aux)
+tower, _ = zoo.pretrain_tower(cfg.vision_config, cfg, {"count": 3, "sign_side": 2}, data, data,
+                              zoo.LoopConfig(steps=4, batch_size=32, seed=7), "test")
+sd = tower.state_dict()
+print(hashlib.sha256(b"".join(sd[k].numpy().tobytes() for k in sorted(sd))).hexdigest())
+"""
+
+# what another x86 machine would pick on its own, forced here: ATen's scalar kernels instead of AVX2,
+# oneDNN's SSE4.1 JIT, MKL asked for its AVX2 branch (Intel's; on AMD it stays on AUTO), two threads
+FORCED = {"ATEN_CPU_CAPABILITY": "default", "ONEDNN_MAX_CPU_ISA": "SSE41", "MKL_CBWR": "AVX2",
+          "OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2"}
+
+
+def weights_hashes(mode: str) -> tuple[str, str]:
+    """(this machine's own choice, FORCED) weights hashes, the two trainings run side by side."""
+    clean = {k: v for k, v in os.environ.items() if k not in FORCED}
+    procs = [subprocess.Popen([sys.executable, "-c", TRAIN, mode], cwd=REPO, text=True, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, env={**clean, "PYTHONPATH": str(REPO), "TQDM_DISABLE": "1", **env})
+             for env in ({}, FORCED)]
+    out = []
+    for p in procs:
+        stdout, stderr = p.communicate(timeout=600)
+        assert p.returncode == 0, stderr[-2000:]
+        out.append(stdout.strip().splitlines()[-1])
+    return out[0], out[1]
+
+
+@pytest.mark.skipif(not torch.cpu._is_avx2_supported(), reason="forcing kernel ISAs needs an AVX2 CPU")
+def test_pinned_training_is_bitwise_under_forced_kernels():
+    own, forced = weights_hashes("free")
+    assert own != forced  # the forced setting really changes the kernels, else the next check proves nothing
+    own, forced = weights_hashes("pin")
+    assert own == forced
+
+
+def test_pin_refuses_kernels_chosen_before_it():
+    code = ("import torch; torch.ones(4).sum()\n"  # the first dispatch fixes the ISA (DEFAULT here)
+            "from vlmlab.determinism import pin; pin()")
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": str(REPO), "ATEN_CPU_CAPABILITY": "default"}, timeout=120)
+    assert r.returncode != 0 and "ran before vlmlab.determinism.pin()" in r.stderr, r.stderr[-1000:]
+
+
+def stage_scripts() -> list[Path]:
+    """The scripts dvc.yaml runs (stages/sweep.py drives `dvc exp` and runs no tensor op)."""
+    cmds = [s.get("do", s)["cmd"] for s in yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"].values()]
+    return sorted({REPO / w for c in cmds for w in c.split() if w.startswith("stages/") and w.endswith(".py")})
+
+
+@pytest.mark.parametrize("script", stage_scripts(), ids=lambda p: p.name)
+def test_every_stage_pins_before_anything_else_loads(script):
+    """pin() must come before any import that could run a tensor op (only os, sys, pathlib and __future__ may precede
+    it: the sys.path bootstrap that makes a stage import its own checkout)."""
+    import ast
+
+    for node in ast.parse(script.read_text()).body:
+        if isinstance(node, ast.ImportFrom) and node.module == "vlmlab.determinism":
+            return
+        names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                 [node.module] if isinstance(node, ast.ImportFrom) else [])
+        assert not names or set(names) <= {"os", "sys", "pathlib", "__future__"}, f"{script.name}: {names} imported before pin()"
+    pytest.fail(f"{script.name}: no `from vlmlab.determinism import pin; pin()`")

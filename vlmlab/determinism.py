@@ -1,0 +1,98 @@
+"""Bit-for-bit CPU results on any x86-64 machine: pin what makes torch's CPU kernels differ.
+
+Call `pin()` first thing in a stage script, before any tensor op: ATen fixes its kernel ISA at the
+first dispatch, MKL its code path at its first call (both after `import torch`, which is fine). What differs between two x86 machines
+running the same wheels, and what is pinned here (measured with bench/determinism.py):
+
+- ATen's vectorised kernels are compiled per ISA (DEFAULT / AVX2 / AVX512) and dispatched on the
+  CPU: measured different bits for randn/normal_ (weight init), softmax, log_softmax, layer_norm,
+  tanh-GELU, SiLU, SDPA and the AdamW step. Pinned to AVX2 (ATEN_CPU_CAPABILITY), which every
+  x86-64-v3 CPU has (Intel since Haswell, AMD since Zen); a CPU without AVX2 runs DEFAULT kernels
+  and its results differ (check() says so). The ISA is fixed at the first dispatch, not at import.
+- MKL's sgemm (every Linear, matmul, im2col convolution) picks a code path per CPU: its own Zen
+  kernels on AMD, AVX2/AVX-512 ones on Intel. Its conditional numerical reproducibility (MKL_CBWR)
+  honours ISA branches (AVX2, ...) only on Intel: on AMD they silently stay on AUTO (mkl_cbwr_get
+  reads back AUTO; same bits as unset). COMPATIBLE is the one branch both vendors run, so it is
+  pinned, through mkl_cbwr_set (works after `import torch`, before MKL's first call) and the env.
+- oneDNN (torch's mkldnn backend) runs convolutions and the erf-GELU with JIT kernels chosen by ISA,
+  with blocking chosen by cache size, so an ISA cap alone does not pin it. It is switched off:
+  convolutions go through ATen's im2col + MKL (COMPATIBLE), GELU through ATen's AVX2 kernel.
+- Thread counts: ATen splits reductions and MKL its GEMMs by thread count, and MKL may lower its
+  count at run time (dynamic threads). The count is the stage's own (pin's argument or its
+  params), never the core count; MKL's dynamic adjustment is off.
+- torch.use_deterministic_algorithms(warn_only): CPU kernels here are deterministic at a fixed
+  thread count; on GPU hosts it flags the ops that are not.
+Not pinned: glibc's libm (scalar std::exp/log/cos in ATen's non-vectorised paths, Python's math in
+LR schedules) comes from the OS, so two machines must share the glibc major version (the venv
+does not carry it); torch.compile (evaluate.compile) builds C++ with the machine's own compiler.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+# read by the libraries when they first compute (torch's import does not), and by child processes
+ENV = {
+    "ATEN_CPU_CAPABILITY": "avx2",  # ATen kernel ISA (also torch.compile's vector ISA)
+    "MKL_CBWR": "COMPATIBLE",       # MKL conditional numerical reproducibility: the branch Intel and AMD share
+    "MKL_DYNAMIC": "FALSE",         # MKL uses the thread count it is given, not fewer
+    "ONEDNN_MAX_CPU_ISA": "AVX2",   # oneDNN, for any op that still reaches it with mkldnn off
+    "CUBLAS_WORKSPACE_CONFIG": ":4096:8",  # GPU hosts: what deterministic cuBLAS needs
+}
+MKL_CBWR_BRANCH, MKL_CBWR_COMPATIBLE = 1, 3  # from mkl_cbwr.h
+
+
+def pin(threads: int = 1) -> dict:
+    """Pin kernel ISA, MKL's code path, oneDNN, threads and deterministic algorithms for this process.
+
+    Call it before the first tensor op: ATen fixes its kernel ISA at the first dispatch and MKL its
+    branch at its first call. check() reads both back and raises if either was fixed earlier."""
+    os.environ.update(ENV)
+    import torch
+
+    if _mkl().mkl_serv_cbwr_set(MKL_CBWR_COMPATIBLE) != 0:  # 0 = MKL_CBWR_SUCCESS; env alone is read once
+        raise RuntimeError("MKL refused MKL_CBWR=COMPATIBLE: it already ran before vlmlab.determinism.pin()")
+    torch.backends.mkldnn.enabled = False
+    # CPU kernels are deterministic at a fixed thread count; on GPU hosts some ops have no deterministic
+    # kernel, and training there is not bitwise across GPUs anyway: warn, don't stop the run
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    set_threads(threads)
+    return check()
+
+
+def set_threads(threads: int) -> None:
+    """Intra-op threads (ATen and MKL), fixed: a param of the stage, never the machine's core count."""
+    import ctypes
+
+    import torch
+
+    torch.set_num_threads(int(threads))
+    _mkl().mkl_set_dynamic(ctypes.byref(ctypes.c_int(0)))  # MKL's Fortran-style export: takes a pointer
+
+
+def _mkl():
+    """MKL is linked into libtorch_cpu; its service functions are exported there."""
+    import ctypes
+
+    import torch
+
+    return ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so"))
+
+
+def check() -> dict:
+    """What is in effect, read back from the libraries; raises where a pin did not take."""
+    import torch
+
+    state = {"aten": torch.backends.cpu.get_cpu_capability(), "mkl_cbwr": _mkl().mkl_serv_cbwr_get(MKL_CBWR_BRANCH),
+             "mkldnn": torch.backends.mkldnn.enabled, "threads": torch.get_num_threads(),
+             "deterministic": torch.are_deterministic_algorithms_enabled()}
+    if state["aten"] != "AVX2":
+        if not torch.cpu._is_avx2_supported():
+            print(f"vlmlab.determinism: this CPU has no AVX2, ATen kernels run as {state['aten']}: results will "
+                  "not match AVX2 machines bit for bit", file=sys.stderr)
+        else:
+            raise RuntimeError(f"ATen kernels run as {state['aten']}, not AVX2: a tensor op ran before "
+                               "vlmlab.determinism.pin() and fixed the kernel ISA")
+    if state["mkl_cbwr"] != MKL_CBWR_COMPATIBLE:
+        raise RuntimeError(f"MKL's CNR branch is {state['mkl_cbwr']}, not COMPATIBLE ({MKL_CBWR_COMPATIBLE})")
+    return state
