@@ -8,12 +8,13 @@ STAMP   := $(VENV)/.installed
 
 # vlmlab itself is not installed: stages, tests and `python -m vlmlab.infer` import the checkout they
 # run in (an editable install maps every clone sharing the venv to the first one); one that an older
-# Makefile made is removed.
+# Makefile made is removed, and so is the `pynvml` wrapper package older requirements installed (its
+# import warns on stderr; nvidia-ml-py provides the same module).
 $(STAMP): requirements.txt constraints.txt pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -r requirements.txt -c constraints.txt
-	$(BIN)/python -m pip uninstall -q -y vlmlab 2>/dev/null || true
+	$(BIN)/python -m pip uninstall -q -y vlmlab pynvml 2>/dev/null || true
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -2,7 +2,11 @@ from pathlib import Path
 
 import pytest
 
+from vlmlab.determinism import pin
+
 REPO = Path(__file__).resolve().parents[1]
+# Tests run some stages in-process (runpy): pin before any test computes, as each stage does first.
+pin()
 
 
 @pytest.fixture(scope="session")

@@ -87,3 +87,47 @@ def test_every_stage_pins_before_anything_else_loads(script):
                  [node.module] if isinstance(node, ast.ImportFrom) else [])
         assert not names or set(names) <= {"os", "sys", "pathlib", "__future__"}, f"{script.name}: {names} imported before pin()"
     pytest.fail(f"{script.name}: no `from vlmlab.determinism import pin; pin()`")
+
+
+# float64 exp/log (CIDEr's idf, bootstrap), float32 power: numpy's AVX-512 loops round differently from its AVX2 ones
+NUMPY = """
+import sys
+if sys.argv[1] == "pin":
+    from vlmlab.determinism import pin
+    pin()
+import hashlib, numpy as np
+x = np.abs(np.random.default_rng(0).standard_normal(100_000)) * 3
+print(hashlib.sha256(b"".join(f(x).tobytes() for f in (np.exp, np.log, np.log1p, np.expm1))).hexdigest())
+"""
+
+
+def avx512() -> bool:
+    """The CPU's AVX-512 (numpy's X86_V4 level): read off features, which numpy reports also while its dispatch is capped."""
+    from numpy._core._multiarray_umath import __cpu_features__ as features
+
+    return all(features.get(f) for f in ("AVX512F", "AVX512CD", "AVX512VL", "AVX512BW", "AVX512DQ"))
+
+
+def numpy_hash(mode: str, **env) -> str:
+    r = subprocess.run([sys.executable, "-c", NUMPY, mode], cwd=REPO, capture_output=True, text=True, timeout=120,
+                       env={**{k: v for k, v in os.environ.items() if k != "NPY_ENABLE_CPU_FEATURES"},
+                            "PYTHONPATH": str(REPO), **env})
+    assert r.returncode == 0, r.stderr[-1000:]
+    return r.stdout.strip()
+
+
+def test_pin_caps_numpy_at_avx2():
+    """An AVX-512 machine's own numpy loops differ from an AVX2 machine's (forced here); pinned, it runs the AVX2 ones."""
+    avx2 = numpy_hash("free", NPY_ENABLE_CPU_FEATURES="X86_V3")
+    if avx512():
+        assert numpy_hash("free") != avx2  # else the next check proves nothing
+    assert numpy_hash("pin") == avx2
+
+
+@pytest.mark.skipif(not avx512(), reason="numpy loaded first dispatches AVX-512 loops only on an AVX-512 CPU")
+def test_pin_refuses_numpy_loaded_before_it():
+    code = "import numpy\nfrom vlmlab.determinism import pin; pin()"
+    env = {k: v for k, v in os.environ.items() if k != "NPY_ENABLE_CPU_FEATURES"}  # conftest's pin() set it here
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
+                       env={**env, "PYTHONPATH": str(REPO)})
+    assert r.returncode != 0 and "imported before vlmlab.determinism.pin()" in r.stderr, r.stderr[-1000:]

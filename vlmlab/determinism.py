@@ -17,6 +17,10 @@ running the same wheels, and what is pinned here (measured with bench/determinis
 - oneDNN (torch's mkldnn backend) runs convolutions and the erf-GELU with JIT kernels chosen by ISA,
   with blocking chosen by cache size, so an ISA cap alone does not pin it. It is switched off:
   convolutions go through ATen's im2col + MKL (COMPATIBLE), GELU through ATen's AVX2 kernel.
+- numpy dispatches its ufuncs (exp, log, sin, ... in float32 and float64; sorts) per ISA too, with
+  AVX-512 variants (X86_V4, AVX512_SKX/ICL/SPR) that round differently from the AVX2 ones. Capped at
+  X86_V3 (AVX2) through NPY_ENABLE_CPU_FEATURES, which numpy reads once, at its import: pin() sets it
+  before it imports torch (which imports numpy); check() raises if numpy came first.
 - Thread counts: ATen splits reductions and MKL its GEMMs by thread count, and MKL may lower its
   count at run time (dynamic threads). The count is the stage's own (pin's argument or its
   params), never the core count; MKL's dynamic adjustment is off.
@@ -37,6 +41,7 @@ ENV = {
     "MKL_CBWR": "COMPATIBLE",       # MKL conditional numerical reproducibility: the branch Intel and AMD share
     "MKL_DYNAMIC": "FALSE",         # MKL uses the thread count it is given, not fewer
     "ONEDNN_MAX_CPU_ISA": "AVX2",   # oneDNN, for any op that still reaches it with mkldnn off
+    "NPY_ENABLE_CPU_FEATURES": "X86_V3",  # numpy's ufunc dispatch, read at its import: AVX2, not AVX-512
     "CUBLAS_WORKSPACE_CONFIG": ":4096:8",  # GPU hosts: what deterministic cuBLAS needs
 }
 MKL_CBWR_BRANCH, MKL_CBWR_COMPATIBLE = 1, 3  # from mkl_cbwr.h
@@ -50,7 +55,10 @@ def pin(threads: int = 1) -> dict:
     os.environ.update(ENV)
     import torch
 
-    if _mkl().mkl_serv_cbwr_set(MKL_CBWR_COMPATIBLE) != 0:  # 0 = MKL_CBWR_SUCCESS; env alone is read once
+    mkl = _mkl()
+    # 0 = MKL_CBWR_SUCCESS; the env alone is read once. MKL refuses any change once it has run, even to
+    # the branch in effect: a second pin() in one process (a stage run in-process by a test) is fine.
+    if mkl.mkl_serv_cbwr_set(MKL_CBWR_COMPATIBLE) != 0 and mkl.mkl_serv_cbwr_get(MKL_CBWR_BRANCH) != MKL_CBWR_COMPATIBLE:
         raise RuntimeError("MKL refused MKL_CBWR=COMPATIBLE: it already ran before vlmlab.determinism.pin()")
     torch.backends.mkldnn.enabled = False
     # CPU kernels are deterministic at a fixed thread count; on GPU hosts some ops have no deterministic
@@ -93,6 +101,10 @@ def check() -> dict:
         else:
             raise RuntimeError(f"ATen kernels run as {state['aten']}, not AVX2: a tensor op ran before "
                                "vlmlab.determinism.pin() and fixed the kernel ISA")
+    from numpy._core._multiarray_umath import __cpu_features__ as numpy_isa
+
+    if any(numpy_isa.get(target) for target in ("X86_V4", "AVX512_SKX", "AVX512_ICL", "AVX512_SPR")):
+        raise RuntimeError("numpy dispatches AVX-512 ufuncs: it was imported before vlmlab.determinism.pin()")
     if state["mkl_cbwr"] != MKL_CBWR_COMPATIBLE:
         raise RuntimeError(f"MKL's CNR branch is {state['mkl_cbwr']}, not COMPATIBLE ({MKL_CBWR_COMPATIBLE})")
     return state

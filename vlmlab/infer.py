@@ -37,6 +37,11 @@ import os
 import re
 from pathlib import Path
 
+if __name__ == "__main__":  # the CLI: pin before torch imports numpy (vlmlab/determinism.py)
+    from vlmlab.determinism import pin
+
+    pin()  # CPU kernels bit for bit on any x86; --threads still sets the count
+
 import torch
 from PIL import Image, UnidentifiedImageError
 
@@ -255,9 +260,5 @@ def main(model: str, image: str | None = None, question: str | None = None, ques
 
 if __name__ == "__main__":
     import fire
-
-    from vlmlab.determinism import pin
-
-    pin()  # before any tensor op: CPU kernels bit for bit on any x86; --threads still sets the count
 
     fire.Fire(main)

@@ -18,7 +18,15 @@ different (equally distributed) captions for the same seed; each is the same fro
 """
 from __future__ import annotations
 
+import sys
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+# Data-Juicer loads this file by path (`dj-process --custom-operator-paths`), where vlmlab may not be
+# importable: the op uses the checkout it lies in, as the stage scripts do
+_CHECKOUT = str(Path(__file__).resolve().parents[3])
+if _CHECKOUT not in sys.path:
+    sys.path.insert(0, _CHECKOUT)
 
 from data_juicer.ops.base_op import OPERATORS
 from data_juicer.ops.mapper.image_captioning_mapper import ImageCaptioningMapper
