@@ -20,7 +20,9 @@ running the same wheels, and what is pinned here (measured with bench/determinis
 - numpy dispatches its ufuncs (exp, log, sin, ... in float32 and float64; sorts) per ISA too, with
   AVX-512 variants (X86_V4, AVX512_SKX/ICL/SPR) that round differently from the AVX2 ones. Capped at
   X86_V3 (AVX2) through NPY_ENABLE_CPU_FEATURES, which numpy reads once, at its import: pin() sets it
-  before it imports torch (which imports numpy); check() raises if numpy came first.
+  before it imports torch (which imports numpy); check() raises if numpy came first. Its OpenBLAS
+  picks kernels per CPU too (Haswell / SkylakeX / Zen): pinned to Haswell, one thread. No stage
+  multiplies numpy matrices today (CIDEr's bootstrap sums with bincount, vlmlab/evaluate/caption_corpus.py).
 - Thread counts: ATen splits reductions and MKL its GEMMs by thread count, and MKL may lower its
   count at run time (dynamic threads). The count is the stage's own (pin's argument or its
   params), never the core count; MKL's dynamic adjustment is off.
@@ -42,6 +44,8 @@ ENV = {
     "MKL_DYNAMIC": "FALSE",         # MKL uses the thread count it is given, not fewer
     "ONEDNN_MAX_CPU_ISA": "AVX2",   # oneDNN, for any op that still reaches it with mkldnn off
     "NPY_ENABLE_CPU_FEATURES": "X86_V3",  # numpy's ufunc dispatch, read at its import: AVX2, not AVX-512
+    "OPENBLAS_CORETYPE": "Haswell",  # numpy's OpenBLAS (any np.dot/matmul): AVX2 kernels on every CPU ...
+    "OPENBLAS_NUM_THREADS": "1",     # ... and one thread: a split reduction sums in another order
     "CUBLAS_WORKSPACE_CONFIG": ":4096:8",  # GPU hosts: what deterministic cuBLAS needs
 }
 MKL_CBWR_BRANCH, MKL_CBWR_COMPATIBLE = 1, 3  # from mkl_cbwr.h
