@@ -10,15 +10,13 @@ fold exceeds merge.tolerance, or between the adapter and the reloaded bf16 folde
 merge.saved_tolerance.
 """
 import sys
-from vlmlab.determinism import pin; pin()  # noqa: E702  first: CPU kernels bit for bit on any x86 (vlmlab/determinism.py)
-
 from pathlib import Path
 
 # this checkout's vlmlab before any installed copy: a clone or a `dvc exp run --temp` copy runs its own code
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from vlmlab.determinism import pin; pin()  # noqa: E402,E702  first: CPU kernels bit for bit on any x86 (vlmlab/determinism.py)
 
-
-import fire
+import fire  # noqa: E402
 
 from vlmlab import io
 from vlmlab.models.load import training_dtype

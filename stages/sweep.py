@@ -13,13 +13,17 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
-import fire
+# this checkout's vlmlab before any installed copy (it is not installed: see the Makefile)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from vlmlab import io
-from vlmlab.evaluate import sweep
-from vlmlab.evaluate.items import HEADLINE
+import fire  # noqa: E402
+
+from vlmlab import io  # noqa: E402
+from vlmlab.evaluate import sweep  # noqa: E402
+from vlmlab.evaluate.items import HEADLINE  # noqa: E402
 
 
 def queue(seeds: str = "1,2", jobs: int = 1):

@@ -81,9 +81,12 @@ def test_every_stage_pins_before_anything_else_loads(script):
     it: the sys.path bootstrap that makes a stage import its own checkout)."""
     import ast
 
+    bootstrapped = False  # vlmlab is not installed: the script must put its own checkout on sys.path first
     for node in ast.parse(script.read_text()).body:
         if isinstance(node, ast.ImportFrom) and node.module == "vlmlab.determinism":
+            assert bootstrapped, f"{script.name}: imports vlmlab before its sys.path.insert(0, <checkout>)"
             return
+        bootstrapped |= isinstance(node, ast.Expr) and "sys.path.insert(0" in ast.unparse(node)
         names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
                  [node.module] if isinstance(node, ast.ImportFrom) else [])
         assert not names or set(names) <= {"os", "sys", "pathlib", "__future__"}, f"{script.name}: {names} imported before pin()"
