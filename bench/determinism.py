@@ -43,12 +43,13 @@ def state_hash(module: torch.nn.Module) -> str:
 
 
 def lm_part(steps: int):
-    from vlmlab.models import presets, zoo
-    from vlmlab.models.tokenizer import train_world_tokenizer
-    from vlmlab.world import generate, vocab
+    from vlmlab.models import presets
+    from vlmlab.sim import pretrain as zoo
+    from vlmlab.sim.lm_tokenizer import train_world_tokenizer
+    from vlmlab.sim import text, world
 
-    texts = generate.world_text_corpus(600, 300)
-    tok = train_world_tokenizer(texts, list(vocab.corpus_words()) + list(vocab.punctuation()))
+    texts = world.world_text_corpus(600, 300)
+    tok = train_world_tokenizer(texts, text.world_words())
     cfg = presets.build_config("tiny", vocab_size=len(tok), image_token_id=4, pad_token_id=tok.pad_token_id)
     cfg.text_config._attn_implementation = "sdpa"
     model, _ = zoo.pretrain_lm(cfg.text_config, tok, texts, texts[:64],
@@ -57,7 +58,8 @@ def lm_part(steps: int):
 
 
 def tower_part(kind: str, steps: int):
-    from vlmlab.models import presets, zoo
+    from vlmlab.models import presets
+    from vlmlab.sim import pretrain as zoo
 
     cfg = presets.build_config("tiny", vocab_size=64, image_token_id=4)
     cfg.vision_config._attn_implementation = "sdpa"
@@ -71,10 +73,10 @@ def tower_part(kind: str, steps: int):
 
 
 def teacher_part(steps: int):
-    from vlmlab.synth import teacher
-    from vlmlab.synth.tokenizer import world_words
-    from vlmlab.world import text
-    from vlmlab.world.scene import render, sample_scene
+    from vlmlab.sim import teacher
+    from vlmlab.sim.text import world_words
+    from vlmlab.sim import text
+    from vlmlab.sim.scene import render, sample_scene
 
     images, captions = [], []
     for i in range(64):
@@ -85,7 +87,7 @@ def teacher_part(steps: int):
     cfg = teacher.TeacherConfig(epochs=max(1, steps // 2), batch_size=32, max_words=60)
     torch.manual_seed(350)
     model, processor = teacher.build_teacher(cfg, world_words())
-    teacher.train_teacher(model, processor, images, captions, cfg, seed=350, log_every=0)
+    teacher.train_teacher(model, processor, images, captions, cfg, seed=350)
     return model
 
 

@@ -32,8 +32,8 @@ from vlmlab.evaluate.generate import GreedyDecoder, generate_answers, static_cac
 from vlmlab.models import presets
 from vlmlab.models.mgm import MgmForConditionalGeneration
 from vlmlab.models.processor import MgmProcessor
-from vlmlab.models.tokenizer import train_world_tokenizer
-from vlmlab.world.text import SHORT_ANSWER as TEXTVQA_SUFFIX  # as MGM/LLaVA ask TextVQA
+from vlmlab.sim.lm_tokenizer import train_world_tokenizer
+from vlmlab.sim.text import SHORT_ANSWER as TEXTVQA_SUFFIX  # as MGM/LLaVA ask TextVQA
 
 TEXTVQA_QUESTIONS, TEXTVQA_IMAGES = 5000, 3166  # TextVQA 0.5.1 val
 QUESTIONS = ["what is the brand of this camera", "what does the small white text spell", "what kind of beer is this",

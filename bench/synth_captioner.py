@@ -43,7 +43,7 @@ def opt27b_shaped(folder: Path, device: str, smoke: bool = False) -> None:
                               Blip2VisionConfig, OPTConfig)
     from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
 
-    from vlmlab.synth.tokenizer import build_tokenizer
+    from vlmlab.sim.teacher_tokenizer import build_tokenizer
 
     layers = (1, 1, 1) if smoke else (39, 12, 32)  # ViT-g, Q-Former, OPT-2.7b
     vision = Blip2VisionConfig(num_hidden_layers=layers[0])  # defaults: blip2-opt-2.7b's ViT-g/14 at 224 px

@@ -32,10 +32,11 @@ from vlmlab.data.formats import caption_of  # noqa: E402
 from vlmlab.evaluate.captions import ptb_tokenize  # noqa: E402
 from vlmlab.seeding import seed_everything  # noqa: E402
 from vlmlab.synth import recipe as R  # noqa: E402
-from vlmlab.synth import teacher as T  # noqa: E402
+from vlmlab.sim import teacher as T  # noqa: E402
+from vlmlab.synth import captioner as C  # noqa: E402
 from vlmlab.synth.run import run_recipe  # noqa: E402
-from vlmlab.synth.tokenizer import world_words  # noqa: E402
-from vlmlab.world.generate import build_world  # noqa: E402
+from vlmlab.sim.text import world_words  # noqa: E402
+from vlmlab.sim.world import build_world  # noqa: E402
 
 
 def teacher_folder(work: Path, params: dict, images: int) -> tuple[Path, list[dict]]:
@@ -45,10 +46,10 @@ def teacher_folder(work: Path, params: dict, images: int) -> tuple[Path, list[di
     build_world(None, work / "world", {**params, "world": world})
     tp = params["teacher"]
     cfg = T.TeacherConfig(**{k: v for k, v in tp.items() if k in T.TeacherConfig.__dataclass_fields__})
-    pics, captions, _ = T.read_caption_set(work / "world" / "curated")
+    pics, captions, _ = C.read_caption_set(work / "world" / "curated")
     seed_everything(params["seed"] + 50)
     model, processor = T.build_teacher(cfg, world_words())
-    T.train_teacher(model, processor, pics, captions, cfg, params["seed"] + 50, log_every=0)
+    T.train_teacher(model, processor, pics, captions, cfg, params["seed"] + 50)
     T.save_teacher(model, processor, work / "teacher")
     return work / "teacher", io.read_jsonl(work / "world" / "eval" / "captions.jsonl")
 

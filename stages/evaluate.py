@@ -24,7 +24,7 @@ import torch
 from vlmlab import io
 from vlmlab.evaluate import items
 from vlmlab.evaluate.benchmarks import GenConfig, run_captions, run_mmbench, run_textvqa
-from vlmlab.infer import load_model
+from vlmlab.models.load import load_model
 from vlmlab.monitor import Monitor
 from vlmlab.params import load as load_params
 from vlmlab.seeding import seed_everything

@@ -19,11 +19,12 @@ from vlmlab.determinism import pin; pin()  # noqa: E402,E702  first: CPU kernels
 import fire  # noqa: E402
 
 from vlmlab import io
+from vlmlab.models.load import training_dtype
 from vlmlab.models.processor import MgmProcessor
 from vlmlab.monitor import Monitor
 from vlmlab.params import load as load_params
 from vlmlab.seeding import seed_everything
-from vlmlab.train import merge, recipe
+from vlmlab.train import merge
 
 SEED_OFFSET = 500
 
@@ -38,7 +39,7 @@ def main(adapter: str, out: str, held_out: str = "data/world/eval/captions.jsonl
     name = Path(out).name  # the run's name: models/merged/<run>
     with Monitor(monitor or f"plots/monitor/merge_{name}", 0.5) as mon:
         figures = merge.merge_and_check(adapter, out, batches, float(m["tolerance"]),
-                                        save_dtype=recipe.training_dtype(), processor=processor,
+                                        save_dtype=training_dtype(), processor=processor,
                                         base_dir=base or None, saved_tolerance=float(m["saved_tolerance"]))
     io.write_metrics(metrics or f"metrics/merge/{name}.json",
                      {**figures, "monitor": mon.peaks})

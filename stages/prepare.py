@@ -20,7 +20,7 @@ import fire
 from vlmlab.data.validate import REASONS, import_seed
 from vlmlab.io import atomic_path, fail, write_metrics
 from vlmlab.params import load as load_params
-from vlmlab.world.generate import build_world
+from vlmlab.sim.world import build_world
 
 
 def main(out_raw: str = "data/raw", out_world: str = "data/world", metrics: str = "metrics/data/prepare.json",

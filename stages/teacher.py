@@ -23,8 +23,10 @@ from vlmlab import io
 from vlmlab.monitor import Monitor
 from vlmlab.params import load as load_params
 from vlmlab.seeding import seed_everything
-from vlmlab.synth import scoring, teacher
-from vlmlab.synth.tokenizer import world_words
+from vlmlab.sim import teacher, world
+from vlmlab.synth import captioner as captioners
+from vlmlab.synth import scoring
+from vlmlab.sim.text import world_words
 
 SEED_OFFSET = 50
 
@@ -38,7 +40,7 @@ def main(curated: str = "data/world/curated", eval: str = "data/world/eval/capti
     torch.set_num_threads(tp["threads"])
     with Monitor(monitor, tp["monitor_interval"]) as mon:
         if captioner:  # real run: check and record, train nothing
-            model, _ = teacher.load_captioner(captioner, trust_remote_code=p["synth"]["trust_remote_code"])
+            model, _ = captioners.load_captioner(captioner, trust_remote_code=p["synth"]["trust_remote_code"])
             params_m = sum(x.numel() for x in model.parameters()) / 1e6
             with io.atomic_path(out) as tmp:
                 tmp.mkdir()
@@ -47,16 +49,16 @@ def main(curated: str = "data/world/curated", eval: str = "data/world/eval/capti
             result = {"external": 1, "params_m": params_m}
         else:
             cfg = teacher.TeacherConfig(**{k: v for k, v in tp.items() if k in teacher.TeacherConfig.__dataclass_fields__})
-            images, captions, _ = teacher.read_caption_set(curated)
+            images, captions, _ = captioners.read_caption_set(curated)
             seed_everything(seed)
             model, processor = teacher.build_teacher(cfg, world_words())
             stats = teacher.train_teacher(model, processor, images, captions, cfg, seed)
             with io.atomic_path(out) as tmp:
                 teacher.save_teacher(model, processor, tmp)
             # score the saved folder as Data-Juicer will load it, not the object in memory
-            model, processor = teacher.load_captioner(out)
+            model, processor = captioners.load_captioner(out)
             rows, eval_images = scoring.read_eval_captions(eval, tp["eval_limit"])
-            raw = scoring.raw_style_captions(rows, p["seed"], p["world"]["noise_rate"])
+            raw = world.web_captions(rows, p["seed"], p["world"]["noise_rate"])
             seed_everything(seed)
             scores, _ = scoring.score_teacher(model, processor, rows, eval_images, raw, tp["eval_batch_size"])
             gain = scores["teacher_sampled"]["cider"] - scores["raw_captions"]["cider"]

@@ -3,7 +3,7 @@
     python stages/zoo.py --out models/zoo --metrics metrics/zoo.json --monitor plots/monitor/zoo
 
 zoo.source=tiny:  a word-level tokenizer, the LM, the ViT and the ConvNeXt are pretrained on
-                  tiny-world text and scene labels (vlmlab/models/zoo.py), then assembled.
+                  tiny-world text and scene labels (vlmlab/sim/pretrain.py), then assembled.
 zoo.source=local: local checkpoints (an official MGM folder, or Gemma + CLIP + ConvNeXt) are
                   checked, converted and assembled; nothing is downloaded.
 """
@@ -20,10 +20,11 @@ import fire
 import torch
 
 from vlmlab.io import atomic_path, fail, write_metrics
-from vlmlab.models import zoo
+from vlmlab.models import local
 from vlmlab.monitor import Monitor
 from vlmlab.params import load as load_params
 from vlmlab.seeding import seed_everything
+from vlmlab.sim import pretrain
 
 SEED_OFFSET = 300  # the zoo's RNG streams, apart from other stages'
 
@@ -40,10 +41,10 @@ def main(out: str = "models/zoo", metrics: str = "metrics/zoo.json", monitor: st
         if z["source"] == "tiny":
             if m["preset"] != "tiny":
                 raise fail(f"zoo.source=tiny builds the tiny preset, but model.preset is {m['preset']!r}")
-            model, processor, result = zoo.build_tiny(z, m["preset"], m["attn_implementation"], seed,
+            model, processor, result = pretrain.build_tiny(z, m["preset"], m["attn_implementation"], seed,
                                                       high_res=p["world"]["image_size"])
         elif z["source"] == "local":
-            model, processor, result = zoo.build_local(z, m["attn_implementation"])
+            model, processor, result = local.build_local(z, m["attn_implementation"])
         else:
             raise fail(f"params.yaml zoo.source is {z['source']!r}; use 'tiny' or 'local'")
         with atomic_path(out) as tmp:

@@ -32,12 +32,12 @@ def ours(out: Path) -> None:
     sys.path.insert(0, str(Path(__file__).parent))
     from test_fidelity import make_official_mgm
 
-    from vlmlab.models import zoo
+    from vlmlab.models import local
 
     torch.set_num_threads(1)
     make_official_mgm(out / "MGM-tiny")
     Image.fromarray((np.random.default_rng(3).random((200, 300, 3)) * 255).astype(np.uint8)).save(out / "image.png")
-    model, processor, _ = zoo.build_local({"local_mgm": str(out / "MGM-tiny")}, "eager")
+    model, processor, _ = local.build_local({"local_mgm": str(out / "MGM-tiny")}, "eager")
     enc = processor.encode_prompt(QUESTION, Image.open(out / "image.png"))
     batch = processor.pad([enc])
     with torch.no_grad():

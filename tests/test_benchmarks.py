@@ -13,9 +13,9 @@ from vlmlab.io import StageError
 from vlmlab.models import presets
 from vlmlab.models.mgm import MgmForConditionalGeneration
 from vlmlab.models.processor import MgmProcessor
-from vlmlab.models.tokenizer import train_world_tokenizer
-from vlmlab.world import vocab
-from vlmlab.world.generate import build_world
+from vlmlab.sim.lm_tokenizer import train_world_tokenizer
+from vlmlab.sim import text
+from vlmlab.sim.world import build_world
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +32,7 @@ def tiny():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    tok = train_world_tokenizer(vocab.corpus_words(), vocab.corpus_words())
+    tok = train_world_tokenizer(text.corpus_words(), text.corpus_words())
     # the processor appends <image> after the vocabulary (as to Gemma's): id len(tok), outside the LM
     cfg = presets.build_config("tiny", vocab_size=len(tok), image_token_id=len(tok),
                                pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)

@@ -8,7 +8,7 @@ from safetensors.torch import save_file
 
 from vlmlab.io import StageError
 from vlmlab.models import MgmForConditionalGeneration, convert, presets
-from vlmlab.models.tokenizer import train_world_tokenizer
+from vlmlab.sim.lm_tokenizer import train_world_tokenizer
 
 KEYS = Path(__file__).parent / "data" / "mgm2b_keys.json"
 

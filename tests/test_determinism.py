@@ -23,7 +23,8 @@ if sys.argv[1] == "pin":
     from vlmlab.determinism import pin
     pin()
 import hashlib, torch
-from vlmlab.models import presets, zoo
+from vlmlab.models import presets
+from vlmlab.sim import pretrain as zoo
 cfg = presets.build_config("tiny", vocab_size=64, image_token_id=4)
 data = zoo.labelled_scenes(64, 7, cfg.image_size, cfg.image_size_aux)
 tower, _ = zoo.pretrain_tower(cfg.vision_config, cfg, {"count": 3, "sign_side": 2}, data, data,

@@ -10,8 +10,8 @@ import torch
 from PIL import Image
 
 from vlmlab.synth import recipe as R
-from vlmlab.synth import teacher as T
-from vlmlab.synth.tokenizer import world_words
+from vlmlab.sim import teacher as T
+from vlmlab.sim.text import world_words
 
 TINY = dict(image_size=32, patch_size=8, vision_hidden=32, vision_layers=1, qformer_hidden=32, qformer_layers=1,
             num_query_tokens=4, hidden=32, layers=1, heads=2, epochs=1, max_words=16)

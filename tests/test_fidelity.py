@@ -13,7 +13,7 @@ model code (dvlab-research/MGM at transformers 4.38.0, fp32, eval mode):
     all inputs_embeds times sqrt(hidden), (1 + w) RMSNorm, rotary, multi-query attention,
     exact-GELU GeGLU (hidden_act "gelu"), tied head.
 The checkpoint is a tiny random MGM-Gemma saved as MGM saves itself (MGM key names, MGM
-config.json, the tokenizer), converted through zoo.source=local (zoo.build_local -> convert).
+config.json, the tokenizer), converted through zoo.source=local (local.build_local -> convert).
 tests/official_reference.py runs the real MGM code on transformers 4.38.0 on the same folder.
 """
 import copy
@@ -28,8 +28,8 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer, CLIPVisionConfig, CLIPVisionModel
 
-from vlmlab.models import MgmForConditionalGeneration, convert, presets, zoo
-from vlmlab.models.tokenizer import train_world_tokenizer
+from vlmlab.models import MgmForConditionalGeneration, convert, local, presets
+from vlmlab.sim.lm_tokenizer import train_world_tokenizer
 
 MGM_IMAGE = -200   # mgm/constants.py IMAGE_TOKEN_INDEX
 IGNORE = -100
@@ -298,7 +298,7 @@ def ref_logits(sd, cfg, ids: list[int], low, high) -> torch.Tensor:
 def official(tmp_path_factory):
     folder = tmp_path_factory.mktemp("mgm") / "MGM-tiny"
     cfg = make_official_mgm(folder)
-    model, processor, _ = zoo.build_local({"local_mgm": str(folder)}, "eager")
+    model, processor, _ = local.build_local({"local_mgm": str(folder)}, "eager")
     return folder, cfg, load_file(str(folder / "model.safetensors")), model.eval(), processor
 
 

@@ -5,7 +5,7 @@ import pytest
 
 from vlmlab.data.formats import (FormatError, caption_of, dj_text, dj_to_llava, llava_to_dj, pool_prompt,
                                  prompts_by_id, read_llava, write_llava)
-from vlmlab.world.text import CAPTION_PROMPTS
+from vlmlab.sim.text import CAPTION_PROMPTS
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ from vlmlab.evaluate.generate import GreedyDecoder, generate_answers, split_at_i
 from vlmlab.models import presets
 from vlmlab.models.mgm import MgmForConditionalGeneration
 from vlmlab.models.processor import MgmProcessor
-from vlmlab.models.tokenizer import train_world_tokenizer
+from vlmlab.sim.lm_tokenizer import train_world_tokenizer
 
 WORDS = "what is the color of shape sign word red blue green cube sphere cone a an on left right small big".split()
 MAX_NEW = 12

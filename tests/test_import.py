@@ -134,7 +134,7 @@ def test_prepare_stage_fails_cleanly_and_leaves_nothing(tmp_path):
 
 
 def test_importing_a_generated_world_set_gives_back_the_same_bytes(tmp_path):
-    from vlmlab.world.generate import build_world
+    from vlmlab.sim.world import build_world
     params = {"seed": 1, "world": {"raw_size": 12, "curated_size": 2, "instruct_size": 2, "eval_textvqa": 2,
                                    "eval_caption": 2, "eval_mmbench": 2, "workers": 1}}
     build_world(tmp_path / "raw", tmp_path / "world", params)

@@ -12,7 +12,7 @@ from PIL import Image
 from vlmlab import infer
 from vlmlab.io import StageError, read_jsonl
 from vlmlab.models import presets
-from vlmlab.models.tokenizer import train_world_tokenizer
+from vlmlab.sim.lm_tokenizer import train_world_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 TEXTS = ["what does the sign say ?", "the sign says hello .", "a red circle on the left ."]

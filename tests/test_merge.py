@@ -9,7 +9,7 @@ from transformers import AutoModelForImageTextToText
 
 from vlmlab import io
 from vlmlab.models import presets
-from vlmlab.models.tokenizer import train_world_tokenizer
+from vlmlab.sim.lm_tokenizer import train_world_tokenizer
 from vlmlab.train import merge, strategies
 
 TEXTS = ["a small red circle on the left .", "a large blue square in the middle .", "describe the image .",

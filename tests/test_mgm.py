@@ -5,7 +5,7 @@ from PIL import Image
 from transformers import AutoConfig, AutoModelForImageTextToText
 
 from vlmlab.models import MgmForConditionalGeneration, presets
-from vlmlab.models.tokenizer import train_world_tokenizer
+from vlmlab.sim.lm_tokenizer import train_world_tokenizer
 
 TEXTS = ["a small red circle on the left .", "a large blue square in the middle .",
          "what does the sign say ?", "the sign says hello .", "how many shapes are there ? two"]

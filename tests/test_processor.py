@@ -4,7 +4,7 @@ import torch
 from PIL import Image
 
 from vlmlab.models.processor import IGNORE_INDEX, MgmProcessor
-from vlmlab.models.tokenizer import train_world_tokenizer
+from vlmlab.sim.lm_tokenizer import train_world_tokenizer
 
 TEXTS = ["a small red circle on the left .", "what does the sign say ?", "the sign says hello .", "two"]
 

@@ -342,9 +342,9 @@ def test_no_dataclass_default_disagrees_with_params_yaml():
 
     from vlmlab.evaluate.benchmarks import GenConfig
     from vlmlab.synth.recipe import SynthConfig
-    from vlmlab.synth.teacher import TeacherConfig
+    from vlmlab.sim.teacher import TeacherConfig
     from vlmlab.train.recipe import StageConfig, TrainConfig
-    from vlmlab.world.generate import WorldConfig
+    from vlmlab.sim.world import WorldConfig
 
     mirrors = [(TeacherConfig, PARAMS["teacher"], ""), (SynthConfig, PARAMS["synth"], ""),
                (GenConfig, PARAMS["evaluate"], ""), (WorldConfig, PARAMS["world"], ""),

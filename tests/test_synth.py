@@ -11,10 +11,11 @@ import yaml
 from vlmlab.data.validate import check_image, check_line
 from vlmlab.io import StageError, read_jsonl
 from vlmlab.synth import recipe as R
-from vlmlab.synth import teacher as T
+from vlmlab.sim import teacher as T
+from vlmlab.synth import captioner as C
 from vlmlab.synth.run import InstallBlocked, allow_custom_op_reload, no_runtime_installs, synthesize
-from vlmlab.synth.tokenizer import world_words
-from vlmlab.world.generate import build_world
+from vlmlab.sim.text import world_words
+from vlmlab.sim.world import build_world
 
 N_RAW = 48
 TINY = dict(image_size=32, patch_size=8, vision_hidden=32, vision_layers=1, qformer_hidden=32, qformer_layers=1,
@@ -35,10 +36,10 @@ def setup(tmp_path_factory):
     (root / "raw" / rows[7]["images"][0]).unlink()
 
     torch.manual_seed(0)
-    images, captions, _ = T.read_caption_set(root / "world" / "curated")
+    images, captions, _ = C.read_caption_set(root / "world" / "curated")
     cfg = T.TeacherConfig(**TINY)
     model, processor = T.build_teacher(cfg, world_words())
-    T.train_teacher(model, processor, images, captions, cfg, seed=0, log_every=0)
+    T.train_teacher(model, processor, images, captions, cfg, seed=0)
     T.save_teacher(model, processor, root / "teacher")
     return root
 

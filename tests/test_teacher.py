@@ -9,8 +9,10 @@ from PIL import Image, ImageDraw
 from transformers import AutoProcessor
 
 from vlmlab.io import StageError
-from vlmlab.synth import teacher as T
-from vlmlab.synth.tokenizer import IMAGE_TOKEN_ID, LM_VOCAB_SIZE, build_tokenizer, caption_words, world_words
+from vlmlab.sim import teacher as T
+from vlmlab.synth import captioner as C
+from vlmlab.sim.teacher_tokenizer import IMAGE_TOKEN_ID, LM_VOCAB_SIZE, build_tokenizer, caption_words
+from vlmlab.sim.text import world_words
 
 COLORS = {"red": (220, 30, 30), "green": (30, 160, 60), "blue": (40, 70, 220)}
 SHAPES = ("circle", "square")
@@ -45,7 +47,7 @@ def trained(tmp_path_factory):
         images, captions = standin(192)
         cfg = T.TeacherConfig(epochs=12, **TINY)
         model, processor = T.build_teacher(cfg, caption_words(captions))
-        stats = T.train_teacher(model, processor, images, captions, cfg, seed=0, log_every=0)
+        stats = T.train_teacher(model, processor, images, captions, cfg, seed=0)
     finally:
         torch.set_num_threads(threads)
     out = tmp_path_factory.mktemp("teacher") / "teacher"
@@ -66,12 +68,12 @@ def test_tokenizer_keeps_opt_layout_and_round_trips_world_text():
 def test_saved_teacher_loads_like_data_juicer_and_fits_its_generate_call(trained):
     out, _ = trained
     processor = AutoProcessor.from_pretrained(out)
-    model, _ = T.load_captioner(out)  # AutoConfig -> getattr(transformers, architectures[0])
+    model, _ = C.load_captioner(out)  # AutoConfig -> getattr(transformers, architectures[0])
     assert type(model).__name__ == "Blip2ForConditionalGeneration"
     assert processor.tokenizer.convert_tokens_to_ids("<image>") == IMAGE_TOKEN_ID
     assert model.config.text_config.vocab_size == LM_VOCAB_SIZE
     q = model.config.num_query_tokens
-    assert model.config.text_config.max_position_embeddings >= q + 1 + T.MAX_NEW_TOKENS
+    assert model.config.text_config.max_position_embeddings >= q + 1 + C.MAX_NEW_TOKENS
 
 
 def test_caption_loss_over_all_rows_equals_forward_loss():
@@ -96,24 +98,24 @@ def test_teacher_learns_the_images_and_stops(trained):
     out, stats = trained
     assert stats["loss_last"] < 0.3 * stats["loss_first"]
     images, captions = standin(48, seed=1)
-    model, processor = T.load_captioner(out)
+    model, processor = C.load_captioner(out)
     torch.manual_seed(0)
-    got = T.caption_images(model, processor, images, batch_size=48, do_sample=False)
+    got = C.caption_images(model, processor, images, batch_size=48, do_sample=False)
     colour = sum(g.split()[1:2] == c.split()[1:2] for g, c in zip(got, captions)) / len(got)
     exact = sum(g == c for g, c in zip(got, captions)) / len(got)
     assert colour >= 0.9 and exact >= 0.5, (colour, exact, got[:4])  # chance: 1/3 and 1/6: it reads the pixels
     inputs = processor(images=images, return_tensors="pt")
-    ids = model.generate(**inputs, max_new_tokens=T.MAX_NEW_TOKENS, do_sample=True)
+    ids = model.generate(**inputs, max_new_tokens=C.MAX_NEW_TOKENS, do_sample=True)
     assert ids.shape[1] < model.config.num_query_tokens + 1 + 20  # every sample hit </s> long before 128
 
 
 def test_fast_sampler_matches_transformers_generate(trained):
     out, _ = trained
     images, _ = standin(16, seed=2)
-    fast, processor = T.load_captioner(out, trust_remote_code=True)
-    slow, _ = T.load_captioner(out, trust_remote_code=False)
+    fast, processor = C.load_captioner(out, trust_remote_code=True)
+    slow, _ = C.load_captioner(out, trust_remote_code=False)
     assert "custom_generate" in repr(fast.generate) or not hasattr(fast.generate, "__func__")
-    greedy = [T.caption_images(m, processor, images, 16, do_sample=False) for m in (fast, slow)]
+    greedy = [C.caption_images(m, processor, images, 16, do_sample=False) for m in (fast, slow)]
     assert greedy[0] == greedy[1]
 
 
@@ -149,8 +151,8 @@ def test_fast_sampler_warp_matches_transformers_processors(top_p):
 
 def test_broken_captioner_folder_is_one_clear_error(tmp_path):
     with pytest.raises(StageError, match="no config.json"):
-        T.load_captioner(tmp_path / "nope")
+        C.load_captioner(tmp_path / "nope")
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "config.json").write_text("{}")
     with pytest.raises(StageError, match="does not load"):
-        T.load_captioner(tmp_path / "bad")
+        C.load_captioner(tmp_path / "bad")

@@ -13,7 +13,7 @@ from transformers import TrainerCallback
 from vlmlab import io
 from vlmlab.data.collate import IGNORE_INDEX, ConversationDataset, PadCollator
 from vlmlab.models import presets
-from vlmlab.models.tokenizer import train_world_tokenizer
+from vlmlab.sim.lm_tokenizer import train_world_tokenizer
 from vlmlab.train import recipe, strategies
 from vlmlab.params import load as load_params
 from vlmlab.train.recipe import StageConfig, TrainConfig
@@ -22,7 +22,7 @@ from vlmlab.train.recipe import StageConfig, TrainConfig
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> Path:
     """Tiny-world raw captions + instruction set, as `prepare` writes them."""
-    from vlmlab.world.generate import build_world
+    from vlmlab.sim.world import build_world
 
     root = tmp_path_factory.mktemp("world")
     params = {"seed": 3, "world": {"raw_size": 64, "curated_size": 1, "instruct_size": 32, "eval_textvqa": 1,

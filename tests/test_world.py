@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vlmlab.world import text, vocab
-from vlmlab.world.generate import build_world, world_text_corpus
-from vlmlab.world.labels import NUM_CLASSES, labelled_images, scene_labels
-from vlmlab.world.scene import SIGN_BAND, render, sample_scene
+from vlmlab.sim import text, vocab
+from vlmlab.sim.world import build_world, world_text_corpus
+from vlmlab.sim.labels import NUM_CLASSES, labelled_images, scene_labels
+from vlmlab.sim.scene import SIGN_BAND, render, sample_scene
 
 TINY = {"seed": 3, "world": {"raw_size": 24, "curated_size": 12, "instruct_size": 12, "eval_textvqa": 10,
                              "eval_caption": 6, "eval_mmbench": 8, "image_size": 96, "noise_rate": 0.35,
@@ -45,13 +45,13 @@ def all_texts(n=300, seed=0):
 
 
 def test_every_world_word_is_in_the_corpus_vocabulary(world):
-    known = set(vocab.corpus_words()) | set(vocab.punctuation()) | {"<", ">", "image"}
+    known = set(text.corpus_words()) | set(text.punctuation()) | {"<", ">", "image"}
     texts = all_texts() + world_text_corpus(500, seed=1) + list(text.CAPTION_PROMPTS)
     out, _ = world
     texts += [r["text"].split("\n", 1)[1].rsplit(" ", 1)[0] for r in map(json.loads, open(out / "raw/dj.jsonl"))]
     unknown = Counter(t for s in texts for t in vocab.tokenize_words(s) if t not in known)
     assert not unknown, unknown.most_common(10)
-    assert 150 < len(vocab.corpus_words()) < 400
+    assert 150 < len(text.corpus_words()) < 400
 
 
 def test_same_params_give_identical_bytes_whatever_the_worker_count(world, tmp_path):

@@ -11,23 +11,24 @@ from PIL import Image
 from transformers import AutoModelForImageTextToText
 
 from vlmlab.io import StageError
-from vlmlab.models import presets, zoo
+from vlmlab.models import local, presets
+from vlmlab.sim import pretrain
 from vlmlab.models.processor import MgmProcessor
-from vlmlab.models.tokenizer import train_world_tokenizer
-from vlmlab.world import generate, labels, vocab
+from vlmlab.sim.lm_tokenizer import train_world_tokenizer
+from vlmlab.sim import labels, text, vocab, world
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def world_tokenizer():
-    texts = generate.world_text_corpus(2000, 0)
-    return texts, train_world_tokenizer(texts, list(vocab.corpus_words()) + list(vocab.punctuation()))
+    texts = world.world_text_corpus(2000, 0)
+    return texts, train_world_tokenizer(texts, text.world_words())
 
 
 def test_tokenizer_covers_world_text_without_unknowns(world_tokenizer):
     texts, tok = world_tokenizer
-    unseen = generate.world_text_corpus(300, 99)
+    unseen = world.world_text_corpus(300, 99)
     ids = [i for t in unseen for i in tok(t, add_special_tokens=False)["input_ids"]]
     assert tok.unk_token_id not in ids
     assert len(tok) < 1000  # word level: a closed, small vocabulary
@@ -36,8 +37,8 @@ def test_tokenizer_covers_world_text_without_unknowns(world_tokenizer):
 def test_lm_beats_unigram_on_heldout_text(world_tokenizer):
     texts, tok = world_tokenizer
     cfg = presets.build_config("tiny", vocab_size=len(tok), image_token_id=4)
-    _, m = zoo.pretrain_lm(cfg.text_config, tok, texts, generate.world_text_corpus(200, 1),
-                           zoo.LoopConfig(steps=40, batch_size=32, lr=5e-3))
+    _, m = pretrain.pretrain_lm(cfg.text_config, tok, texts, world.world_text_corpus(200, 1),
+                           pretrain.LoopConfig(steps=40, batch_size=32, lr=5e-3))
     assert m["heldout_ppl"] < 0.5 * m["unigram_ppl"], m
 
 
@@ -49,8 +50,8 @@ def test_towers_beat_chance_on_heldout_scenes(tower):
     train = labels.labelled_images(1000, 0, size)
     val = labels.labelled_images(200, 1, size)
     pick = lambda d: (d[0], {k: d[1][k] for k in keep})  # noqa: E731
-    _, m = zoo.pretrain_tower(getattr(cfg, tower), cfg, keep, pick(train), pick(val),
-                              zoo.LoopConfig(steps=100, batch_size=32, lr=3e-3), tower)
+    _, m = pretrain.pretrain_tower(getattr(cfg, tower), cfg, keep, pick(train), pick(val),
+                              pretrain.LoopConfig(steps=100, batch_size=32, lr=3e-3), tower)
     assert m["acc_sign_side"] > m["chance_sign_side"] + 0.3, m
     assert m["acc_count"] > m["chance_count"] + 0.15, m
 
@@ -63,7 +64,7 @@ def test_assembled_model_carries_the_pretrained_parts(world_tokenizer, tmp_path)
     vit = type(model.vision_tower)(cfg.vision_config)
     cnx = type(model.vision_tower_aux)(cfg.vision_aux_config)
     cnx.layernorm = torch.nn.Identity()
-    base = zoo.assemble(cfg, lm, vit, cnx)
+    base = pretrain.assemble(cfg, lm, vit, cnx)
     assert torch.equal(base.vision_tower_aux.encoder.stages[2].layers[0].pwconv1.weight,
                        cnx.encoder.stages[2].layers[0].pwconv1.weight)
     assert torch.equal(base.language_model.model.layers[1].mlp.up_proj.weight, lm.model.layers[1].mlp.up_proj.weight)
@@ -113,7 +114,7 @@ def test_local_source_assembles_llm_clip_and_openclip_convnext(tmp_path):
     torch.save(trunk, tmp_path / "convnext" / "open_clip_pytorch_model.bin")
     p = {"local_llm": str(tmp_path / "llm"), "local_vision": str(tmp_path / "clip"),
          "local_vision_aux": str(tmp_path / "convnext"), "local_image_size_aux": 96}
-    model, proc, metrics = zoo.build_local(p, "sdpa")
+    model, proc, metrics = local.build_local(p, "sdpa")
     assert model.config.aux_grid == cfg.aux_grid and model.config.num_image_tokens == cfg.num_image_tokens
     assert model.config.text_config.hidden_act == "gelu_python"  # "gelu" ran as erf GELU in MGM-2B's transformers
     assert torch.equal(model.vision_tower_aux.encoder.stages[1].layers[0].dwconv.weight,
@@ -123,13 +124,13 @@ def test_local_source_assembles_llm_clip_and_openclip_convnext(tmp_path):
     with torch.no_grad():
         assert torch.isfinite(model(**batch).logits).all()
     with pytest.raises(StageError, match="zoo.local_vision_aux"):
-        zoo.build_local(dict(p, local_vision_aux=str(tmp_path / "nowhere")), "sdpa")
+        local.build_local(dict(p, local_vision_aux=str(tmp_path / "nowhere")), "sdpa")
 
 
 def test_column_targets_describe_the_rendered_scenes():
-    images, y = zoo.labelled_scenes(40, 3, 32)
+    images, y = pretrain.labelled_scenes(40, 3, 32)
     ref_images, ref = labels.labelled_images(40, 3, 32)
     assert (images == ref_images).all() and (y["word"] == ref["word"]).all()
     present = sum((y[f"shape_{c}"] > 0).astype(int) for c in vocab.POSITIONS)
     assert (present == ref["count"] + 1).all()  # one object per occupied column
-    assert set(y) == set(zoo.tower_targets())
+    assert set(y) == set(pretrain.tower_targets())

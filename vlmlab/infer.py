@@ -33,7 +33,6 @@ Other options: --dtype float32|bfloat16|float16, --attn_implementation eager|sdp
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 
@@ -46,59 +45,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from vlmlab.io import check_writable_file, fail, write_jsonl
-
-REPO = Path(__file__).resolve().parents[1]
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def _resolve(path: str | os.PathLike) -> Path:
-    p = Path(path)
-    return p if p.is_absolute() or p.exists() else REPO / p
-
-
-def load_model(path: str | os.PathLike, dtype=None, attn_implementation: str | None = None, device: str = "cpu"):
-    """A base/full/merged MGM folder, or a peft LoRA adapter folder -> (model in eval mode, MgmProcessor)."""
-    import vlmlab.models  # noqa: F401  (registers the mgm model type)
-    from vlmlab.models.mgm import MgmForConditionalGeneration
-    from vlmlab.models.processor import CONFIG_NAME, MgmProcessor
-
-    folder = _resolve(path)
-    if not folder.is_dir():
-        raise fail(f"{path}: no such model folder (give models/zoo, models/runs/<run> or models/merged/<run>)")
-    if isinstance(dtype, str):
-        if dtype not in DTYPES:
-            raise fail(f"dtype {dtype!r} unknown; use one of {', '.join(DTYPES)}")
-        dtype = DTYPES[dtype]
-    kwargs = {"dtype": dtype} if dtype is not None else {}
-    if attn_implementation:
-        kwargs["attn_implementation"] = attn_implementation
-    adapter_cfg = folder / "adapter_config.json"
-    try:
-        if adapter_cfg.is_file():
-            from peft import PeftModel
-
-            base_ref = json.loads(adapter_cfg.read_text(encoding="utf-8")).get("base_model_name_or_path") or ""
-            base = _resolve(base_ref)
-            if not base_ref or not (base / "config.json").is_file():
-                raise fail(f"{adapter_cfg}: base_model_name_or_path {base_ref!r} is not a model folder here "
-                           "(it must be a path relative to the repository root, e.g. models/zoo)")
-            model = MgmForConditionalGeneration.from_pretrained(str(base), **kwargs)
-            model = PeftModel.from_pretrained(model, str(folder), is_trainable=False)
-        elif (folder / "config.json").is_file():
-            model = MgmForConditionalGeneration.from_pretrained(str(folder), **kwargs)
-        else:
-            raise fail(f"{folder}: neither config.json (an MGM folder) nor adapter_config.json (a LoRA adapter)")
-    except (ValueError, RuntimeError, KeyError, OSError) as e:
-        # a peft adapter built for another base, or a folder that is not an MGM: one line, not a traceback
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise fail(f"{folder}: cannot load this model/adapter ({type(e).__name__}: {first[:300]})") from None
-    # an adapter folder may carry no processor of its own: its base's
-    proc_dir = base if adapter_cfg.is_file() and not (folder / CONFIG_NAME).is_file() else folder
-    if not (proc_dir / CONFIG_NAME).is_file():
-        raise fail(f"{folder}: no {CONFIG_NAME} beside the model (save it with MgmProcessor.save_pretrained)")
-    processor = MgmProcessor.from_pretrained(proc_dir)
-    return model.to(device).eval(), processor
-
+from vlmlab.models.load import DTYPES, load_model
 
 def open_image(path: Path) -> Image.Image:
     with Image.open(path) as f:

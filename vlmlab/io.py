@@ -162,3 +162,15 @@ def load_params(path: str | os.PathLike = "params.yaml") -> dict:
     if not p.exists():
         raise fail(f"{p}: no such params file (run from the repository root)")
     return yaml.safe_load(p.read_text(encoding="utf-8"))
+
+
+def link_or_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """`dst` as a hard link to `src` (same filesystem: no second copy of 10k images), else a copy."""
+    src, dst = Path(src), Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if dst.exists() and os.path.samefile(src, dst):   # re-validating a folder in place
+        return
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)

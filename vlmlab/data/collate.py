@@ -20,8 +20,8 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from vlmlab import io
+from vlmlab.batching import IGNORE_INDEX, pad
 
-IGNORE_INDEX = -100  # label of every non-answer token (as transformers' loss expects)
 
 
 def read_llava_json(path: str | Path) -> list[dict]:
@@ -146,18 +146,9 @@ class PadCollator:
     pad_to_multiple_of: int = 8  # tensor-core friendly shapes on GPU; harmless on CPU
 
     def __call__(self, batch: list[dict]) -> dict[str, torch.Tensor]:
-        longest = max(len(b["input_ids"]) for b in batch)
-        m = self.pad_to_multiple_of
-        T = -(-longest // m) * m if m else longest
-        B = len(batch)
-        input_ids = torch.full((B, T), self.pad_token_id, dtype=torch.long)   # (B, T)
-        labels = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)           # (B, T)
-        attention_mask = torch.zeros((B, T), dtype=torch.long)                # (B, T)
-        for i, b in enumerate(batch):
-            n = len(b["input_ids"])
-            input_ids[i, :n] = b["input_ids"]
-            labels[i, :n] = b["labels"]
-            attention_mask[i, :n] = 1
+        input_ids, attention_mask = pad([b["input_ids"] for b in batch], self.pad_token_id,
+                                        multiple_of=self.pad_to_multiple_of)    # (B, T)
+        labels, _ = pad([b["labels"] for b in batch], IGNORE_INDEX, multiple_of=self.pad_to_multiple_of)  # (B, T)
         return {
             "input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
             "pixel_values": torch.stack([b["pixel_values"] for b in batch]),          # (B, 3, H, W)

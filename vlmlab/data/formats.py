@@ -19,11 +19,24 @@ import json
 import os
 
 from vlmlab.io import write_text
-from vlmlab.world.text import CAPTION_PROMPTS
 
 IMAGE_TOKEN = "<__dj__image>"   # Data-Juicer's SpecialTokens.image
 EOC_TOKEN = "<|__dj__eoc|>"     # Data-Juicer's SpecialTokens.eoc
 LLAVA_IMAGE = "<image>"
+# The 11 human prompts of MGM's stage_1.json (all 10k seed samples use one of them).
+CAPTION_PROMPTS = (
+    "What is in the photo?",
+    "What is this?",
+    "Describe the image concisely.",
+    "Give a brief description of the image.",
+    "Provide a brief description of the given image.",
+    "Summarize the visual content of the image.",
+    "Render a clear and concise summary of the photo.",
+    "Share a concise interpretation of the image provided.",
+    "Give a short and clear explanation of the subsequent image.",
+    "Write a terse but informative summary of the picture.",
+    "Present a compact description of the photo's key features.",
+)
 
 
 class FormatError(ValueError):

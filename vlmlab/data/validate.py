@@ -12,14 +12,13 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 import os
-import shutil
 from collections import Counter
 from pathlib import Path, PurePosixPath
 
 from PIL import Image, ImageFile, UnidentifiedImageError
 
 from vlmlab.data.formats import FormatError, caption_of, dj_to_llava, prompts_by_id, read_llava, write_llava
-from vlmlab.io import fail, write_jsonl
+from vlmlab.io import fail, link_or_copy, write_jsonl
 
 # every reason code a reject can carry, in the order the checks run
 REASONS = ("non_utf8", "bad_json", "bad_schema", "duplicate_id", "missing_image_token", "missing_eoc_token",
@@ -79,16 +78,6 @@ def check_line(raw: bytes, seen_ids: set[str]) -> tuple[dict | None, tuple[str, 
     return row, None   # the image itself is checked by check_image (in parallel)
 
 
-def _link_or_copy(src: Path, dst: Path) -> None:
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    if dst.exists() and os.path.samefile(src, dst):   # re-validating a folder in place
-        return
-    try:
-        os.link(src, dst)      # same filesystem: no second copy of 10k images
-    except OSError:
-        shutil.copyfile(src, dst)
-
-
 def import_seed(src: str | os.PathLike, jsonl: str, stage1_json: str, out: str | os.PathLike, seed: int,
                 workers: int = 2) -> dict:
     """Validate `src/jsonl`, write dj.jsonl, llava.json, rejects.jsonl and images/ under `out`.
@@ -140,7 +129,7 @@ def import_seed(src: str | os.PathLike, jsonl: str, stage1_json: str, out: str |
 
     out.mkdir(parents=True, exist_ok=True)
     for rel in dict.fromkeys(row["images"][0] for row in rows):   # an image shared by rows (3 captions each) once
-        _link_or_copy(src / rel, out / rel)
+        link_or_copy(src / rel, out / rel)
     write_jsonl(out / "dj.jsonl", rows)   # key order and text kept as read
     write_jsonl(out / "rejects.jsonl", rejects)
     write_llava(out / "llava.json", dj_to_llava(rows, prompts, seed))

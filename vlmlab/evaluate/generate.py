@@ -42,6 +42,8 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache, StaticCache
 
+from vlmlab.batching import pad
+
 def unwrap(model) -> torch.nn.Module:
     """The MGM module under a peft wrapper (its LoRA layers stay active)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -56,14 +58,7 @@ def split_at_image(ids: torch.Tensor, image_token_id: int) -> int:
 
 def left_pad(rows: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """1-D id tensors -> (ids, mask), both (len(rows), longest), padded on the left."""
-    T = max(len(r) for r in rows)
-    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), T), dtype=torch.long)
-    for i, r in enumerate(rows):
-        if len(r):
-            ids[i, T - len(r):] = r
-            mask[i, T - len(r):] = 1
-    return ids, mask
+    return pad(rows, pad_id, "left")
 
 
 @dataclass

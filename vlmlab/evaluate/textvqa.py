@@ -15,6 +15,9 @@ from __future__ import annotations
 
 import re
 
+# LLaVA/MGM ask TextVQA with this instruction after the question (llava_textvqa_val_v051_ocr.jsonl)
+PROMPT_SUFFIX = "Answer the question using a single word or phrase."
+
 # EvalAI's contraction table: a word written without its apostrophe gets it back
 # ("dont" -> "don't"). Entries as in mmf (incl. its odd ones, e.g. somebody'd -> somebodyd,
 # and capitalised keys that can never match after lower-casing): scores depend on them.

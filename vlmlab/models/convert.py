@@ -21,7 +21,7 @@ import torch
 
 from vlmlab.io import fail
 from vlmlab.models import presets
-from vlmlab.models.mgm import MgmConfig, MgmForConditionalGeneration
+from vlmlab.models.mgm import CONNECTOR_MODULES, MgmConfig, MgmForConditionalGeneration
 
 # timm ConvNeXt trunk <-> transformers ConvNextModel (same computation, other names).
 # One table, both directions: {i} and {j} stand for stage/block/layer numbers.
@@ -50,7 +50,7 @@ def _rules(pairs, forward: bool) -> list[tuple[str, str]]:
 _TIMM_TO_HF = _rules(_CONVNEXT_NAMES, forward=True)
 _HF_TO_TIMM = _rules(_CONVNEXT_NAMES, forward=False)
 CLIP_PREFIX = "vision_tower.vision_tower.vision_model."  # MGM's CLIPVisionTower > CLIPVisionModel (transformers 4.x)
-GLUE = ("mm_projector.", "vlm_uni_query_projector.", "vlm_uni_aux_projector.", "vlm_uni_val_projector.")
+GLUE = tuple(f"{name}." for name in CONNECTOR_MODULES)  # module prefixes MGM and we share
 
 
 def _rewrite(key: str, rules) -> str | None:

@@ -50,6 +50,8 @@ from transformers.modeling_outputs import ModelOutput
 # MGM's `image_aspect_ratio`: "pad" pads to a square (mm_utils.expand2square), anything else is
 # CLIPImageProcessor's resize + centre crop; "square" and "crop" name the latter here
 IMAGE_ASPECT_RATIOS = ("pad", "square", "crop")
+# the connector MGM's stage 1 trains, by MGM's module names: the MLP projector and the three patch-info-mining projections
+CONNECTOR_MODULES = ("mm_projector", "vlm_uni_query_projector", "vlm_uni_aux_projector", "vlm_uni_val_projector")
 # LMs whose MGM checkpoints were trained with every input embedding (image features included)
 # multiplied by sqrt(hidden_size): Gemma under transformers 4.38 (GemmaModel.forward's normalizer)
 SCALED_INPUT_EMBEDDINGS = ("gemma",)

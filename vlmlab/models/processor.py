@@ -32,7 +32,9 @@ import torch.nn.functional as F
 from PIL import Image
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-IGNORE_INDEX = -100
+from vlmlab.batching import IGNORE_INDEX
+from vlmlab.batching import pad as pad_rows
+
 IMAGE_TOKEN = "<image>"
 START_OF_TURN, END_OF_TURN = "<start_of_turn>", "<end_of_turn>"
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -214,22 +216,11 @@ class MgmProcessor:
     def pad(self, features: list[dict], padding_side: str = "left") -> dict[str, torch.Tensor]:
         """Stack encoded samples: ids padded with pad_token_id (left for generation, right for
         training), attention_mask (B, T), labels padded with -100, pixel tensors stacked."""
-        T = max(len(f["input_ids"]) for f in features)
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         batch: dict[str, torch.Tensor] = {}
-        for key, fill in (("input_ids", pad_id), ("labels", IGNORE_INDEX)):
-            if key not in features[0]:
-                continue
-            rows = []
-            for f in features:
-                x = f[key]
-                gap = torch.full((T - len(x),), fill, dtype=x.dtype)
-                rows.append(torch.cat([gap, x] if padding_side == "left" else [x, gap]))
-            batch[key] = torch.stack(rows)
-        mask = [torch.ones(len(f["input_ids"]), dtype=torch.long) for f in features]
-        gaps = [torch.zeros(T - len(m), dtype=torch.long) for m in mask]
-        batch["attention_mask"] = torch.stack([torch.cat([g, m] if padding_side == "left" else [m, g])
-                                               for g, m in zip(gaps, mask)])
+        batch["input_ids"], batch["attention_mask"] = pad_rows([f["input_ids"] for f in features], pad_id, padding_side)
+        if "labels" in features[0]:
+            batch["labels"], _ = pad_rows([f["labels"] for f in features], IGNORE_INDEX, padding_side)
         for key in ("pixel_values", "pixel_values_aux"):
             if key in features[0]:
                 batch[key] = torch.stack([f[key] for f in features])

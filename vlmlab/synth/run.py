@@ -18,7 +18,6 @@ import contextlib
 import json
 import multiprocessing as mp
 import os
-import random
 import re
 import shutil
 import sys
@@ -26,9 +25,9 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
 
 from vlmlab import io
+from vlmlab.seeding import seed_generators
 from vlmlab.data.formats import FormatError, caption_of, dj_text, dj_to_llava, write_llava
 from vlmlab.data.validate import check_image
 
@@ -120,14 +119,6 @@ def check_seed_rows(seed_jsonl: Path, workers: int = 2) -> tuple[list[dict], lis
     return good, rejects
 
 
-def seed_everything(seed: int) -> None:
-    import torch
-
-    random.seed(seed)  # keep_candidate_mode random_any draws with `random`
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)  # model.generate(do_sample=True)
-
-
 def run_recipe(recipe: Path, dataset_path: Path, work_dir: Path, seed: int) -> dict:
     """Run `recipe` with Data-Juicer's own executor (its `executor_type`), input and work dir overridden.
 
@@ -149,7 +140,7 @@ def run_recipe(recipe: Path, dataset_path: Path, work_dir: Path, seed: int) -> d
             cfg.op_list_to_trace = [next(iter(op)) for op in cfg.process if not next(iter(op)).endswith("_mapper")]
             logger.add(lambda m: left.extend((x["op"], int(x["left"]), float(x["s"])) for x in LEFT_RE.finditer(m)),
                        level="INFO")
-            seed_everything(seed)
+            seed_generators(seed)  # random_any draws with `random`, generate(do_sample=True) with torch
             executor = ExecutorFactory.create_executor(cfg.executor_type)(cfg)
             t0 = time.perf_counter()
             executor.run()
@@ -246,12 +237,7 @@ def write_enhanced(out: Path, raw: Path, rows: list[dict], rejects: list[dict], 
     with io.atomic_path(out) as tmp:
         tmp.mkdir(parents=True)
         for rel in sorted({r["images"][0] for r in rows}):
-            dst = tmp / rel
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                os.link(raw / rel, dst)  # same filesystem: no second copy of the images
-            except OSError:
-                shutil.copyfile(raw / rel, dst)
+            io.link_or_copy(raw / rel, tmp / rel)
         io.write_jsonl(tmp / "dj.jsonl", rows)
         write_llava(tmp / "llava.json", dj_to_llava(rows, seed=seed))
         io.write_jsonl(tmp / "rejects.jsonl", rejects)

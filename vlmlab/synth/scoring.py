@@ -2,19 +2,18 @@
 
 Held-out images are the world's caption eval set (5 dense references each). The teacher's captions
 are made the way Data-Juicer makes them (sampled with its generation config, 128 new tokens at most);
-a greedy caption is scored too. The "raw" baseline is what the seed set would say about those very
-images: the world's web-style alt-text for each eval scene (same noise rate as the seed set).
+a greedy caption is scored too. A "raw" baseline, when given, is what the seed set would say about those
+very images (the tiny world's web-style alt-text for each eval scene, vlmlab.sim.world.web_captions).
 """
 from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 from PIL import Image
 
 from vlmlab import io
 from vlmlab.evaluate.captions import caption_scores
-from vlmlab.synth.teacher import caption_images
+from vlmlab.synth.captioner import caption_images
 
 
 def read_eval_captions(path: str | Path, limit: int = 0) -> tuple[list[dict], list[Image.Image]]:
@@ -28,25 +27,6 @@ def read_eval_captions(path: str | Path, limit: int = 0) -> tuple[list[dict], li
         with Image.open(path.parent / r["image"]) as im:
             images.append(im.convert("RGB"))
     return rows, images
-
-
-def raw_style_captions(rows: list[dict], seed: int, noise_rate: float) -> dict[str, str]:
-    """The seed set's kind of caption for each eval image: the world's web caption of the same scene.
-
-    The eval scene is re-drawn from the world's own stream for that item (vlmlab.world.generate), the
-    alt-text from a separate stream, so the references are untouched.
-    """
-    from vlmlab.world.generate import SPLITS
-    from vlmlab.world.scene import sample_scene
-    from vlmlab.world.text import web_caption
-
-    stream, first = SPLITS["eval_caption"]
-    out = {}
-    for r in rows:
-        index = int(r["id"]) - first
-        scene = sample_scene(np.random.default_rng([seed, stream, index]))
-        out[r["id"]] = web_caption(scene, np.random.default_rng([seed, stream, index, 1]), noise_rate)
-    return out
 
 
 def score_teacher(model, processor, rows: list[dict], images: list[Image.Image], raw: dict[str, str] | None,

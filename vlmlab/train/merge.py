@@ -8,6 +8,7 @@ peft), reloaded from disk and checked again. Non-finite logits (a corrupted adap
 """
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -15,30 +16,18 @@ import torch
 from torch import nn
 
 from vlmlab import io
+from vlmlab.models.load import load_model
 
 
 def load_adapter_model(adapter_dir: str | Path, base_dir: str | Path | None = None):
     """(peft model in fp32, eval mode, base folder) from an adapter folder; base from its config if not given."""
-    import json
-
-    from peft import PeftModel
-
-    import vlmlab.models  # noqa: F401  (registers mgm with the Auto classes)
-    from transformers import AutoModelForImageTextToText
-
     adapter_dir = Path(adapter_dir)
     conf_path = adapter_dir / "adapter_config.json"
     if not conf_path.is_file():
         raise io.fail(f"{adapter_dir}: no adapter_config.json, not a LoRA adapter folder (merge only applies to lora runs)")
     base_dir = Path(base_dir or json.loads(conf_path.read_text())["base_model_name_or_path"])
-    if not (base_dir / "config.json").is_file():
-        raise io.fail(f"{base_dir}: base model folder not found (adapter {adapter_dir} names it; run `dvc repro zoo`)")
-    base = AutoModelForImageTextToText.from_pretrained(str(base_dir), dtype=torch.float32)
-    try:
-        model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=False)
-    except Exception as e:  # a truncated or foreign adapter file: say which, not a traceback
-        raise io.fail(f"{adapter_dir}: cannot load the adapter onto {base_dir} ({type(e).__name__}: {e})") from None
-    return model.eval(), base_dir
+    model, _ = load_model(adapter_dir, dtype=torch.float32, base=base_dir)
+    return model, base_dir
 
 
 def held_out_batches(path: str | Path, processor, n: int, batch_size: int) -> list[dict]:

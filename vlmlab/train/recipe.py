@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from vlmlab import io
+from vlmlab.models.load import load_model, on_gpu, training_dtype
 from vlmlab.seeding import seed_everything
 from vlmlab.train import strategies
 from vlmlab.train.live import LiveCallback, curve_row
@@ -85,26 +86,10 @@ class TrainConfig:
 
 def load_base(base: str | Path, attn_implementation: str = "sdpa"):
     """(fp32 MGM model, processor) from a base folder such as models/zoo."""
-    import vlmlab.models  # noqa: F401  (registers mgm with the Auto classes)
-    from transformers import AutoModelForImageTextToText
-
-    from vlmlab.models.processor import MgmProcessor
-
-    base = Path(base)
-    if not (base / "config.json").is_file():
+    if not (Path(base) / "config.json").is_file():
         raise io.fail(f"{base}: no base model folder (config.json missing); run `dvc repro zoo` first")
     # the ConvNeXt tower has no attention: MgmForConditionalGeneration sets it to eager whatever is asked
-    model = AutoModelForImageTextToText.from_pretrained(str(base), dtype=torch.float32, attn_implementation=attn_implementation)
-    return model, MgmProcessor.from_pretrained(base)
-
-
-def on_gpu() -> bool:
-    return torch.cuda.is_available()
-
-
-def training_dtype() -> torch.dtype:
-    """bf16 on CUDA (mixed precision, fp32 master weights), fp32 on CPU."""
-    return torch.bfloat16 if on_gpu() else torch.float32
+    return load_model(base, dtype=torch.float32, attn_implementation=attn_implementation)
 
 
 def world_size() -> int:

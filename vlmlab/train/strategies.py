@@ -16,9 +16,8 @@ from dataclasses import dataclass, field
 import torch.nn as nn
 
 from vlmlab import io
+from vlmlab.models.mgm import CONNECTOR_MODULES
 
-# MGM's names: the MLP projector and the three patch-info-mining projections.
-CONNECTOR_MODULES = ("mm_projector", "vlm_uni_query_projector", "vlm_uni_aux_projector", "vlm_uni_val_projector")
 TOWER_MODULES = ("vision_tower", "vision_tower_aux")
 LANGUAGE_MODEL = "language_model"
 STRATEGIES = ("full", "lora")

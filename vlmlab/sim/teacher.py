@@ -12,14 +12,12 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from PIL import Image
 from transformers import (
-    AutoConfig,
-    AutoProcessor,
     Blip2Config,
     Blip2ForConditionalGeneration,
     Blip2Processor,
@@ -30,12 +28,11 @@ from transformers import (
 )
 from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
 
-import transformers
-
-from vlmlab import io
-from vlmlab.synth.tokenizer import IMAGE_TOKEN_ID, LM_VOCAB_SIZE, build_tokenizer, first_filler_id
-
-MAX_NEW_TOKENS = 128  # hard-coded in Data-Juicer's image_captioning_mapper
+from vlmlab.batching import IGNORE_INDEX, pad
+from vlmlab.sim import loop as sim_loop
+from vlmlab.sim.teacher_tokenizer import IMAGE_TOKEN_ID, LM_VOCAB_SIZE, build_tokenizer, first_filler_id
+from vlmlab.synth import teacher_generate
+from vlmlab.synth.captioner import MAX_NEW_TOKENS
 
 
 @dataclass(kw_only=True)
@@ -132,15 +129,10 @@ def encode_captions(processor: Blip2Processor, captions: list[str], max_words: i
     ids = [tok(c, add_special_tokens=False)["input_ids"][:max_words] for c in captions]
     q = processor.num_query_tokens
     seqs = [[IMAGE_TOKEN_ID] * q + [tok.bos_token_id] + s + [tok.eos_token_id] for s in ids]
-    T = max(len(s) for s in seqs)
-    input_ids = torch.full((len(seqs), T), tok.pad_token_id, dtype=torch.long)  # (B, T)
-    attention_mask = torch.zeros((len(seqs), T), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        input_ids[i, : len(s)] = torch.tensor(s)
-        attention_mask[i, : len(s)] = 1
+    input_ids, attention_mask = pad(seqs, tok.pad_token_id)  # (B, T)
     labels = input_ids.clone()
-    labels[:, : q + 1] = -100  # image slots and BOS are given, not predicted
-    labels[attention_mask == 0] = -100
+    labels[:, : q + 1] = IGNORE_INDEX  # image slots and BOS are given, not predicted
+    labels[attention_mask == 0] = IGNORE_INDEX
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
@@ -167,7 +159,7 @@ def caption_loss(model, batch: dict, allowed_ids: torch.Tensor | None = None,
     if allowed_ids is None:
         table = full
     else:
-        remap = torch.full((full.shape[0],), -100, dtype=torch.long)
+        remap = torch.full((full.shape[0],), IGNORE_INDEX, dtype=torch.long)
         remap[allowed_ids] = torch.arange(len(allowed_ids))
         table = rows if rows is not None else full[allowed_ids]  # (V', H)
         labels = torch.where(labels >= 0, remap[labels.clamp(min=0)], labels)
@@ -179,44 +171,33 @@ def caption_loss(model, batch: dict, allowed_ids: torch.Tensor | None = None,
     hidden = lm.model.decoder(inputs_embeds=embeds, attention_mask=batch["attention_mask"],
                               return_dict=True).last_hidden_state  # (B, T, H)
     logits = hidden[:, :-1] @ table.T  # (B, T-1, V'): position t predicts token t+1
-    return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+    return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX)
 
 
 def train_teacher(model, processor, images: list[Image.Image], captions: list[str], cfg: TeacherConfig,
-                  seed: int, log_every: int = 50) -> dict:
+                  seed: int) -> dict:
     """AdamW with warmup + cosine decay over `cfg.epochs` passes; returns loss curve and timing."""
     g = torch.Generator().manual_seed(seed)
     pixel_cache = processor.image_processor(images, return_tensors="pt")["pixel_values"]  # (N, 3, H, W), once
-    steps_per_epoch = math.ceil(len(captions) / cfg.batch_size)
-    total = steps_per_epoch * cfg.epochs
+    total = math.ceil(len(captions) / cfg.batch_size) * cfg.epochs
     allowed_ids = allowed_token_ids(model)
     full = model.language_model.get_input_embeddings().weight
     rows = torch.nn.Parameter(full.detach()[allowed_ids].clone())  # the only embedding rows worth updating
     params = [p for p in model.parameters() if p is not full] + [rows]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
-    warm = max(1, int(cfg.warmup_frac * total))
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / total))))
+
+    def loss_fn(idx: torch.Tensor) -> torch.Tensor:
+        batch = encode_captions(processor, [captions[i] for i in idx.tolist()], cfg.max_words)
+        batch["pixel_values"] = pixel_cache[idx]
+        return caption_loss(model, batch, allowed_ids, rows)
+
     model.train()
-    losses, t0, step = [], time.perf_counter(), 0
-    for _ in range(cfg.epochs):
-        for idx in torch.randperm(len(captions), generator=g).split(cfg.batch_size):
-            batch = encode_captions(processor, [captions[i] for i in idx.tolist()], cfg.max_words)
-            batch["pixel_values"] = pixel_cache[idx]
-            loss = caption_loss(model, batch, allowed_ids, rows)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            sched.step()
-            step += 1
-            losses.append(loss.item())
-            if log_every and step % log_every == 0:
-                print(f"teacher step {step}/{total} loss {sum(losses[-log_every:]) / log_every:.3f}", flush=True)
+    t0 = time.perf_counter()
+    losses = sim_loop.train(params, loss_fn, sim_loop.epoch_batches(len(captions), cfg.batch_size, cfg.epochs, g),
+                            sim_loop.warmup_times_cosine(total, cfg.warmup_frac), cfg.lr, "teacher", total)
     with torch.no_grad():
         full[allowed_ids] = rows  # back into the tied embedding / LM head
     model.eval()
-    return {"steps": step, "loss_first": losses[0], "loss_last": sum(losses[-20:]) / len(losses[-20:]),
+    return {"steps": len(losses), "loss_first": losses[0], "loss_last": sum(losses[-20:]) / len(losses[-20:]),
             "train_s": round(time.perf_counter() - t0, 1), "losses": losses}
 
 
@@ -227,51 +208,4 @@ def save_teacher(model, processor, out: str | Path) -> None:
     processor.save_pretrained(out)
     (out / "custom_generate").mkdir(exist_ok=True)
     (out / "custom_generate" / "generate.py").write_text(
-        (Path(__file__).parent / "teacher_generate.py").read_text(encoding="utf-8"), encoding="utf-8")
-
-
-def load_captioner(path: str | Path, trust_remote_code: bool = True):
-    """Load a captioner folder the way Data-Juicer does: AutoProcessor + `config.architectures[0]`."""
-    path = Path(path)
-    if not (path / "config.json").is_file():
-        raise io.fail(f"captioner {path}: no config.json there; train it (dvc repro teacher) "
-                      "or set synth.captioner to a local BLIP-2 folder")
-    try:
-        processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
-        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-        model_class = getattr(transformers, config.architectures[0])
-        model = model_class.from_pretrained(path, trust_remote_code=trust_remote_code).eval()
-    except (OSError, ValueError, TypeError, AttributeError, KeyError) as e:
-        raise io.fail(f"captioner {path}: does not load as a transformers model + processor ({e})") from None
-    return model, processor
-
-
-@torch.no_grad()
-def caption_images(model, processor, images: list[Image.Image], batch_size: int = 64,
-                   do_sample: bool = True) -> list[str]:
-    """Captions as Data-Juicer's op makes them: processor(images) -> generate(128 new, sampled) -> decode."""
-    out = []
-    for i in range(0, len(images), batch_size):
-        inputs = processor(images=images[i: i + batch_size], return_tensors="pt").to(model.device)
-        ids = model.generate(**inputs, max_new_tokens=MAX_NEW_TOKENS, do_sample=do_sample)
-        out += processor.batch_decode(ids, skip_special_tokens=True)
-    return [c.strip() for c in out]
-
-
-def read_caption_set(folder: str | Path) -> tuple[list[Image.Image], list[str], list[str]]:
-    """(images, captions, ids) of a DJ caption set (data/world/curated: dj.jsonl + images/)."""
-    from vlmlab.data.formats import FormatError, caption_of
-
-    folder = Path(folder)
-    images, captions, ids = [], [], []
-    for n, row in enumerate(io.read_jsonl(folder / "dj.jsonl"), 1):
-        try:
-            captions.append(caption_of(row["text"]))
-            with Image.open(folder / row["images"][0]) as im:
-                images.append(im.convert("RGB"))
-        except (FormatError, OSError, KeyError, IndexError) as e:
-            raise io.fail(f"{folder / 'dj.jsonl'}:{n}: unusable training sample ({e}); re-run `dvc repro prepare`")
-        ids.append(str(row["id"]))
-    if not captions:
-        raise io.fail(f"{folder / 'dj.jsonl'}: no samples to train the teacher on")
-    return images, captions, ids
+        Path(teacher_generate.__file__).read_text(encoding="utf-8"), encoding="utf-8")

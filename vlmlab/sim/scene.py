@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from vlmlab.world.vocab import COLOR_RGB, COLORS, MAX_OBJECTS, POSITIONS, SHAPES, SIGN_SIDES, SIGN_WORDS, SIZES
+from vlmlab.sim.vocab import COLOR_RGB, COLORS, MAX_OBJECTS, POSITIONS, SHAPES, SIGN_SIDES, SIGN_WORDS, SIZES
 
 RADIUS = {"small": 0.075, "large": 0.13}   # shape half-extent, fraction of the side
 FONT_FRACTION = 0.11                       # letter size / image side

@@ -1,12 +1,10 @@
-"""Closed vocabularies of the tiny world, and the one word list every world text is drawn from.
+"""Closed vocabularies of the tiny world: everything a scene can hold, and how world text splits into words.
 
-Everything a scene can hold is listed here; the text templates live in `text.py`.
-`corpus_words()` is what a word-level tokenizer is trained on: it is derived from these
-lists and from the templates themselves, so it can never drift from what the generator says.
+The text templates live in `text.py`, which also derives the world's full word list from these
+lists and the templates (`text.corpus_words()`).
 """
 from __future__ import annotations
 
-import functools
 import re
 
 SHAPES = ("circle", "square", "triangle", "diamond")
@@ -55,27 +53,3 @@ def typo(word: str) -> str:
     if len(word) >= 4:
         return word[0] + word[2] + word[1] + word[3:]
     return word + word[-1]
-
-
-@functools.lru_cache(maxsize=1)
-def corpus_words() -> tuple[str, ...]:
-    """Every word (lower-case, no punctuation) that any world text can contain, sorted."""
-    from vlmlab.world import text  # templates live there; imported late to avoid a cycle
-
-    words = set(SHAPES) | set(COLORS) | set(SIZES) | set(POSITIONS) | set(SIGN_SIDES)
-    words |= set(SIGN_WORDS) | set(NUMBER_WORDS) | {str(i) for i in range(len(NUMBER_WORDS))}
-    answerable = SIGN_WORDS + SHAPES + COLORS + SIZES + NUMBER_WORDS   # human answers vary these
-    words |= {plural(w) for w in answerable} | {typo(w) for w in answerable}
-    for sentence in text.template_sentences():
-        words |= {t for t in tokenize_words(sentence) if t[0].isalnum()}
-    return tuple(sorted(words))
-
-
-def punctuation() -> tuple[str, ...]:
-    """Punctuation tokens world text can contain (besides words)."""
-    from vlmlab.world import text
-
-    marks = set()
-    for sentence in text.template_sentences():
-        marks |= {t for t in tokenize_words(sentence) if not t[0].isalnum()}
-    return tuple(sorted(marks))

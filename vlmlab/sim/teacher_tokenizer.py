@@ -11,6 +11,8 @@ from __future__ import annotations
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
+from vlmlab.sim.vocab import tokenize_words
+
 OPT_SPECIALS = ["<s>", "<pad>", "</s>", "<unk>"]  # ids 0..3 as in facebook/opt-*
 IMAGE_TOKEN_ID = 50265  # Data-Juicer hard-codes it; Blip2Processor adds "<image>" at len(vocab)
 LM_VOCAB_SIZE = 50272  # OPT's embedding rows (50265 tokens + <image> + 6 unused)
@@ -28,7 +30,7 @@ def build_tokenizer(words: list[str]) -> PreTrainedTokenizerFast:
 
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.normalizer = normalizers.Lowercase()
-    # words and single punctuation marks, as vlmlab.world.vocab.tokenize_words splits world text
+    # words and single punctuation marks, as vocab.tokenize_words splits world text
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation("isolated")])
     # WordPiece joins words with spaces and its cleanup glues " ." " ," " ?" " '" back on; ":" it leaves.
     tok.decoder = decoders.Sequence([decoders.WordPiece(prefix="##", cleanup=True), decoders.Replace(" :", ":")])
@@ -45,16 +47,7 @@ def build_tokenizer(words: list[str]) -> PreTrainedTokenizerFast:
 
 def caption_words(captions: list[str]) -> list[str]:
     """The word-level vocabulary of some captions (what `build_tokenizer` needs), split like the tokenizer."""
-    from vlmlab.world.vocab import tokenize_words
-
     return sorted({w for c in captions for w in tokenize_words(c)})
-
-
-def world_words() -> list[str]:
-    """Every word and punctuation mark world text can contain."""
-    from vlmlab.world import vocab
-
-    return list(vocab.corpus_words()) + list(vocab.punctuation())
 
 
 def first_filler_id(tokenizer) -> int:

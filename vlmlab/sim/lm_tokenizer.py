@@ -17,7 +17,7 @@ from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, pr
 from transformers import PreTrainedTokenizerFast
 
 from vlmlab.models.processor import END_OF_TURN, ROLES, START_OF_TURN
-from vlmlab.world.vocab import WORD_PATTERN  # the world's own word split (vocab.tokenize_words)
+from vlmlab.sim.vocab import WORD_PATTERN  # the world's own word split (vocab.tokenize_words)
 
 PAD, EOS, BOS, UNK = "<pad>", "<eos>", "<bos>", "<unk>"
 SPECIAL_TOKENS = [PAD, EOS, BOS, UNK, START_OF_TURN, END_OF_TURN]

@@ -15,24 +15,12 @@ import multiprocessing as mp
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 
 from vlmlab.data.formats import dj_text, write_llava
 from vlmlab.io import write_jsonl
-from vlmlab.world import text
-from vlmlab.world.scene import render, sample_scene
-
-# split -> (RNG stream id, first id). Ids are 9 digits, like the challenge's, unique across splits.
-SPLITS = {
-    "raw": (0, 0),
-    "curated": (1, 10_000_000),
-    "instruct": (2, 20_000_000),
-    "eval_textvqa": (3, 90_000_000),
-    "eval_caption": (4, 91_000_000),
-    "eval_mmbench": (5, 92_000_000),
-}
-CORPUS_STREAM = 6   # world_text_corpus (LM pretraining); labels.LABEL_STREAM is 7
-
+from vlmlab.sim import text
+from vlmlab.sim.scene import render, sample_scene
+from vlmlab.sim.streams import CORPUS_STREAM, item_id, item_index, item_rng, split_rng
 
 @dataclass(frozen=True)
 class WorldConfig:
@@ -54,10 +42,6 @@ class WorldConfig:
         return cls(seed=params["seed"], **{k: v for k, v in params["world"].items() if k in known})
 
 
-def item_id(split: str, index: int) -> str:
-    return f"{SPLITS[split][1] + index:09d}"
-
-
 def image_path(sample_id: str) -> str:
     return f"images/{sample_id[:5]}/{sample_id}.jpg"
 
@@ -65,7 +49,7 @@ def image_path(sample_id: str) -> str:
 def _make_item(job: tuple) -> tuple[str, bytes, dict]:
     """One scene of one split: (id, JPEG bytes, the texts that split needs)."""
     split, index, cfg = job
-    rng = np.random.default_rng([cfg.seed, SPLITS[split][0], index])
+    rng = split_rng(cfg.seed, split, index)
     scene = sample_scene(rng)
     buf = io.BytesIO()
     # fixed encoder settings: no optimize pass, 4:2:0, no EXIF/ICC/timestamps
@@ -171,7 +155,7 @@ def world_text_corpus(n: int, seed: int) -> list[str]:
     out: list[str] = []
     i = 0
     while len(out) < n:
-        rng = np.random.default_rng([seed, CORPUS_STREAM, i])
+        rng = item_rng(seed, CORPUS_STREAM, i)
         scene = sample_scene(rng)
         out.append(text.dense_caption(scene, rng))
         out.append(text.web_caption(scene, rng, 0.0))
@@ -180,3 +164,16 @@ def world_text_corpus(n: int, seed: int) -> list[str]:
         out += [t["value"].removeprefix("<image>\n") for t in text.instruct_conversation(scene, rng)]
         i += 1
     return out[:n]
+
+
+def web_captions(rows: list[dict], seed: int, noise_rate: float) -> dict[str, str]:
+    """The seed set's kind of caption for each caption-eval image: the world's web alt-text of the same scene.
+
+    The eval scene is re-drawn from its own stream, the alt-text from a sub-stream of that item, so
+    the references are untouched. rows: {"id", ...} of the caption eval set this world wrote."""
+    out = {}
+    for r in rows:
+        index = item_index("eval_caption", r["id"])
+        scene = sample_scene(split_rng(seed, "eval_caption", index))
+        out[r["id"]] = text.web_caption(scene, split_rng(seed, "eval_caption", index, 1), noise_rate)
+    return out

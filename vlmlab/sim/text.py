@@ -2,38 +2,30 @@
 
 Each function takes the scene and a numpy Generator (the caller owns seeding) and draws its
 wording from the templates below. World text is lower-case words and simple punctuation;
-`template_sentences()` lists every fixed sentence so `vocab.corpus_words()` stays complete.
+`template_sentences()` lists every fixed sentence so `corpus_words()`, the world's word list, stays complete.
 """
 from __future__ import annotations
 
+import functools
 import re
 
 import numpy as np
 
-from vlmlab.world.scene import Scene, Shape
-from vlmlab.world.vocab import COLORS, NUMBER_WORDS, POSITIONS, SHAPES, SIGN_WORDS, SIZES, plural, typo
+from vlmlab.data.formats import CAPTION_PROMPTS
+from vlmlab.evaluate.mmbench import PROMPT_SUFFIX as MMBENCH_SUFFIX
+from vlmlab.evaluate.mmbench import build_prompt
+from vlmlab.evaluate.textvqa import PROMPT_SUFFIX as TEXTVQA_SUFFIX
+from vlmlab.sim.scene import Scene, Shape
+from vlmlab.sim.vocab import (COLORS, NUMBER_WORDS, POSITIONS, SHAPES, SIGN_SIDES, SIGN_WORDS, SIZES, plural,
+                              tokenize_words, typo)
 
-# The 11 human prompts of MGM's stage_1.json (all 10k seed samples use one of them).
-CAPTION_PROMPTS = (
-    "What is in the photo?",
-    "What is this?",
-    "Describe the image concisely.",
-    "Give a brief description of the image.",
-    "Provide a brief description of the given image.",
-    "Summarize the visual content of the image.",
-    "Render a clear and concise summary of the photo.",
-    "Share a concise interpretation of the image provided.",
-    "Give a short and clear explanation of the subsequent image.",
-    "Write a terse but informative summary of the picture.",
-    "Present a compact description of the photo's key features.",
-)
 DETAIL_PROMPTS = (   # stage-2 caption requests
     "describe the image in detail.",
     "what do you see in this picture?",
     "write a detailed caption for this image.",
 )
-SHORT_ANSWER = "Answer the question using a single word or phrase."   # LLaVA's VQA suffix
-MC_SUFFIX = "Answer with the option's letter from the given choices directly."   # LLaVA's MMBench suffix
+SHORT_ANSWER = TEXTVQA_SUFFIX   # LLaVA's VQA suffix (the real benchmark's wording)
+MC_SUFFIX = MMBENCH_SUFFIX      # LLaVA's MMBench suffix
 
 OCR_QUESTIONS = (
     "what word is on the sign?",
@@ -194,8 +186,7 @@ def mmbench_item(scene: Scene, rng: np.random.Generator) -> dict:
 
 def mmbench_prompt(item: dict) -> str:
     """LLaVA's MMBench prompt for one item (question, options, suffix)."""
-    options = "\n".join(f"{k}. {item[k]}" for k in "ABCD")
-    return f"{item['question']}\n{options}\n{MC_SUFFIX}"
+    return build_prompt(item["question"], {k: item[k] for k in "ABCD"}, item["hint"])
 
 
 def instruct_conversation(scene: Scene, rng: np.random.Generator) -> list[dict]:
@@ -215,3 +206,28 @@ def instruct_conversation(scene: Scene, rng: np.random.Generator) -> list[dict]:
             human = "<image>\n" + human
         turns += [{"from": "human", "value": human}, {"from": "gpt", "value": gpt}]
     return turns
+
+
+@functools.lru_cache(maxsize=1)
+def corpus_words() -> tuple[str, ...]:
+    """Every word (lower-case, no punctuation) that any world text can contain, sorted."""
+    words = set(SHAPES) | set(COLORS) | set(SIZES) | set(POSITIONS) | set(SIGN_SIDES)
+    words |= set(SIGN_WORDS) | set(NUMBER_WORDS) | {str(i) for i in range(len(NUMBER_WORDS))}
+    answerable = SIGN_WORDS + SHAPES + COLORS + SIZES + NUMBER_WORDS   # human answers vary these
+    words |= {plural(w) for w in answerable} | {typo(w) for w in answerable}
+    for sentence in template_sentences():
+        words |= {t for t in tokenize_words(sentence) if t[0].isalnum()}
+    return tuple(sorted(words))
+
+
+def punctuation() -> tuple[str, ...]:
+    """Punctuation tokens world text can contain (besides words)."""
+    marks = set()
+    for sentence in template_sentences():
+        marks |= {t for t in tokenize_words(sentence) if not t[0].isalnum()}
+    return tuple(sorted(marks))
+
+
+def world_words() -> list[str]:
+    """Every word and punctuation mark world text can contain (what a world tokenizer must know)."""
+    return list(corpus_words()) + list(punctuation())

@@ -18,11 +18,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 from transformers import AutoModel, AutoModelForCausalLM
 
+from vlmlab.batching import IGNORE_INDEX, pad
+from vlmlab.io import fail
+from vlmlab.models import presets
+from vlmlab.models.local import param_counts
 from vlmlab.models.mgm import MgmConfig, MgmForConditionalGeneration
-from vlmlab.models.processor import clip_normalise, low_res_view
+from vlmlab.models.processor import MgmProcessor, clip_normalise, low_res_view
+from vlmlab.sim import labels, text, vocab, world
+from vlmlab.sim import loop as sim_loop
+from vlmlab.sim.lm_tokenizer import train_world_tokenizer
 
 
 @dataclass
@@ -34,36 +40,13 @@ class LoopConfig:
     seed: int = 0
 
 
-def _schedule(step: int, steps: int) -> float:
-    warm = max(1, steps // 20)
-    if step < warm:
-        return (step + 1) / warm
-    t = (step - warm) / max(1, steps - warm)
-    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t))
-
-
 def train_loop(module: nn.Module, loss_fn, n_items: int, loop: LoopConfig, desc: str) -> list[float]:
     """Minibatch AdamW over item indices [0, n_items); loss_fn(index tensor) -> scalar loss."""
     g = torch.Generator().manual_seed(loop.seed)
-    opt = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=loop.lr,
-                            weight_decay=loop.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _schedule(s, loop.steps))
     module.train()
-    losses, order, pos = [], torch.randperm(n_items, generator=g), 0
-    bar = tqdm(range(loop.steps), desc=desc, mininterval=2.0)
-    for _ in bar:
-        if pos + loop.batch_size > n_items:
-            order, pos = torch.randperm(n_items, generator=g), 0
-        idx = order[pos:pos + loop.batch_size]
-        pos += loop.batch_size
-        loss = loss_fn(idx)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
-        bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}", refresh=False)
+    losses = sim_loop.train([p for p in module.parameters() if p.requires_grad], loss_fn,
+                            sim_loop.step_batches(n_items, loop.batch_size, loop.steps, g),
+                            sim_loop.warmup_cosine_to_floor(loop.steps), loop.lr, desc, loop.steps, loop.weight_decay)
     module.eval()
     return losses
 
@@ -73,17 +56,14 @@ def encode_texts(tokenizer, texts: list[str], max_len: int) -> torch.Tensor:
     """(n, max_len) ids: <bos> text <eos>, right-padded with pad (-> -100 in the labels)."""
     rows = [[tokenizer.bos_token_id] + tokenizer(t, add_special_tokens=False)["input_ids"][: max_len - 2]
             + [tokenizer.eos_token_id] for t in texts]
-    out = torch.full((len(rows), max_len), tokenizer.pad_token_id, dtype=torch.long)
-    for i, r in enumerate(rows):
-        out[i, : len(r)] = torch.tensor(r)
-    return out
+    return pad(rows, tokenizer.pad_token_id, length=max_len)[0]
 
 
 def _lm_batch(ids: torch.Tensor, pad_id: int) -> dict:
     T = int((ids != pad_id).sum(1).max())  # trim the common padding
     ids = ids[:, :T]
     mask = (ids != pad_id).long()
-    return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+    return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, IGNORE_INDEX)}
 
 
 def pretrain_lm(text_config, tokenizer, train_texts: list[str], val_texts: list[str], loop: LoopConfig,
@@ -102,8 +82,8 @@ def pretrain_lm(text_config, tokenizer, train_texts: list[str], val_texts: list[
             logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1]
             tgt = b["labels"][:, 1:]
             nll += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1),
-                                         ignore_index=-100, reduction="sum"))
-            n_tok += int((tgt != -100).sum())
+                                         ignore_index=IGNORE_INDEX, reduction="sum"))
+            n_tok += int((tgt != IGNORE_INDEX).sum())
     counts = torch.bincount(train[:, 1:][train[:, 1:] != pad], minlength=len(tokenizer)).float() + 1.0
     logp = (counts / counts.sum()).log()
     val_tgt = val[:, 1:][val[:, 1:] != pad]
@@ -201,8 +181,6 @@ def tower_targets() -> dict[str, int]:
     colour / size of the object standing there (or "none"). Column targets name every object a
     caption mentions; `labels.scene_labels` describes only objects[0], which no picture marks as
     main (its column is random), so its shape/colour cannot be read off the image."""
-    from vlmlab.world import labels, vocab
-
     targets = {k: n for k, n in labels.NUM_CLASSES.items() if k in ("word", "count", "sign_side")}
     for col in vocab.POSITIONS:
         targets.update({f"shape_{col}": len(vocab.SHAPES) + 1, f"color_{col}": len(vocab.COLORS) + 1,
@@ -215,18 +193,11 @@ def labelled_scenes(n: int, seed: int, size: int, render_size: int = 96) -> tupl
 
     The same scenes and pixels as `labels.labelled_images(n, seed, size, render_size)` (same RNG
     stream, same rendering), with the column targets added."""
-    from PIL import Image
-
-    from vlmlab.world import labels, vocab
-    from vlmlab.world.scene import render, sample_scene
-
     names = tower_targets()
     images = np.empty((n, size, size, 3), dtype=np.uint8)
     out = {k: np.zeros(n, dtype=np.int64) for k in names}  # 0 = "none" for the column targets
-    for i in range(n):
-        scene = sample_scene(np.random.default_rng([seed, labels.LABEL_STREAM, i]))
-        img = render(scene, render_size)
-        images[i] = np.asarray(img if size == render_size else img.resize((size, size), Image.BICUBIC))
+    for i, scene in enumerate(labels.label_stream_scenes(n, seed)):
+        images[i] = labels.picture(scene, size, render_size)
         base = labels.scene_labels(scene)
         for k in ("word", "count", "sign_side"):
             out[k][i] = base[k]
@@ -255,14 +226,9 @@ def build_tiny(p: dict, preset: str, attn_implementation: str, seed: int, high_r
     """Tiny world: tokenizer, LM, ViT, ConvNeXt pretrained here. Returns (model, processor, metrics).
 
     high_res: the world's stored image side (world.image_size), which the ConvNeXt sees."""
-    from vlmlab.models import presets
-    from vlmlab.models.processor import MgmProcessor
-    from vlmlab.models.tokenizer import train_world_tokenizer
-    from vlmlab.world import generate, vocab
-
-    texts = generate.world_text_corpus(int(p["lm_texts"]), seed)
-    heldout = generate.world_text_corpus(int(p["lm_heldout_texts"]), seed + 1)
-    tokenizer = train_world_tokenizer(texts, list(vocab.corpus_words()) + list(vocab.punctuation()))
+    texts = world.world_text_corpus(int(p["lm_texts"]), seed)
+    heldout = world.world_text_corpus(int(p["lm_heldout_texts"]), seed + 1)
+    tokenizer = train_world_tokenizer(texts, text.world_words())
     spec = presets.PRESETS[preset]
     high_res = int(high_res or spec["image_size_aux"])
     n_tokens = (spec["vision_config"]["image_size"] // spec["vision_config"]["patch_size"]) ** 2
@@ -275,8 +241,6 @@ def build_tiny(p: dict, preset: str, attn_implementation: str, seed: int, high_r
                                   vision_aux_config=dict(spec["vision_aux_config"], image_size=high_res))
     side = int(n_tokens ** 0.5)
     if high_res % config.vision_aux_config.patch_size or config.aux_grid % side:
-        from vlmlab.io import fail
-
         raise fail(f"world.image_size {high_res} px gives a {high_res / config.vision_aux_config.patch_size:g}-cell "
                    f"ConvNeXt grid, not a multiple of the {side}x{side} low-res token grid: patch mining needs "
                    f"equal patches (use a multiple of {side * config.vision_aux_config.patch_size} px)")
@@ -305,82 +269,4 @@ def build_tiny(p: dict, preset: str, attn_implementation: str, seed: int, high_r
     model = assemble(config, lm, vit, cnx)
     metrics = {"tokenizer": {"vocab_size": config.text_config.vocab_size}, "lm": lm_metrics, "vit": vit_metrics,
                "convnext": cnx_metrics, "params": param_counts(model)}
-    return model, processor, metrics
-
-
-def param_counts(model: nn.Module) -> dict[str, int]:
-    counts = {name: sum(p.numel() for p in m.parameters()) for name, m in model.named_children()}
-    counts["total"] = sum(p.numel() for p in model.parameters())
-    return counts
-
-
-def build_local(p: dict, attn_implementation: str):
-    """Real checkpoints on this disk: an official MGM folder (converted), or Gemma + CLIP +
-    OpenCLIP ConvNeXt folders (assembled, projector and mining fresh), optionally with a
-    stage-1 mm_projector.bin on top. Returns (model, processor, metrics)."""
-    from pathlib import Path
-
-    from transformers import AutoTokenizer, CLIPVisionModel
-
-    from vlmlab.io import fail
-    from vlmlab.models import convert, presets
-    from vlmlab.models.processor import MgmProcessor
-
-    def need(key: str) -> Path:
-        path = Path(str(p.get(key) or ""))
-        if not str(p.get(key) or "") or not path.exists():
-            raise fail(f"zoo.{key} = {p.get(key)!r}: no such local path (zoo.source=local never downloads; "
-                       f"set it with `dvc exp run -S zoo.{key}=/path`)")
-        return path
-
-    report: dict = {}
-    if p.get("local_mgm"):
-        folder = need("local_mgm")
-        model, rep = convert.convert_mgm(folder)
-        tok_dir = folder
-        report["mgm"] = rep
-    else:
-        llm, vision, aux = need("local_llm"), need("local_vision"), need("local_vision_aux")
-        from transformers import AutoConfig, AutoModelForCausalLM
-
-        text_config = AutoConfig.from_pretrained(str(llm))
-        if text_config.model_type == "gemma":  # as MGM-2B ran it (AutoConfig rewrote "gelu" to tanh)
-            import json
-
-            text_config.hidden_act = convert.gemma_activation(json.loads((llm / "config.json").read_text()))
-        vision_model = CLIPVisionModel.from_pretrained(str(vision))
-        state = convert.read_state_dict(aux)
-        # OpenCLIP stores the timm trunk as visual.trunk.{stem,stages}.*; MGM renames them vision_{stem,stages}
-        timm = {"vision_" + k.split("visual.trunk.", 1)[1]: v for k, v in state.items()
-                if k.startswith(("visual.trunk.stem.", "visual.trunk.stages."))}
-        aux_config = convert.convnext_config_from_state(timm, "", int(p.get("local_image_size_aux") or 768))
-        if aux_config is None:
-            raise fail(f"{aux}: no OpenCLIP ConvNeXt trunk (visual.trunk.stem/stages.*) in this checkpoint")
-        config = presets.build_config("mgm-2b", text_config=text_config.to_dict(), vision_aux_config=aux_config,
-                                      vision_config=vision_model.config.to_dict(), image_size_aux=aux_config["image_size"])
-        model = convert.build_uninitialised(config)
-        model.vision_tower.load_state_dict(vision_model.state_dict())
-        missing, _ = model.language_model.load_state_dict(
-            AutoModelForCausalLM.from_pretrained(str(llm)).state_dict(), strict=False)
-        if [k for k in missing if k != "lm_head.weight"]:  # a tied head is saved once
-            raise fail(f"{llm}: LM weights miss {len(missing)} tensors, e.g. {missing[:3]}")
-        model.tie_weights()
-        missing, _ = model.vision_tower_aux.load_state_dict(
-            {convert.timm_convnext_key(k): v for k, v in timm.items()}, strict=False)
-        if missing:
-            raise fail(f"{aux}: ConvNeXt weights miss {len(missing)} tensors, e.g. {missing[:3]}")
-        for name in ("mm_projector", "vlm_uni_query_projector", "vlm_uni_aux_projector", "vlm_uni_val_projector"):
-            getattr(model, name).apply(model._init_weights)  # fresh: MGM's stage 1 trains them
-        tok_dir = llm
-    if p.get("local_mm_projector"):
-        report["mm_projector"] = convert.load_mgm_weights(
-            model, convert.read_state_dict(need("local_mm_projector")), partial=True)
-    model.config._attn_implementation = attn_implementation
-    processor = MgmProcessor.for_model(AutoTokenizer.from_pretrained(str(tok_dir)), model.config)
-    model.config.image_token_id = processor.image_token_id
-    model.generation_config.eos_token_id = processor.stop_token_ids
-    model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
-    metrics = {"params": param_counts(model),
-               "converted": {k: {"loaded": len(v["loaded"]), "missing": len(v["missing"]), "unused": len(v["unused"])}
-                             for k, v in report.items()}}
     return model, processor, metrics
