@@ -115,6 +115,9 @@ def test_output_is_in_the_seed_format_and_passes_the_importer(run):
     assert [r["id"] for r in llava] == [r["id"] for r in rows] and len({r["id"] for r in rows}) == len(rows)
     trace = read_jsonl(root / "enhanced" / "trace_sample.jsonl")
     assert trace and trace[0]["op"] == "fast_image_captioning_mapper" and 1 <= len(trace[0]["processed_texts"]) <= 3
+    # nothing names where the checkout lies: data/enhanced must hash the same in any clone
+    assert str(root) not in (root / "enhanced" / "trace_sample.jsonl").read_text()
+    assert all(im.startswith("images/") for r in trace for im in r.get("images", []))
 
 
 def test_no_package_was_installed_during_the_run(run):

@@ -202,7 +202,6 @@ def filter_rejects(trace_dir: Path | None) -> list[dict]:
 def normalise(rows: list[dict], image_root: Path) -> tuple[list[dict], list[dict]]:
     """Data-Juicer output rows -> seed-format rows with ids `<id>_<k>` and paths relative to `image_root`."""
     out, rejects, seen = [], [], Counter()
-    root = Path(os.path.abspath(image_root))
     for n, row in enumerate(rows, 1):
         sid = str(row["id"])
         k = seen[sid]
@@ -212,9 +211,13 @@ def normalise(rows: list[dict], image_root: Path) -> tuple[list[dict], list[dict
         except FormatError as e:
             rejects.append({"line": n, "id": f"{sid}_{k}", "reason": e.reason, "detail": e.detail})
             continue
-        image = Path(os.path.abspath(row["images"][0]))
-        out.append({"id": f"{sid}_{k}", "text": dj_text(caption), "images": [image.relative_to(root).as_posix()]})
+        out.append({"id": f"{sid}_{k}", "text": dj_text(caption), "images": [relative_image(row["images"][0], image_root)]})
     return out, rejects
+
+
+def relative_image(path: str, image_root: Path) -> str:
+    """Data-Juicer's absolute image path, relative to the seed folder: nothing written names the checkout's location."""
+    return Path(os.path.abspath(path)).relative_to(os.path.abspath(image_root)).as_posix()
 
 
 def mapper_trace(seed_rows: list[dict], rows: list[dict], n: int, op: str) -> list[dict]:
@@ -267,7 +270,7 @@ def synthesize(raw: Path, recipe: Path, out: Path, work: Path, seed: int, trace_
     rows, bad_rows = normalise(exported, raw)
     rejects += filter_rejects(result["trace_dir"]) + bad_rows
     captioner = captioner_op(recipe)
-    trace = mapper_trace(good, rows, trace_sample, captioner) + _filter_trace(result["trace_dir"], trace_sample)
+    trace = mapper_trace(good, rows, trace_sample, captioner) + _filter_trace(result["trace_dir"], trace_sample, raw)
     write_enhanced(out, raw, rows, rejects, trace, seed)
     mapper = counts.get(captioner, {"out": 0, "seconds": 0.0})
     return {
@@ -281,9 +284,12 @@ def synthesize(raw: Path, recipe: Path, out: Path, work: Path, seed: int, trace_
     }
 
 
-def _filter_trace(trace_dir: Path | None, n: int) -> list[dict]:
+def _filter_trace(trace_dir: Path | None, n: int, image_root: Path) -> list[dict]:
     out = []
     for path in sorted(trace_dir.glob("sample_trace-*.jsonl")) if trace_dir else []:
         op = path.stem.removeprefix("sample_trace-")
-        out += [{"op": op, **row} for row in io.read_jsonl(path)[:n]]
+        for row in io.read_jsonl(path)[:n]:
+            if row.get("images"):
+                row["images"] = [relative_image(im, image_root) for im in row["images"]]
+            out.append({"op": op, **row})
     return out
