@@ -3,6 +3,8 @@
     python stages/sweep.py queue --seeds 1,2     # dvc exp run --queue -S seed=1,2 ; dvc queue start
     dvc queue status                             # wait until every replicate is a success
     python stages/sweep.py report                # dvc exp show --json -> reports/sweep.md + plots/sweep.png
+    python stages/sweep.py queue_teacher --seeds 3,4   # side study: the teacher alone on more seeds
+    python stages/sweep.py queue_dose --sizes 300,1000  # side study: stage-1 caption sets of other sizes/noise
 
 Not a DVC stage: it reads the experiments DVC keeps (`dvc exp show` cannot run inside
 `dvc repro`). `report --exp_json FILE` reads a saved `dvc exp show --json` instead. The
@@ -28,10 +30,34 @@ from vlmlab.evaluate.items import HEADLINE  # noqa: E402
 
 def queue(seeds: str = "1,2", jobs: int = 1):
     """Queue one experiment per seed (a Hydra-style sweep of `seed`) and start the queue's workers."""
-    seeds = ",".join(str(s) for s in (seeds if isinstance(seeds, (list, tuple)) else str(seeds).split(",")))
+    seeds = ",".join(_split(seeds))
     subprocess.run(["dvc", "exp", "run", "--queue", "-S", f"seed={seeds}"], check=True)
     subprocess.run(["dvc", "queue", "start", "-j", str(jobs)], check=True)
     print(f"queued seeds {seeds}; `dvc queue status` until done, then `python stages/sweep.py report`")
+
+
+def queue_teacher(seeds: str = "3,4", jobs: int = 1):
+    """The teacher alone on more seeds (prepare + teacher only): is its quality robust to the seed?"""
+    for seed in _split(seeds):
+        subprocess.run(["dvc", "exp", "run", "--queue", "-n", f"{sweep.TEACHER_PREFIX}{seed}", "-S", f"seed={seed}",
+                        "teacher"], check=True)
+    subprocess.run(["dvc", "queue", "start", "-j", str(jobs)], check=True)
+
+
+def queue_dose(sizes: str = "300,1000", accurate: int = 4000, jobs: int = 1):
+    """Stage-1 caption sets of other sizes (world.raw_size) and one all accurate (world.noise_rate=0):
+    train@baseline and evaluate@baseline on each. Does stage-1 data move the eval metrics?"""
+    variants = [(f"{sweep.DOSE_PREFIX}{n}", [f"world.raw_size={n}"]) for n in _split(sizes)]
+    if accurate:
+        variants.append((f"{sweep.DOSE_PREFIX}{accurate}-accurate", [f"world.raw_size={accurate}", "world.noise_rate=0.0"]))
+    for name, sets in variants:
+        subprocess.run(["dvc", "exp", "run", "--queue", "-n", name, *[a for s in sets for a in ("-S", s)],
+                        "train@baseline", "evaluate@baseline"], check=True)
+    subprocess.run(["dvc", "queue", "start", "-j", str(jobs)], check=True)
+
+
+def _split(values) -> list[str]:
+    return [str(v) for v in (values if isinstance(values, (list, tuple)) else str(values).split(","))]
 
 
 def report(exp_json: str = "", report: str = "reports/sweep.md", plot: str = "plots/sweep.png",
@@ -50,10 +76,11 @@ def report(exp_json: str = "", report: str = "reports/sweep.md", plot: str = "pl
     metrics = list(HEADLINE)
     drawn = sweep.draw(plot, data, metrics)
     figure = os.path.relpath(plot, Path(report).parent) if drawn else None
-    io.write_text(report, sweep.render(data, metrics, figure))
+    side = sweep.render_side_studies(sweep.teacher_seeds(shown), sweep.dose(shown), metrics)
+    io.write_text(report, sweep.render(data, metrics, figure) + ("\n" + side if side else ""))
     seeds = [[r.seed for r in g] for g in sweep.groups(data)]
     print(f"sweep: {len(data.replicates)} replicates, seeds {seeds}, {len(data.skipped)} not used -> {report}")
 
 
 if __name__ == "__main__":
-    fire.Fire({"queue": queue, "report": report})
+    fire.Fire({"queue": queue, "queue_teacher": queue_teacher, "queue_dose": queue_dose, "report": report})

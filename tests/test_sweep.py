@@ -60,3 +60,42 @@ def test_a_real_queued_sweep_of_the_small_profile():
     assert {r["effect"] for r in effects} >= {"data", "strategy", "interaction"}
     assert "Seeds: 0, 1, 2 (3 replicates" in sweep.render(data, ["cider"])
     assert [r.name for r in sweep.read(shown, include_workspace=True).replicates][0] == "workspace"
+
+
+def _state(name, params, metrics):
+    return {"rev": name + "rev", "name": name, "data": {"params": {"params.yaml": {"data": params}},
+                                                        "metrics": {k: {"data": v} for k, v in metrics.items()}}}
+
+
+def _eval(cider, half):
+    return {"cider": cider, "cider_ci_low": cider - half, "cider_ci_high": cider + half}
+
+
+def test_side_studies_teacher_seeds_and_stage1_dose():
+    world, teacher = {"raw_size": 4000, "noise_rate": 0.35}, {"epochs": 12}
+
+    def params(seed=0, **w):
+        return {"seed": seed, "world": {**world, **w}, "teacher": teacher}
+
+    def tmetrics(cider):
+        return {"metrics/teacher.json": {"teacher_sampled": {"cider": cider, "bleu_4": 0.5}, "teacher_greedy": {"cider": 1.0}}}
+
+    commit = _state("main", params(), {**tmetrics(0.9), "metrics/eval/baseline.json": _eval(0.40, 0.05)})
+    exps = [_state("teacher-seed3", params(3), tmetrics(0.8)),
+            _state("teacher-seed4", params(4), tmetrics(0.6)),
+            _state("other-teacher", {**params(5), "teacher": {"epochs": 6}}, tmetrics(0.1)),  # another recipe: not a seed
+            _state("dose-300", params(raw_size=300), {"metrics/eval/baseline.json": _eval(0.20, 0.05)}),
+            _state("dose-1000", params(raw_size=1000), {"metrics/eval/baseline.json": _eval(0.30, 0.08)}),
+            _state("dose-4000-accurate", params(noise_rate=0.0), {"metrics/eval/baseline.json": _eval(0.60, 0.05)})]
+    commit["experiments"] = [{"revs": exps, "executor": None}]
+    shown = [commit]
+    rows = sweep.teacher_seeds(shown)
+    assert [(r["seed"], r["sampled_cider"]) for r in rows] == [(0, 0.9), (3, 0.8), (4, 0.6)]
+    doses = sweep.dose(shown)
+    assert [r["name"] for r in doses] == ["dose-300", "dose-1000", "main", "dose-4000-accurate"]
+    md = sweep.render_side_studies(rows, doses, ["cider"])
+    assert "worst 0.6000, best 0.9000, worst/best 0.667" in md
+    assert "| `dose-1000` | 1000 | 0.35 | 0.3000 [0.2200, 0.3800] ≈ |" in md       # overlaps dose-300's interval
+    assert "| `dose-4000-accurate` | 4000 | 0.0 | 0.6000 [0.5500, 0.6500] ↑ |" in md  # wholly above main's
+    # side studies are no replicates of the study, not even skipped ones
+    assert [x.split(":")[0] for x in sweep.read(shown).skipped] == ["main", "other-teacher"]

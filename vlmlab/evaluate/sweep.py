@@ -17,8 +17,11 @@ from dataclasses import dataclass, field
 from vlmlab import io
 
 COMPARE = "metrics/compare.json"
+TEACHER = "metrics/teacher.json"
 PARAMS = "params.yaml"
 MAIN_EFFECTS = ("data", "strategy", "interaction")   # plotted; the simple effects are in the table
+# experiments of the two side studies, by name (stages/sweep.py names them): not seed replicates
+TEACHER_PREFIX, DOSE_PREFIX = "teacher-seed", "dose-"
 
 
 @dataclass
@@ -47,22 +50,35 @@ def _states(shown: list[dict]):
                 yield exp, state
 
 
-def read(shown: list[dict], include_workspace: bool = False) -> Sweep:
-    """Replicates from the parsed `dvc exp show --json` output (a list of experiment states)."""
+def _name(state: dict) -> str:
+    rev = state.get("rev", "?")
+    return state.get("name") or (rev if rev == "workspace" else rev[:7])
+
+
+def _file(state: dict, kind: str, path: str) -> dict | None:
+    """A params or metrics file's content in one experiment state (None where DVC has none)."""
+    return (((state.get("data") or {}).get(kind) or {}).get(path) or {}).get("data")
+
+
+def _check(shown) -> None:
     if not isinstance(shown, list):
         raise io.fail("dvc exp show --json: expected a JSON list of experiment states (DVC 3)")
+
+
+def read(shown: list[dict], include_workspace: bool = False) -> Sweep:
+    """Replicates from the parsed `dvc exp show --json` output (a list of experiment states)."""
+    _check(shown)
     out = Sweep()
     for state, executor in _states(shown):
-        rev = state.get("rev", "?")
-        name = state.get("name") or (rev if rev == "workspace" else rev[:7])
+        name = _name(state)
         if state.get("rev") == "workspace" and not include_workspace:
             continue
+        if name.startswith((TEACHER_PREFIX, DOSE_PREFIX)):
+            continue  # a side study's experiment (teacher_seeds / dose below), not a replicate of the study
         if executor in ("queued", "running", "failed"):
             out.skipped.append(f"{name}: {executor}")
             continue
-        data = state.get("data") or {}
-        params = ((data.get("params") or {}).get(PARAMS) or {}).get("data")
-        metrics = ((data.get("metrics") or {}).get(COMPARE) or {}).get("data")
+        params, metrics = _file(state, "params", PARAMS), _file(state, "metrics", COMPARE)
         if state.get("error") or not params or not metrics:
             out.skipped.append(f"{name}: " + ("error" if state.get("error") else f"no {PARAMS if not params else COMPARE}"))
             continue
@@ -187,3 +203,87 @@ def draw(path, sweep: Sweep, metrics: list[str]) -> bool:
         fig.savefig(tmp, format="png", metadata={"Software": None})
     plt.close(fig)
     return bool(group)
+
+
+def _finished(shown: list[dict]):
+    """(name, params, state) of every finished state but the workspace."""
+    _check(shown)
+    for state, executor in _states(shown):
+        params = _file(state, "params", PARAMS)
+        if state.get("rev") != "workspace" and executor not in ("queued", "running", "failed") \
+                and not state.get("error") and params:
+            yield _name(state), params, state
+
+
+def teacher_seeds(shown: list[dict]) -> list[dict]:
+    """The teacher's held-out scores per seed: every finished state with metrics/teacher.json whose
+    world and teacher params equal the first one's (the committed study); one row per seed."""
+    rows, ref = {}, None
+    for name, params, state in _finished(shown):
+        metrics = _file(state, "metrics", TEACHER)
+        if not metrics or "teacher_sampled" not in metrics:
+            continue
+        key = (params.get("world"), params.get("teacher"))
+        ref = ref or key
+        if key == ref:
+            rows.setdefault(int(params["seed"]), {"seed": int(params["seed"]), "name": name,
+                                                  **{f"sampled_{k}": v for k, v in metrics["teacher_sampled"].items()},
+                                                  **{f"greedy_{k}": v for k, v in metrics.get("teacher_greedy", {}).items()}})
+    return [rows[s] for s in sorted(rows)]
+
+
+def dose(shown: list[dict], model: str = "baseline") -> list[dict]:
+    """Stage-1 data dose-response: `model`'s eval metrics (with intervals) for the committed study and
+    each `dose-*` experiment (another world.raw_size / world.noise_rate, same seed), fewest captions first."""
+    rows = []
+    for name, params, state in _finished(shown):
+        metrics = _file(state, "metrics", f"metrics/eval/{model}.json")
+        if metrics and (name.startswith(DOSE_PREFIX) or not rows):
+            world = params.get("world", {})
+            rows.append({"name": name, "captions": world.get("raw_size"), "noise_rate": world.get("noise_rate"),
+                         "metrics": metrics})
+    return sorted(rows, key=lambda r: (r["captions"], -r["noise_rate"]))
+
+
+def _ci(m: dict, metric: str) -> str:
+    return f"{_num(m[metric])} [{_num(m[metric + '_ci_low'])}, {_num(m[metric + '_ci_high'])}]" \
+        if f"{metric}_ci_low" in m else _num(m[metric])
+
+
+def _beyond(a: dict, b: dict, metric: str) -> str:
+    """How `b` stands against `a`: beyond a's interval (and a beyond b's) upward or downward, else within."""
+    if f"{metric}_ci_low" not in a or f"{metric}_ci_low" not in b:
+        return ""
+    if b[f"{metric}_ci_low"] > a[f"{metric}_ci_high"]:
+        return " ↑"
+    if b[f"{metric}_ci_high"] < a[f"{metric}_ci_low"]:
+        return " ↓"
+    return " ≈"
+
+
+def render_side_studies(teacher: list[dict], doses: list[dict], metrics: list[str], model: str = "baseline") -> str:
+    out = []
+    if teacher:
+        best, worst = max(r["sampled_cider"] for r in teacher), min(r["sampled_cider"] for r in teacher)
+        out += ["## Teacher over seeds", "",
+                f"The tiny BLIP-2 teacher's held-out CIDEr-D (200 images x 5 references) per `seed` (world and "
+                f"teacher params of the committed study): worst {_num(worst)}, best {_num(best)}, worst/best "
+                f"{worst / best:.3f}.", "",
+                "| seed | experiment | CIDEr-D sampled | BLEU-4 sampled | CIDEr-D greedy |", "|---|---|---|---|---|"]
+        out += [f"| {r['seed']} | `{r['name']}` | {_num(r['sampled_cider'])} | {_num(r['sampled_bleu_4'])} | "
+                f"{_num(r.get('greedy_cider', math.nan))} |" for r in teacher]
+        out += [""]
+    if doses:
+        out += ["## Stage-1 data dose-response", "",
+                f"`{model}` (stage 1 on the raw seed captions, stage 2 full) with another stage-1 caption set: "
+                "`world.raw_size` captions, `world.noise_rate` of them wrong or off-topic (0: all accurate). "
+                "Value [95% bootstrap interval]; ↑/↓: the interval lies wholly above/below the previous row's, "
+                "≈: they overlap.", "",
+                "| experiment | stage-1 captions | noise | " + " | ".join(metrics) + " |",
+                "|" + "---|" * (len(metrics) + 3)]
+        for i, r in enumerate(doses):
+            cells = [_ci(r["metrics"], m) + (_beyond(doses[i - 1]["metrics"], r["metrics"], m) if i else "")
+                     for m in metrics]
+            out.append(f"| `{r['name']}` | {r['captions']} | {r['noise_rate']} | " + " | ".join(cells) + " |")
+        out += [""]
+    return "\n".join(out)
