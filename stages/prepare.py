@@ -2,9 +2,11 @@
 
     python stages/prepare.py --out_raw data/raw --out_world data/world --metrics metrics/data/prepare.json
 
-data.source=world: everything is generated from the tiny world (params `world`, `seed`).
-data.source=path:  data/raw is imported from data.path (validated, rejects counted); the
-curated, instruction and eval sets in data/world still come from the tiny world.
+data.source=world: the tiny world (params `world`, `seed`) writes its seed set as the MGM challenge
+                   ships one (input/pretrain_stage_1_10k/ layout, in a temporary folder), which is
+                   then imported exactly as a real folder is: the default run exercises the importer.
+data.source=path:  data/raw is imported from data.path (validated, rejects counted).
+Either way the curated, instruction and eval sets in data/world come from the tiny world.
 """
 import sys
 from pathlib import Path
@@ -13,14 +15,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from vlmlab.determinism import pin; pin()  # noqa: E702  first: CPU kernels bit for bit on any x86 (vlmlab/determinism.py)
 
+import tempfile
 import time
 
 import fire
 
-from vlmlab.data.validate import REASONS, import_seed
+from vlmlab.data.validate import import_seed
 from vlmlab.io import atomic_path, fail, write_metrics
 from vlmlab.params import load as load_params
-from vlmlab.sim.world import build_world
+from vlmlab.sim.world import SEED_JSONL, SEED_PROMPTS, build_world
 
 
 def main(out_raw: str = "data/raw", out_world: str = "data/world", metrics: str = "metrics/data/prepare.json",
@@ -33,9 +36,14 @@ def main(out_raw: str = "data/raw", out_world: str = "data/world", metrics: str 
     # both folders appear together or not at all: nothing half-written survives a crash
     with atomic_path(out_raw) as raw_tmp, atomic_path(out_world) as world_tmp:
         if source == "world":
-            counts = build_world(raw_tmp, world_tmp, p)
-            n = counts.pop("raw")   # generated samples are valid by construction: zero rejects
-            raw = {"lines": n, "samples": n, "rejects": {**dict.fromkeys(REASONS, 0), "total": 0}}
+            # beside data/raw (same filesystem: the importer hard-links the images), gone afterwards
+            with tempfile.TemporaryDirectory(prefix=".seed.", dir=raw_tmp.parent) as seed:
+                counts = build_world(seed, world_tmp, p)
+                n = counts.pop("raw")
+                raw = import_seed(seed, SEED_JSONL, SEED_PROMPTS, raw_tmp, p["seed"])
+            if raw["samples"] != n or raw["prompts_restored"] != n:   # the simulator broke the seed format
+                raise fail(f"the tiny world wrote {n} seed samples, but the importer took {raw['samples']} "
+                           f"({raw['prompts_restored']} with their stage_1.json prompt; rejects: {raw['rejects']})")
         else:
             d = p["data"]
             raw = import_seed(d["path"], d["jsonl"], d["stage1_json"], raw_tmp, p["seed"])

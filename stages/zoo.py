@@ -3,7 +3,9 @@
     python stages/zoo.py --out models/zoo --metrics metrics/zoo.json --monitor plots/monitor/zoo
 
 zoo.source=tiny:  a word-level tokenizer, the LM, the ViT and the ConvNeXt are pretrained on
-                  tiny-world text and scene labels (vlmlab/sim/pretrain.py), then assembled.
+                  tiny-world text and scene labels (vlmlab/sim/pretrain.py), assembled, written as an
+                  official MGM checkpoint (sim/mgm_checkpoint.py, in a temporary folder) and converted
+                  from it exactly as zoo.local_mgm is: the default run exercises the converter.
 zoo.source=local: local checkpoints (an official MGM folder, or Gemma + CLIP + ConvNeXt) are
                   checked, converted and assembled; nothing is downloaded.
 """
@@ -14,6 +16,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from vlmlab.determinism import pin; pin()  # noqa: E702  first: CPU kernels bit for bit on any x86 (vlmlab/determinism.py)
 
+import tempfile
 import time
 
 import fire
@@ -25,6 +28,7 @@ from vlmlab.monitor import Monitor
 from vlmlab.params import load as load_params
 from vlmlab.seeding import seed_everything
 from vlmlab.sim import pretrain
+from vlmlab.sim.mgm_checkpoint import write_official_mgm
 
 SEED_OFFSET = 300  # the zoo's RNG streams, apart from other stages'
 
@@ -41,8 +45,12 @@ def main(out: str = "models/zoo", metrics: str = "metrics/zoo.json", monitor: st
         if z["source"] == "tiny":
             if m["preset"] != "tiny":
                 raise fail(f"zoo.source=tiny builds the tiny preset, but model.preset is {m['preset']!r}")
-            model, processor, result = pretrain.build_tiny(z, m["preset"], m["attn_implementation"], seed,
+            model, tokenizer, result = pretrain.build_tiny(z, m["preset"], m["attn_implementation"], seed,
                                                       high_res=p["world"]["image_size"])
+            with tempfile.TemporaryDirectory(prefix="vlmlab-zoo-mgm.") as ckpt:   # gone afterwards, crash or not
+                folder = write_official_mgm(model, tokenizer, ckpt)
+                model, processor, converted = local.build_local({"local_mgm": str(folder)}, m["attn_implementation"])
+            result.update(converted)   # the same parameter counts, and what the converter loaded
         elif z["source"] == "local":
             model, processor, result = local.build_local(z, m["attn_implementation"])
         else:

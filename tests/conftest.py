@@ -44,3 +44,15 @@ def write_bomb_png(path: Path, side: int = 20000) -> Path:
     path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0))
                      + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
     return path
+
+
+def simulate_raw(root: Path, params: dict) -> dict:
+    """The tiny world's sets under `root` as `prepare` makes them: the seed folder in the challenge's
+    layout (root/seed), imported into root/raw by the real importer; the world-only sets in root/world.
+    Returns the world's counts."""
+    from vlmlab.data.validate import import_seed
+    from vlmlab.sim.world import SEED_JSONL, SEED_PROMPTS, build_world
+
+    counts = build_world(root / "seed", root / "world", params)
+    import_seed(root / "seed", SEED_JSONL, SEED_PROMPTS, root / "raw", params["seed"], workers=1)
+    return counts

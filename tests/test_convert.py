@@ -168,3 +168,61 @@ def test_convert_mgm_folder_reads_shapes_off_the_weights(tmp_path):
         assert torch.equal(v, converted.state_dict()[k]), k
     with pytest.raises(StageError, match="no such MGM folder"):
         convert.convert_mgm(tmp_path / "absent")
+
+
+def _same_saved_folder(a, b, tmp_path) -> dict[str, bool]:
+    """{file: bytes equal} of two (model, processor) pairs saved with save_pretrained."""
+    out = {}
+    for name, (model, processor) in (("a", a), ("b", b)):
+        model.save_pretrained(tmp_path / name)
+        processor.save_pretrained(tmp_path / name)
+    for f in sorted((tmp_path / "a").iterdir()):
+        out[f.name] = (tmp_path / "b" / f.name).is_file() and f.read_bytes() == (tmp_path / "b" / f.name).read_bytes()
+    return out
+
+
+def test_the_sims_official_mgm_folder_converts_back_to_the_same_bytes(tmp_path, fixtures_dir):
+    """What `zoo` does on every default run: the tiny MGM written in MGM's checkpoint layout
+    (sim.mgm_checkpoint), then converted as zoo.local_mgm converts MGM-2B, saves the very folder
+    the model and its processor save directly."""
+    import copy
+
+    from vlmlab.models import local
+    from vlmlab.sim.mgm_checkpoint import CLIP_FOLDER, MGM_FOLDER, OPENCLIP_FOLDER, write_official_mgm
+
+    lm_tokenizer = train_world_tokenizer(["a red circle .", "what does the sign say ?"])
+    torch.manual_seed(0)
+    model, processor = presets.build("tiny", copy.deepcopy(lm_tokenizer))
+    folder = write_official_mgm(model, lm_tokenizer, tmp_path / "ckpt")
+    assert folder == (tmp_path / "ckpt" / MGM_FOLDER).resolve()
+    config = json.loads((folder / "config.json").read_text())
+    real = json.loads((fixtures_dir / "better_synth" / "mgm_2b_pretrain_config.json").read_text())
+    assert set(config) == set(real) - {"_name_or_path"}   # MGM-2B's keys, no more, no fewer
+    assert config["model_type"] == "mgm_gemma" and config["hidden_act"] == "gelu"
+    assert config["mm_vision_tower"] == str(tmp_path.resolve() / "ckpt" / CLIP_FOLDER)
+    assert config["mm_hidden_size_aux"] == sum(model.config.vision_aux_config.hidden_sizes)
+    keys = set(convert.read_state_dict(folder))
+    assert all(k.startswith("model.") for k in keys) and "model.mm_projector.0.weight" in keys
+    assert "<image>" not in json.loads((folder / "tokenizer.json").read_text())["model"]["vocab"]
+    trunk = convert.read_state_dict(tmp_path / "ckpt" / OPENCLIP_FOLDER)   # OpenCLIP's names, as local_vision_aux reads
+    assert all(k.startswith(("visual.trunk.stem.", "visual.trunk.stages.")) for k in trunk)
+
+    converted, conv_processor, metrics = local.build_local({"local_mgm": str(folder)}, "sdpa")
+    assert metrics["converted"] == {"mgm": {"loaded": len(keys), "missing": 0, "unused": 0}}
+    assert converted.config.vision_config.num_attention_heads == 2   # from the tower folder: no weight holds it
+    same = _same_saved_folder((model, processor), (converted, conv_processor), tmp_path / "saved")
+    assert all(same.values()) and "model.safetensors" in same, same
+
+
+def test_tower_config_comes_from_the_folder_mgm_names_when_it_is_here(tmp_path):
+    """As MGM's CLIPVisionTower: the CLIP config from mm_vision_tower (absolute, or relative to the MGM
+    folder); a name from another machine falls back to shapes read off the weights (64-dim heads)."""
+    from transformers import CLIPVisionConfig
+
+    CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=2,
+                     image_size=32, patch_size=8).save_pretrained(tmp_path / "mgm" / "towers" / "clip")
+    assert convert.clip_config_from_folder("towers/clip", tmp_path / "mgm")["num_attention_heads"] == 2
+    assert convert.clip_config_from_folder(str(tmp_path / "mgm/towers/clip"))["num_attention_heads"] == 2
+    assert "architectures" not in convert.clip_config_from_folder("towers/clip", tmp_path / "mgm")
+    assert convert.clip_config_from_folder("/elsewhere/openai/clip-vit-large-patch14-336", tmp_path) is None
+    assert convert.clip_config_from_folder("", tmp_path) is None

@@ -133,15 +133,33 @@ def test_prepare_stage_fails_cleanly_and_leaves_nothing(tmp_path):
     assert not out.exists() or not any(out.iterdir())
 
 
-def test_importing_a_generated_world_set_gives_back_the_same_bytes(tmp_path):
-    from vlmlab.sim.world import build_world
+def test_importing_the_worlds_challenge_layout_folder_keeps_its_bytes(tmp_path):
+    """The simulator's seed folder is the challenge's: the importer takes every sample, restores every
+    prompt from its stage_1.json, and writes back the very bytes the folder holds."""
+    from vlmlab.sim.world import SEED_JSONL, SEED_PROMPTS, build_world
     params = {"seed": 1, "world": {"raw_size": 12, "curated_size": 2, "instruct_size": 2, "eval_textvqa": 2,
                                    "eval_caption": 2, "eval_mmbench": 2, "workers": 1}}
-    build_world(tmp_path / "raw", tmp_path / "world", params)
-    counts = import_seed(tmp_path / "raw", "dj.jsonl", "llava.json", tmp_path / "again", seed=0, workers=1)
-    assert counts["samples"] == 12 and counts["prompts_restored"] == 12
-    for name in ("dj.jsonl", "llava.json", "rejects.jsonl", "images/00000/000000011.jpg"):
-        assert (tmp_path / "again" / name).read_bytes() == (tmp_path / "raw" / name).read_bytes(), name
+    seed = tmp_path / "pretrain_stage_1_10k"
+    build_world(seed, tmp_path / "world", params)
+    assert sorted(p.name for p in seed.iterdir()) == sorted(["images", SEED_JSONL, SEED_PROMPTS])
+    counts = import_seed(seed, SEED_JSONL, SEED_PROMPTS, tmp_path / "raw", seed=0, workers=1)
+    assert counts["samples"] == 12 and counts["prompts_restored"] == 12 and counts["rejects"]["total"] == 0
+    raw = tmp_path / "raw"
+    assert (raw / "dj.jsonl").read_bytes() == (seed / SEED_JSONL).read_bytes()
+    assert (raw / "llava.json").read_bytes() == (seed / SEED_PROMPTS).read_bytes()
+    assert (raw / "rejects.jsonl").read_bytes() == b""
+    assert (raw / "images/00000/000000011.jpg").read_bytes() == (seed / "images/00000/000000011.jpg").read_bytes()
+
+
+def test_prepare_stage_runs_the_world_through_the_importer(tmp_path):
+    """data.source=world: the stage writes the challenge layout and imports it (the importer's counts
+    are in the metrics), and the temporary seed folder is gone."""
+    proc, out = run_prepare(tmp_path, {"source": "world"})
+    assert proc.returncode == 0, proc.stderr
+    raw = json.loads((out / "prepare.json").read_text())["raw"]
+    assert raw["samples"] == raw["lines"] == raw["prompts_restored"] == 8 and raw["rejects"]["total"] == 0
+    assert sorted(p.name for p in out.iterdir()) == ["prepare.json", "raw", "world"]
+    assert sorted(p.name for p in (out / "raw").iterdir()) == ["dj.jsonl", "images", "llava.json", "rejects.jsonl"]
 
 
 def test_rows_sharing_an_image_import_once(tmp_path, monkeypatch):
@@ -159,8 +177,8 @@ def test_rows_sharing_an_image_import_once(tmp_path, monkeypatch):
                   "images": [f"images/{name}.jpg"]} for k in range(3)]
     (src / "set.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     calls = []
-    real = validate._link_or_copy
-    monkeypatch.setattr(validate, "_link_or_copy", lambda s, d: (calls.append(d.relative_to(tmp_path / "out").as_posix()),
+    real = validate.link_or_copy
+    monkeypatch.setattr(validate, "link_or_copy", lambda s, d: (calls.append(d.relative_to(tmp_path / "out").as_posix()),
                                                                   real(s, d)))
     counts = import_seed(src, "set.jsonl", "", tmp_path / "out", seed=0, workers=1)
     assert counts["samples"] == 6 and counts["rejects"]["total"] == 0

@@ -15,7 +15,7 @@ from vlmlab.sim import teacher as T
 from vlmlab.synth import captioner as C
 from vlmlab.synth.run import InstallBlocked, allow_custom_op_reload, no_runtime_installs, synthesize
 from vlmlab.sim.text import world_words
-from vlmlab.sim.world import build_world
+from conftest import simulate_raw
 
 N_RAW = 48
 TINY = dict(image_size=32, patch_size=8, vision_hidden=32, vision_layers=1, qformer_hidden=32, qformer_layers=1,
@@ -29,7 +29,7 @@ def setup(tmp_path_factory):
     params = yaml.safe_load(Path("params.yaml").read_text())
     params["world"].update(raw_size=N_RAW, curated_size=96, instruct_size=1, eval_textvqa=1, eval_caption=2,
                            eval_mmbench=1, workers=1)
-    build_world(root / "raw", root / "world", params)
+    simulate_raw(root, params)
     rows = read_jsonl(root / "raw" / "dj.jsonl")
     truncated = root / "raw" / rows[5]["images"][0]
     truncated.write_bytes(truncated.read_bytes()[: truncated.stat().st_size // 2])

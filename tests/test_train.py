@@ -22,12 +22,12 @@ from vlmlab.train.recipe import StageConfig, TrainConfig
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> Path:
     """Tiny-world raw captions + instruction set, as `prepare` writes them."""
-    from vlmlab.sim.world import build_world
+    from conftest import simulate_raw
 
     root = tmp_path_factory.mktemp("world")
     params = {"seed": 3, "world": {"raw_size": 64, "curated_size": 1, "instruct_size": 32, "eval_textvqa": 1,
                                    "eval_caption": 8, "eval_mmbench": 1, "workers": 1}}
-    build_world(root / "raw", root / "world", params)
+    simulate_raw(root, params)
     return root
 
 

@@ -9,7 +9,8 @@ import pytest
 from PIL import Image
 
 from vlmlab.sim import text, vocab
-from vlmlab.sim.world import build_world, world_text_corpus
+from conftest import simulate_raw
+from vlmlab.sim.world import SEED_JSONL, SEED_PROMPTS, build_world, world_text_corpus
 from vlmlab.sim.labels import NUM_CLASSES, labelled_images, scene_labels
 from vlmlab.sim.scene import SIGN_BAND, render, sample_scene
 
@@ -26,7 +27,7 @@ def tree_hashes(root: Path) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     out = tmp_path_factory.mktemp("w")
-    counts = build_world(out / "raw", out / "world", TINY)
+    counts = simulate_raw(out, TINY)
     return out, counts
 
 
@@ -56,11 +57,11 @@ def test_every_world_word_is_in_the_corpus_vocabulary(world):
 
 def test_same_params_give_identical_bytes_whatever_the_worker_count(world, tmp_path):
     out, _ = world
-    build_world(tmp_path / "raw", tmp_path / "world", {**TINY, "world": {**TINY["world"], "workers": 1}})
+    simulate_raw(tmp_path, {**TINY, "world": {**TINY["world"], "workers": 1}})
     assert tree_hashes(tmp_path) == tree_hashes(out)
     other = tmp_path / "seed4"
-    build_world(other / "raw", other / "world", {**TINY, "seed": 4})
-    assert (other / "raw/dj.jsonl").read_bytes() != (out / "raw/dj.jsonl").read_bytes()
+    build_world(other / "seed", other / "world", {**TINY, "seed": 4})
+    assert (other / "seed" / SEED_JSONL).read_bytes() != (out / "raw/dj.jsonl").read_bytes()
 
 
 def test_layout_counts_and_formats(world):
@@ -83,6 +84,26 @@ def test_layout_counts_and_formats(world):
     assert all(len(line.split("\t")) == 10 for line in tsv)
     caps = [json.loads(line) for line in open(out / "world/eval/captions.jsonl")]
     assert all(len(set(c["captions"])) >= 2 and len(c["captions"]) == 5 for c in caps)
+
+
+def test_seed_folder_is_laid_out_as_the_challenges(world, fixtures_dir):
+    """The simulator's seed folder against the real one (fixtures: a head of the challenge's jsonl and
+    stage_1.json): same file names, same keys in the same order, same text framing, stage_1.json
+    written as upstream writes it, and the jsonl and stage_1.json agree id by id."""
+    out, _ = world
+    real = fixtures_dir / "better_synth"
+    assert SEED_JSONL == "mgm_pretrain_stage_1_10k.jsonl" and SEED_PROMPTS == "stage_1.json"
+    rows = [json.loads(line) for line in open(out / "seed" / SEED_JSONL)]
+    real_row = json.loads(open(real / "mgm_pretrain_stage_1_10k.head300.jsonl").readline())
+    assert all(list(r) == list(real_row) for r in rows)
+    stage1_text = (out / "seed" / SEED_PROMPTS).read_text()
+    stage1, real_stage1 = json.loads(stage1_text), json.loads((real / "stage_1.subset.json").read_text())
+    assert all(list(r) == list(real_stage1[0]) for r in stage1)
+    assert stage1_text.startswith("[\n  {\n    \"id\": ") and not stage1_text.endswith("\n")
+    assert [(r["id"], r["image"]) for r in stage1] == [(r["id"], r["images"][0]) for r in rows]
+    for r, rec in zip(rows, stage1):
+        assert r["text"] == f"<__dj__image>\n{rec['conversations'][1]['value']} <|__dj__eoc|>"
+        assert (out / "seed" / r["images"][0]).is_file()
 
 
 def test_eval_images_are_held_out(world):

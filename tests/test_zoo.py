@@ -81,6 +81,10 @@ def test_zoo_stage_end_to_end(tmp_path):
                          capture_output=True, text=True, cwd=REPO)
     assert run.returncode == 0, run.stderr[-2000:]
     assert (tmp_path / "mon/zoo.csv").is_file() and metrics.is_file()
+    # the tiny parts went through the official MGM layout and the converter (zoo.local_mgm's path)
+    result = json.loads(metrics.read_text())
+    assert result["converted"]["mgm"]["missing"] == result["converted"]["mgm"]["unused"] == 0
+    assert result["converted"]["mgm"]["loaded"] > 100 and result["lm"]["heldout_ppl"] > 0
     model = AutoModelForImageTextToText.from_pretrained(out)
     processor = MgmProcessor.from_pretrained(out)
     assert model.config.image_token_id == processor.image_token_id

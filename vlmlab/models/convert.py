@@ -173,6 +173,22 @@ def convnext_config_from_state(state: dict[str, torch.Tensor], prefix: str = "",
             "layer_scale_init_value": 1e-6}
 
 
+def clip_config_from_folder(name: str, base: Path | None = None) -> dict | None:
+    """The CLIP tower's config from the folder `mm_vision_tower` names, as MGM's CLIPVisionTower builds
+    the tower from it (a relative name is taken from `base`, the MGM folder). None when no such folder
+    is on this disk: the name is then only a name from the machine that trained the checkpoint."""
+    path = Path(name)
+    if not path.is_absolute() and base is not None:
+        path = base / path
+    if not name or not (path / "config.json").is_file():
+        return None
+    from transformers import CLIPVisionConfig
+
+    config = CLIPVisionConfig.from_pretrained(str(path)).to_dict()
+    # the tower's architecture only: not the folder's own class, dtype or writer
+    return {k: v for k, v in config.items() if k not in ("architectures", "dtype", "torch_dtype", "transformers_version")}
+
+
 def gemma_activation(config: dict) -> str:
     """The activation a Gemma config.json ran with on transformers 4.38 (MGM-2B's): its GemmaMLP read
     `hidden_act` ("gelu": the exact erf GELU) and ignored `hidden_activation`. Transformers 5 rewrites
@@ -184,15 +200,18 @@ def gemma_activation(config: dict) -> str:
 def config_from_mgm(mgm_config: dict | str | Path, state: dict[str, torch.Tensor] | None = None) -> MgmConfig:
     """An MgmConfig from MGM's own config.json (model_type `mgm_gemma`/`mgm_llama`/...).
 
-    The tower paths inside it (`mm_vision_tower`, `mm_vision_tower_aux`) are opaque names from
-    another machine. Tower shapes come from `state` (the checkpoint's own weights) when given,
-    else from the tower model names (CLIP ViT-L/14 at 336 px, OpenCLIP ConvNeXt large/base/xxlarge).
+    The CLIP tower's config comes from the folder `mm_vision_tower` names when it is on this disk
+    (absolute, or relative to the MGM folder), as MGM builds it; its head count is in no weight.
+    Otherwise the tower paths are opaque names from another machine: tower shapes come from `state`
+    (the checkpoint's own weights) when given, else from the tower model names (CLIP ViT-L/14 at
+    336 px, OpenCLIP ConvNeXt large/base/xxlarge).
     """
+    base = None
     if not isinstance(mgm_config, dict):
         p = Path(mgm_config)
         if not p.is_file():
             raise fail(f"{p}: no MGM config.json here")
-        mgm_config = json.loads(p.read_text(encoding="utf-8"))
+        mgm_config, base = json.loads(p.read_text(encoding="utf-8")), p.parent
     c = dict(mgm_config)
     mt = str(c.get("model_type", ""))
     if not mt.startswith("mgm_"):
@@ -217,6 +236,7 @@ def config_from_mgm(mgm_config: dict | str | Path, state: dict[str, torch.Tensor
     if state is not None:
         vision = clip_config_from_state(state, "model." + CLIP_PREFIX) or vision
         aux = convnext_config_from_state(state, "model.vision_tower_aux.", aux_size) or aux
+    vision = clip_config_from_folder(tower, base) or vision
     expected_aux = c.get("mm_hidden_size_aux")
     if expected_aux is not None and sum(aux["hidden_sizes"]) != int(expected_aux):
         raise fail(f"mm_hidden_size_aux {expected_aux} does not match ConvNeXt stages {aux['hidden_sizes']}")

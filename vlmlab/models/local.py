@@ -75,8 +75,13 @@ def build_local(p: dict, attn_implementation: str):
         report["mm_projector"] = convert.load_mgm_weights(
             model, convert.read_state_dict(need("local_mm_projector")), partial=True)
     model.config._attn_implementation = attn_implementation
-    processor = MgmProcessor.for_model(AutoTokenizer.from_pretrained(str(tok_dir)), model.config)
+    tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
+    for how_found in ("is_local", "local_files_only"):   # transformers 5 would save how it found the files
+        tokenizer.init_kwargs.pop(how_found, None)
+    processor = MgmProcessor.for_model(tokenizer, model.config)
     model.config.image_token_id = processor.image_token_id
+    # the LM stops at the chat template's end of turn too, as presets.build sets a fresh model's
+    model.config.text_config.eos_token_id = processor.stop_token_ids
     model.generation_config.eos_token_id = processor.stop_token_ids
     model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
     metrics = {"params": param_counts(model),

@@ -11,6 +11,7 @@ the select layer; ConvNeXt: every stage), so what it learns is what the MGM uses
 """
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 
@@ -223,12 +224,15 @@ def assemble(config: MgmConfig, lm: nn.Module, vit: nn.Module, convnext: nn.Modu
 
 # -- the two recipes the zoo stage runs ------------------------------------------------------
 def build_tiny(p: dict, preset: str, attn_implementation: str, seed: int, high_res: int | None = None):
-    """Tiny world: tokenizer, LM, ViT, ConvNeXt pretrained here. Returns (model, processor, metrics).
+    """Tiny world: tokenizer, LM, ViT, ConvNeXt pretrained here. Returns (model, the LM's tokenizer as
+    trained, without the <image> the processor adds, metrics): what an MGM checkpoint holds
+    (sim.mgm_checkpoint writes it, models.convert reads it).
 
     high_res: the world's stored image side (world.image_size), which the ConvNeXt sees."""
     texts = world.world_text_corpus(int(p["lm_texts"]), seed)
     heldout = world.world_text_corpus(int(p["lm_heldout_texts"]), seed + 1)
     tokenizer = train_world_tokenizer(texts, text.world_words())
+    lm_tokenizer = copy.deepcopy(tokenizer)   # MgmProcessor adds <image> to the one it is given
     spec = presets.PRESETS[preset]
     high_res = int(high_res or spec["image_size_aux"])
     n_tokens = (spec["vision_config"]["image_size"] // spec["vision_config"]["patch_size"]) ** 2
@@ -269,4 +273,4 @@ def build_tiny(p: dict, preset: str, attn_implementation: str, seed: int, high_r
     model = assemble(config, lm, vit, cnx)
     metrics = {"tokenizer": {"vocab_size": config.text_config.vocab_size}, "lm": lm_metrics, "vit": vit_metrics,
                "convnext": cnx_metrics, "params": param_counts(model)}
-    return model, processor, metrics
+    return model, lm_tokenizer, metrics

@@ -4,6 +4,10 @@ Every item's randomness comes from its own Generator seeded with (seed, split, i
 output does not depend on worker scheduling, and held-out eval splits are separate streams:
 no eval scene is drawn from a training split's stream. JPEG bytes are fixed by the encoder
 settings below and the pinned Pillow.
+
+The seed set is written as the MGM challenge ships it (`input/pretrain_stage_1_10k/`: the Data-Juicer
+jsonl, its images, `stage_1.json` with the human prompts by id), never as `data/raw`: the `prepare`
+stage imports it with the same importer as a real folder (`data.validate.import_seed`).
 """
 from __future__ import annotations
 
@@ -21,6 +25,11 @@ from vlmlab.io import write_jsonl
 from vlmlab.sim import text
 from vlmlab.sim.scene import render, sample_scene
 from vlmlab.sim.streams import CORPUS_STREAM, item_id, item_index, item_rng, split_rng
+
+# the challenge's file names inside input/pretrain_stage_1_10k/ (params data.jsonl / data.stage1_json
+# name them for a real folder)
+SEED_JSONL = "mgm_pretrain_stage_1_10k.jsonl"
+SEED_PROMPTS = "stage_1.json"
 
 @dataclass(frozen=True)
 class WorldConfig:
@@ -83,7 +92,8 @@ def _save_image(root: Path, sample_id: str, data: bytes) -> str:
     return rel
 
 
-def _caption_set(out: Path, split: str, cfg: WorldConfig, n: int, pool) -> int:
+def _caption_set(out: Path, split: str, cfg: WorldConfig, n: int, pool, dj_name: str = "dj.jsonl",
+                 llava_name: str = "llava.json") -> int:
     """A DJ jsonl + LLaVA json caption set (raw alt-text or curated dense captions)."""
     out.mkdir(parents=True, exist_ok=True)   # a set of size 0 is still a (empty) set
     rows, records = [], []
@@ -92,23 +102,22 @@ def _caption_set(out: Path, split: str, cfg: WorldConfig, n: int, pool) -> int:
         rows.append({"id": sid, "text": dj_text(t["caption"]), "images": [rel]})
         records.append({"id": sid, "conversations": [{"from": "human", "value": f"<image>\n{t['prompt']}"},
                                                      {"from": "gpt", "value": t["caption"]}], "image": rel})
-    write_jsonl(out / "dj.jsonl", rows)
-    write_llava(out / "llava.json", records)
+    write_jsonl(out / dj_name, rows)
+    write_llava(out / llava_name, records)
     return len(rows)
 
 
-def build_world(out_raw: str | Path | None, out_world: str | Path, params: dict) -> dict[str, int]:
-    """Write the raw seed set to `out_raw` (skipped if None: real data import) and the
-    world-only sets (curated, instruct, eval) to `out_world`. Returns sample counts."""
+def build_world(out_seed: str | Path | None, out_world: str | Path, params: dict) -> dict[str, int]:
+    """Write the raw seed set to `out_seed` in the challenge's layout (SEED_JSONL, SEED_PROMPTS,
+    images/; skipped if None: a real seed folder is imported instead) and the world-only sets
+    (curated, instruct, eval) to `out_world`. Returns sample counts."""
     cfg = WorldConfig.from_params(params)
     out_world = Path(out_world)
     counts = {}
     ctx = mp.get_context("fork")
     with (ctx.Pool(cfg.workers) if cfg.workers > 1 else contextlib.nullcontext()) as pool:   # None: in-process
-        if out_raw is not None:
-            out_raw = Path(out_raw)
-            counts["raw"] = _caption_set(out_raw, "raw", cfg, cfg.raw_size, pool)
-            write_jsonl(out_raw / "rejects.jsonl", [])   # generated data has none: an empty file
+        if out_seed is not None:
+            counts["raw"] = _caption_set(Path(out_seed), "raw", cfg, cfg.raw_size, pool, SEED_JSONL, SEED_PROMPTS)
         counts["curated"] = _caption_set(out_world / "curated", "curated", cfg, cfg.curated_size, pool)
 
         inst, ev = out_world / "instruct", out_world / "eval"
