@@ -8,9 +8,10 @@ early, so every path decodes its full 128 steps, as the stock op's worst case; `
 - `stock`: Data-Juicer 1.6.1's `image_captioning_mapper` (`process_batched` on `images` samples): one
   `model.generate(max_new_tokens=128, do_sample=True)` per candidate per sub-batch of `gpu_batch_size` images;
 - `fast`: our `fast_image_captioning_mapper` (vlmlab/synth/ops/, loaded through Data-Juicer's
-  custom-operator mechanism), same arguments: one static-cache decode per sub-batch, attention over the
-  filled cache slots only; `fast_compiled`: the same op with compile=true (masked attention over the
-  whole static cache, every step one CUDA graph);
+  custom-operator mechanism), same arguments: one static-cache decode per sub-batch, the Triton decode
+  attention over the filled cache slots and one CUDA graph replay per step (`mode` says what ran);
+  `fast_eager`: the same op with compile=false (eager steps, SDPA over the filled slots: the previous
+  default); `fast_compiled`: compile=true (masked attention over the whole static cache, torch.compile);
 - `generate`: plain transformers `generate(num_return_sequences=3, max_new_tokens=128, do_sample=True)` on
   sub-batches of `gpu_batch_size` images (processor on the main thread): what batching alone gives.
 GPU: a randomly initialised model with blip2-opt-2.7b's shapes (ViT-g 39 layers, Q-Former 12, OPT-2.7b,
@@ -18,6 +19,10 @@ GPU: a randomly initialised model with blip2-opt-2.7b's shapes (ViT-g 39 layers,
 `Salesforce/blip2-opt-2.7b` (AutoProcessor + config.architectures[0]). Images are JPEG files on disk.
 Each measurement is timed after a warm-up call of the same shapes (compilation and CUDA graph capture
 are in the warm-up); `peak_gib` is torch's peak allocated memory during the timed call.
+`--checks` adds two GPU checks: the decode-attention kernel against float32 attention and its time next to
+SDPA's backends on one 2.7b layer's shapes (`attention`), and greedy (top_k=1) captions of the graph path
+against the eager SDPA path on the same images (`greedy_agreement`: bf16 kernels round differently, so
+near-ties may flip a token; a broken step would disagree from the first token on).
 """
 from __future__ import annotations
 
@@ -30,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/...` from a plain checkout
@@ -170,14 +176,43 @@ def through_op(name: str, folder: Path, paths: list[str], bs: int, caption_num: 
     row = {"seconds": seconds, "captions": len(out["text"]), "peak_gib": peak, "dtype": str(model.dtype)}
     if name == FAST:
         captioner = next(iter(sys.modules[type(op).__module__]._CAPTIONERS.values()))
-        row.update(steps=captioner.last_steps, compiled=captioner.compiled)
+        row.update(steps=captioner.last_steps, mode=captioner.mode, attention_config=captioner.attention_config)
+    return row
+
+
+def load_image(path: str) -> Image.Image:
+    return Image.open(path).convert("RGB")  # as Data-Juicer's load_image, without importing Data-Juicer
+
+
+def through_direct(folder: Path, paths: list[str], bs: int, caption_num: int, compile_) -> dict:
+    """Our FastCaptioner without Data-Juicer (processor on the main thread, as the `generate` row):
+    the fallback where Data-Juicer cannot be imported."""
+    import transformers
+    from transformers import AutoConfig, AutoProcessor
+
+    from vlmlab.synth.fast_captioner import FastCaptioner
+
+    processor = AutoProcessor.from_pretrained(folder)
+    arch = AutoConfig.from_pretrained(folder).architectures[0]
+    model = getattr(transformers, arch).from_pretrained(folder, device_map="cuda").eval()
+    model.config.image_token_index = 50265
+    captioner = FastCaptioner(model, processor, caption_num, 128, compile=compile_)
+
+    def run(chunk):
+        return captioner.captions(processor(images=[load_image(p) for p in chunk], return_tensors="pt"))
+
+    run(paths[:bs])
+    torch.manual_seed(0)
+    out, seconds, peak = timed(lambda: [c for i in range(0, len(paths), bs) for c in run(paths[i:i + bs])])
+    row = {"seconds": seconds, "captions": sum(len(c) for c in out), "peak_gib": peak, "dtype": str(model.dtype),
+           "steps": captioner.last_steps, "mode": captioner.mode, "attention_config": captioner.attention_config}
+    del captioner, model
     return row
 
 
 def through_generate(folder: Path, paths: list[str], bs: int, caption_num: int) -> dict:
     """Plain transformers: processor + generate(num_return_sequences=caption_num) per sub-batch of bs images."""
     import transformers
-    from data_juicer.utils.mm_utils import load_image
     from transformers import AutoConfig, AutoProcessor
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -217,12 +252,93 @@ def profile_fast(folder: Path, paths: list[str], bs: int, caption_num: int, out:
     print(table)
 
 
+def attention_check(rows: int = 1536, heads: int = 32, slots: int = 161, filled: int = 97, prompt: int = 33,
+                    group: int = 3) -> dict:
+    """The Triton decode attention vs float32 attention (max error) and vs SDPA's backends (ms per call)
+    on one OPT-2.7b layer's decode shapes: `rows` rows, `filled` of `slots` cache slots."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from vlmlab.synth import decode_attention as DA
+
+    torch.manual_seed(0)
+    d, dev = 80, "cuda"
+    q = torch.randn(rows, 1, heads, d, device=dev, dtype=torch.bfloat16).transpose(1, 2)
+    k, v = (torch.randn(rows, heads, slots, d, device=dev, dtype=torch.bfloat16) for _ in range(2))
+    base = torch.arange(rows, device=dev) // group * group
+    k[:, :, :prompt], v[:, :, :prompt] = k[base, :, :prompt], v[base, :, :prompt]  # candidates share the prompt
+    length, scale = torch.tensor(filled, device=dev), d ** -0.5
+
+    def ms(fn, repeats=20):
+        fn()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(repeats):
+            fn()
+        end.record()
+        end.synchronize()
+        return round(start.elapsed_time(end) / repeats, 4)
+
+    ref = DA.reference(q, k, v, filled, scale)
+    out = {"shape": dict(rows=rows, heads=heads, slots=slots, filled=filled, prompt=prompt, group=group, head_dim=d)}
+    for config in DA.CONFIGS:
+        got = DA.decode_attention(q, k, v, length, scale, group, prompt, config)
+        out[f"triton_{config[0]}x{config[1]}"] = {
+            "ms": ms(lambda: DA.decode_attention(q, k, v, length, scale, group, prompt, config)),
+            "max_abs_err": float((got.float() - ref.float()).abs().max())}
+    out["triton_unshared_64x4_ms"] = ms(lambda: DA.decode_attention(q, k, v, length, scale, 1, 0, (64, 4)))
+    for name, backend in (("sdpa_default", None), ("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION),
+                          ("sdpa_flash", SDPBackend.FLASH_ATTENTION), ("sdpa_efficient", SDPBackend.EFFICIENT_ATTENTION)):
+        def call():
+            return F.scaled_dot_product_attention(q, k[:, :, :filled], v[:, :, :filled], scale=scale)
+        try:
+            if backend is None:
+                out[name + "_ms"] = ms(call)
+            else:
+                with sdpa_kernel(backend):
+                    out[name + "_ms"] = ms(call)
+        except Exception as e:  # noqa: BLE001 - a backend that refuses these shapes
+            out[name + "_ms"] = f"{type(e).__name__}: {e}"[:200]
+    gb = 2 * rows * heads * (filled - prompt + prompt / group) * d * 2 / 1e9
+    out["triton_best_tb_per_s"] = round(gb / min(r["ms"] for key, r in out.items() if key.startswith("triton_")
+                                                 and isinstance(r, dict)) / 1e-3 / 1e3, 2)
+    return out
+
+
+def greedy_agreement(folder: Path, paths: list[str], images: int = 32, caption_num: int = 3) -> dict:
+    """Greedy captions (top_k=1) of the graph path and of the eager SDPA path on the same images."""
+    import transformers
+    from transformers import AutoConfig, AutoProcessor
+
+    from vlmlab.synth.fast_captioner import FastCaptioner
+
+    processor = AutoProcessor.from_pretrained(folder)
+    arch = AutoConfig.from_pretrained(folder).architectures[0]
+    model = getattr(transformers, arch).from_pretrained(folder, device_map="cuda").eval()
+    model.config.image_token_index = 50265
+    inputs = processor(images=[load_image(p) for p in paths[:images]], return_tensors="pt")
+    ids = {}
+    for compile_ in ("auto", False):
+        captioner = FastCaptioner(model, processor, caption_num, 128, compile=compile_)
+        captioner.gc.top_k = 1
+        torch.manual_seed(0)
+        ids[compile_] = captioner.generate(**inputs)
+        mode = captioner.mode if compile_ == "auto" else mode
+        del captioner
+    a, b = ids["auto"], ids[False]
+    T = a.shape[1] - 128
+    same = (a[:, T:] == b[:, T:]).int()
+    first_diff = torch.where(same.all(1), same.shape[1], (1 - same).argmax(1))  # steps until the first differing token
+    del model
+    return {"rows": a.shape[0], "mode": mode, "rows_identical": float(same.all(1).float().mean()),
+            "first_token_identical": float(same[:, 0].float().mean()),
+            "mean_steps_before_first_difference": float(first_diff.float().mean())}
+
+
 def free():
     import gc
 
-    from data_juicer.utils.model_utils import free_models
-
-    free_models()
+    if "data_juicer.utils.model_utils" in sys.modules:
+        sys.modules["data_juicer.utils.model_utils"].free_models()
     for name, module in list(sys.modules.items()):
         if name.endswith(FAST) and hasattr(module, "_CAPTIONERS"):
             module._CAPTIONERS.clear()
@@ -237,8 +353,13 @@ def main() -> None:
     ap.add_argument("--stock", default="16,64", help="gpu_batch_size values for the stock op")
     ap.add_argument("--generate", default="64,128,256", help="images per plain generate call")
     ap.add_argument("--fast", default="64,256,512", help="gpu_batch_size values for our op")
-    ap.add_argument("--fast-compiled", default="256",
-                    help="gpu_batch_size values for our op with compile=true (whole-cache masked attention + CUDA graphs)")
+    ap.add_argument("--fast-eager", default="256", help="gpu_batch_size values for our op with compile=false (eager SDPA steps)")
+    ap.add_argument("--fast-compiled", default="",
+                    help="gpu_batch_size values for our op with compile=true (whole-cache masked attention, torch.compile)")
+    ap.add_argument("--direct", default="", help="gpu_batch_size values for our FastCaptioner without Data-Juicer "
+                    "(compile=auto; `direct_eager`: --direct-eager, compile=false)")
+    ap.add_argument("--direct-eager", default="")
+    ap.add_argument("--checks", action="store_true", help="GPU checks: decode attention kernel, greedy agreement")
     ap.add_argument("--images", type=int, default=0, help="images per measurement (default: 2x its batch size)")
     ap.add_argument("--caption-num", type=int, default=3)
     ap.add_argument("--profile", type=int, default=0, help="also profile one sub-batch of our op at this gpu_batch_size")
@@ -254,7 +375,19 @@ def main() -> None:
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     plan = [(path, int(bs)) for path, sizes in (("stock", a.stock), ("generate", a.generate), ("fast", a.fast),
-                                                ("fast_compiled", a.fast_compiled)) for bs in sizes.split(",") if bs]
+                                                ("fast_eager", a.fast_eager), ("fast_compiled", a.fast_compiled),
+                                                ("direct", a.direct), ("direct_eager", a.direct_eager))
+            for bs in sizes.split(",") if bs]
+    if a.checks and torch.cuda.is_available():
+        try:
+            result["attention"] = attention_check()
+        except Exception as e:  # noqa: BLE001 - a check must not cost the measurements
+            import traceback
+
+            traceback.print_exc()
+            result["attention"] = {"error": f"{type(e).__name__}: {e}"[:500]}
+        print("attention:", json.dumps(result["attention"]), flush=True)
+        out.write_text(json.dumps(result, indent=2) + "\n")
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "blip2-opt-2.7b-shaped"
         opt27b_shaped(folder, "cuda" if torch.cuda.is_available() else "cpu", smoke=a.smoke)
@@ -264,8 +397,10 @@ def main() -> None:
             try:
                 if path == "generate":
                     row = through_generate(folder, paths[:n], bs, a.caption_num)
+                elif path.startswith("direct"):
+                    row = through_direct(folder, paths[:n], bs, a.caption_num, False if path == "direct_eager" else "auto")
                 else:
-                    extra = {"compile": True} if path == "fast_compiled" else {}
+                    extra = {"fast_compiled": {"compile": True}, "fast_eager": {"compile": False}}.get(path, {})
                     row = through_op(STOCK if path == "stock" else FAST, folder, paths[:n], bs, a.caption_num, **extra)
             except Exception as e:  # one failing row must not cost the others (one GPU call measures all)
                 import traceback
@@ -281,10 +416,22 @@ def main() -> None:
             print(json.dumps(row), flush=True)
             out.write_text(json.dumps(result, indent=2) + "\n")  # after every row: a cut-off run keeps what it measured
             free()  # every row starts from an empty GPU: its peak is its own
+        if a.checks and torch.cuda.is_available():
+            try:
+                result["greedy_agreement"] = greedy_agreement(folder, paths)
+            except Exception as e:  # noqa: BLE001 - a check must not cost the measurements
+                result["greedy_agreement"] = {"error": f"{type(e).__name__}: {e}"[:500]}
+            print("greedy agreement:", json.dumps(result["greedy_agreement"]), flush=True)
+            free()
         if a.profile:
-            profile_fast(folder, paths, a.profile, a.caption_num, out.with_suffix(".profile.txt"))
+            try:
+                profile_fast(folder, paths, a.profile, a.caption_num, out.with_suffix(".profile.txt"))
+            except Exception:  # noqa: BLE001 - the profile must not cost the summary
+                import traceback
+
+                traceback.print_exc()
     best = {p: max((r["captions_per_s"] for r in result["rows"] if r["path"] == p and "error" not in r), default=None)
-            for p in ("stock", "generate", "fast")}
+            for p in ("stock", "generate", "fast", "fast_eager", "direct", "direct_eager")}
     result["best_captions_per_s"] = best
     if best["fast"] and best["stock"] and best["generate"]:
         result["fast_vs_stock"] = round(best["fast"] / best["stock"], 1)
@@ -297,7 +444,7 @@ def main() -> None:
             print(f"{r['path']:>9} {r['gpu_batch_size']:>6} error: {r['error'][:200]}")
             continue
         print(f"{r['path']:>9} {r['gpu_batch_size']:>6} {r['rows_per_decode']:>5} {r['images']:>7} {r['seconds']:>8} "
-              f"{r['captions_per_s']:>11} {str(r['peak_gib']):>9} {r.get('steps')}")
+              f"{r['captions_per_s']:>11} {str(r['peak_gib']):>9} {r.get('steps')} {r.get('mode', '')}")
     print("best:", best, {k: result[k] for k in ("fast_vs_stock", "fast_vs_generate") if k in result})
 
 

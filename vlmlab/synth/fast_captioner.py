@@ -3,46 +3,61 @@
 Data-Juicer's image_captioning_mapper calls `model.generate(max_new_tokens=128, do_sample=True)` once per
 candidate (caption_num times per sub-batch): the vision towers run caption_num times, the dynamic KV cache
 is re-concatenated at every step and each step is ~40 kernel launches per layer from Python. Here:
-- the image features are computed once per image and repeated for its caption_num rows, so one decode
-  samples all candidates (rows [i*n, (i+1)*n) belong to image i);
+- the image features and the prompt's prefill are computed once per image; its keys/values are copied to
+  the caption_num rows of the image and the first token is sampled per row, so one decode samples all
+  candidates (rows [i*n, (i+1)*n) belong to image i);
 - the KV cache is a transformers `StaticCache` of fixed length (prompt + max_new_tokens): nothing is
-  concatenated or copied as captions grow. Attention reads only the filled part of it: when no prompt is
-  padded (the usual case: one prompt, or none) every row has the same length, so the step attends to a
-  view of the first `length` cache slots with no mask, which SDPA runs with its flash kernel (measured on
-  an H200: a masked attention over the whole static cache made a 768-row step of OPT-2.7b ~44 ms, as
-  slow with CUDA graphs as without). `compile=True` instead keeps every step the same shape (masked
-  attention over the whole cache) and compiles it with torch.compile mode "reduce-overhead" (CUDA graphs);
+  concatenated or copied as captions grow. When no prompt is padded (the usual case: one prompt, or
+  none) every row has the same length and a step attends to the filled slots only:
+  - on CUDA with Triton (compile="auto"): a Triton kernel (vlmlab.synth.decode_attention) that reads the
+    filled length on the GPU and the prompt's slots from the image's first row, and every step is one
+    replay of a CUDA graph captured once per shape (measured on an H200: SDPA's cuDNN kernel was 55% of
+    a 768-row OPT-2.7b step, bench/results/synth_profile.txt);
+  - otherwise (CPU, compile=False): SDPA over a view of the first `length` slots, no mask.
+  `compile=True` instead keeps every step the same shape (masked attention over the whole cache) and
+  compiles it with torch.compile mode "reduce-overhead"; padded prompts take the masked attention eagerly;
 - the loop stops as soon as every row has emitted EOS (at most max_new_tokens steps);
 - the LM head keeps only the rows generation_config.suppress_tokens allows (the tiny teacher suppresses
   all but its few hundred world words): the same distribution as transformers' SuppressTokens processor,
   which sets those logits to -inf.
 Sampling follows transformers' generate for do_sample=True: the generation config is resolved the way
 generate resolves it (model's generation_config, then transformers' global defaults, e.g. top_k=50), then
-suppress -> temperature -> top-k -> top-p -> softmax -> torch.multinomial on the global torch generator,
-so `torch.manual_seed` fixes the captions. Options generate would apply and this loop does not
-(repetition penalty, beams, min length, ...) are refused with a clear error rather than ignored.
+suppress -> temperature -> top-k -> top-p -> softmax -> torch.multinomial on the global torch generator
+(outside any graph), so `torch.manual_seed` fixes the captions. Options generate would apply and this loop
+does not (repetition penalty, beams, min length, ...) are refused with a clear error rather than ignored.
 The output is what the stock op decodes: prompt ids + new ids (finished rows padded with pad_token_id),
 `batch_decode(skip_special_tokens=True)`.
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
-from transformers import AttentionInterface, StaticCache
+from transformers import AttentionInterface, DynamicCache, StaticCache
 
+from vlmlab.synth import decode_attention as DA
 from vlmlab.synth.teacher_generate import _warp
 
 SLICED = "vlmlab_sliced_sdpa"
-_FILLED = {"length": 0}  # cache slots holding keys/values in the decode under way (one decode at a time per process)
+# the decode under way (one at a time per process): `length` filled slots (SDPA path); `lengths` the cache
+# layers' filled-length tensors, `group`/`shared` the rows per image and prompt slots, `config` the
+# kernel's block shape (Triton path, None: SDPA)
+_FILLED = {"length": 0, "lengths": None, "group": 1, "shared": 0, "config": (64, 4)}
 
 
 def sliced_sdpa(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """SDPA over the first `_FILLED["length"]` slots of a static cache, rows of equal length (no mask):
-    causal for the prefill (query as long as the filled part), unmasked for a one-token decoding step.
+    """Attention over the filled slots of a static cache, rows of equal length (no mask): causal for the
+    prefill (query as long as the filled part), unmasked for a one-token decoding step.
     query (B, H, q, d), key/value (B, H, L, d) -> (B, q, H, d) as transformers' attention functions return."""
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    if query.shape[2] == 1 and _FILLED["lengths"] is not None:
+        out = DA.decode_attention(query, key, value, _FILLED["lengths"][module.layer_idx], scale,
+                                  _FILLED["group"], _FILLED["shared"], _FILLED["config"])
+        return out, None
     n = _FILLED["length"]
     out = F.scaled_dot_product_attention(query, key[:, :, :n], value[:, :, :n], is_causal=query.shape[2] > 1,
-                                         scale=scaling)
+                                         scale=scale)
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -75,8 +90,9 @@ def resolve_generation_config(model, max_new_tokens: int):
 class FastCaptioner:
     """caption_num sampled captions per image from a `Blip2ForConditionalGeneration`-like model (decoder-only LM).
 
-    :param compile: torch.compile the decoding step with CUDA graphs (masked attention over the whole static
-        cache); "auto" and False: eager steps attending to the filled slots only
+    :param compile: "auto": on CUDA with Triton, the Triton decode attention and one CUDA graph per step
+        shape; elsewhere eager steps with SDPA over the filled slots. False: eager SDPA steps. True:
+        torch.compile "reduce-overhead" of a masked whole-cache step (slower: kept for comparison)
     :param bf16: on CUDA, run the model in bfloat16 (casts it once, in place)
     :param pad_rows: on a compiled step, pad every sub-batch to this many images so the graphs see one shape
     """
@@ -112,27 +128,39 @@ class FastCaptioner:
             self.allowed, self.head, self.bias = None, out.weight, out.bias
         self.base = self.lm.base_model
         self.compiled = compile is True and cuda
+        self.triton = self.graphs = compile == "auto" and DA.available(self.device)  # the kernel + CUDA graphs
+        self.mode = "compiled" if self.compiled else "triton, graphs" if self.graphs else "eager"
         self.pad_rows = pad_rows if self.compiled else None
-        self._step = torch.compile(self._logits, mode="reduce-overhead", dynamic=False) if self.compiled else self._logits
+        self._step = torch.compile(self._probs, mode="reduce-overhead", dynamic=False) if self.compiled else self._probs
         self._caches: dict[tuple[int, int], StaticCache] = {}
+        self._graphs: dict[tuple[int, int], dict] = {}
+        self._pool = None
+        self.attention_config = None  # the Triton kernel's (BLOCK_N, num_warps), picked on the first decode
         self.last_steps = 0  # decoding steps of the last sub-batch (the bench checks 128 were forced)
 
-    def _logits(self, ids, positions, mask, cache) -> torch.Tensor:
-        """One decoding step: ids (R, 1), positions (R, 1), mask (R, L) -> warped logits (R, V') float32."""
-        hidden = self.base(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                           use_cache=True).last_hidden_state[:, -1]                 # (R, H)
+    def _warped(self, hidden) -> torch.Tensor:
         return _warp(F.linear(hidden, self.head, self.bias).float(), self.gc)
 
-    def _cache(self, rows: int, length: int) -> StaticCache:
+    def _probs(self, ids, positions, mask, cache) -> torch.Tensor:
+        """One decoding step: ids (R, 1), positions (R, 1), mask (R, L) -> next-token probabilities (R, V') float32."""
+        hidden = self.base(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                           use_cache=True).last_hidden_state[:, -1]                 # (R, H)
+        return self._warped(hidden).softmax(-1)
+
+    def _cache(self, rows: int, length: int, zero: bool) -> StaticCache:
         key = (rows, length)
-        if key not in self._caches:  # one per shape: the compiled graphs keep pointers to its tensors
+        if key not in self._caches:  # one per shape: captured graphs keep pointers to its tensors
             self._caches[key] = StaticCache(config=self.lm.config, max_cache_len=length)
         cache = self._caches[key]
-        cache.reset()
+        for layer in cache.layers:
+            if zero and layer.is_initialized:  # the masked path reads every slot: stale ones must be finite
+                layer.keys.zero_()
+                layer.values.zero_()
+            layer.cumulative_length.zero_()
         return cache
 
-    def _sample(self, logits: torch.Tensor) -> torch.Tensor:
-        idx = torch.multinomial(logits.softmax(-1), 1).squeeze(1) if self.gc.do_sample else logits.argmax(-1)
+    def _draw(self, probs: torch.Tensor) -> torch.Tensor:
+        idx = torch.multinomial(probs, 1).squeeze(1) if self.gc.do_sample else probs.argmax(-1)
         return idx if self.allowed is None else self.allowed[idx]
 
     @torch.inference_mode()
@@ -140,7 +168,7 @@ class FastCaptioner:
                  attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """(B, C, H, W) images [+ (B, T) prompt ids with image slots] -> (B * caption_num, T + steps) ids,
         rows grouped by image, as generate(num_return_sequences=caption_num) returns them."""
-        model, n, dev = self.model, self.caption_num, self.device
+        model, dev = self.model, self.device
         B = pixel_values.shape[0]
         dtype = self.lm.get_input_embeddings().weight.dtype
         if input_ids is None:  # as Blip2ForConditionalGeneration.generate builds it without a prompt
@@ -161,42 +189,119 @@ class FastCaptioner:
         embeds = self.lm.get_input_embeddings()(input_ids)                         # (B, T, D)
         slots = (input_ids == model.config.image_token_id).unsqueeze(-1)
         embeds = embeds.masked_scatter(slots, feats.to(dtype))
-        # every candidate of an image is a row of its own: (R, ...) with R = B * n
-        embeds, ids, mask = (t.repeat_interleave(n, dim=0) for t in (embeds, input_ids, attention_mask))
-        R, T = ids.shape
-        L = T + self.max_new_tokens
-        sliced = not self.compiled and bool(mask.all())  # padded prompts need the mask: whole-cache attention
+        sliced = not self.compiled and bool(attention_mask.all())  # padded prompts need the mask: whole-cache attention
         config, attention = self.lm.config, self.lm.config._attn_implementation
         config._attn_implementation = SLICED if sliced else "sdpa"
         try:
-            return self._decode(embeds, ids, mask, R, T, L)[: real * n]
+            return self._decode(embeds, input_ids, attention_mask, sliced)[: real * self.caption_num]
         finally:
             config._attn_implementation = attention
+            _FILLED["lengths"] = None
 
-    def _decode(self, embeds, ids, mask, R, T, L) -> torch.Tensor:
-        dev = self.device
+    def _prefill(self, embeds, ids, mask, cache) -> tuple[torch.Tensor, torch.Tensor]:
+        """The prompt once per image; its keys/values into the rows of the image's candidates.
+        -> (warped first-token logits (R, V'), positions (B, T))."""
+        n, T = self.caption_num, ids.shape[1]
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)                             # (B, T) as OPT derives them
+        _FILLED["length"] = T
+        prompt = DynamicCache(config=self.lm.config)
+        hidden = self.base(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
+                           past_key_values=prompt, use_cache=True).last_hidden_state[:, -1]
+        for src, dst in zip(prompt.layers, cache.layers):
+            dst.update(src.keys.repeat_interleave(n, dim=0), src.values.repeat_interleave(n, dim=0))
+        return self._warped(hidden).repeat_interleave(n, dim=0), positions
+
+    def _decode(self, embeds, ids, mask, sliced) -> torch.Tensor:
+        n, dev = self.caption_num, self.device
+        B, T = ids.shape
+        R, L = B * n, T + self.max_new_tokens
+        cache = self._cache(R, L, zero=not sliced)
+        logits, positions = self._prefill(embeds, ids, mask, cache)
+        token = self._draw(logits.softmax(-1))                                     # (R,)
+        ids, mask = ids.repeat_interleave(n, dim=0), mask.repeat_interleave(n, dim=0)
         full = torch.ones(R, L, dtype=mask.dtype, device=dev)                     # (R, L): prompt mask, then 1s
         full[:, :T] = mask
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)                             # (R, T) as OPT derives them
-        cache = self._cache(R, L)
-        _FILLED["length"] = T
-        hidden = self.base(inputs_embeds=embeds, attention_mask=full, position_ids=positions, past_key_values=cache,
-                           use_cache=True).last_hidden_state[:, -1]
-        token = self._sample(_warp(F.linear(hidden, self.head, self.bias).float(), self.gc))    # (R,)
         done = torch.isin(token, self.eos)
         out = [token]
-        position = positions[:, -1:] + 1                                           # (R, 1)
+        position = positions[:, -1:].repeat_interleave(n, dim=0) + 1               # (R, 1)
+        triton = self.triton and sliced
+        if triton:
+            _FILLED.update(lengths=[layer.cumulative_length for layer in cache.layers], group=n, shared=T)
+            triton = self._pick_attention_config(cache, R, L)
+        graphs = triton and self.graphs
         steps = 1
         while steps < self.max_new_tokens and not bool(done.all()):
             _FILLED["length"] = T + steps  # after this step's update: the prompt and `steps` tokens
-            logits = self._step(token[:, None], position, full, cache)
-            token = torch.where(done, torch.full_like(token, self.pad), self._sample(logits))
+            if graphs:
+                probs = self._replay(token, position, full, cache, T + steps - 1)
+                if probs is None:  # capture failed: eager steps (still with the kernel) from here on
+                    graphs = self.graphs = False
+                    self.mode = "triton, eager (graph capture failed)"
+            if not graphs:
+                probs = self._step(token[:, None], position, full, cache)
+            token = torch.where(done, torch.full_like(token, self.pad), self._draw(probs))
             out.append(token)
             done = done | torch.isin(token, self.eos)
             position = position + 1
             steps += 1
         self.last_steps = steps
         return torch.cat([ids, torch.stack(out, dim=1)], dim=1)
+
+    def _replay(self, token, position, full, cache, filled: int) -> torch.Tensor | None:
+        """One step as a CUDA graph replay (captured on the first step of this shape) -> probs (R, V'),
+        a buffer the next replay overwrites; None where the capture failed (the cache is left as it was)."""
+        key = (full.shape[0], full.shape[1])
+        entry = self._graphs.get(key)
+        if entry is None:
+            try:
+                entry = self._capture(token, position, full, cache)
+            except Exception as e:  # noqa: BLE001 - any capture failure: fall back to eager steps
+                warnings.warn(f"fast captioner: CUDA graph capture failed ({type(e).__name__}: {e}); eager steps")
+                for layer in cache.layers:
+                    layer.cumulative_length.fill_(filled)
+                return None
+            self._graphs[key] = entry
+        entry["ids"].copy_(token[:, None])
+        entry["positions"].copy_(position)
+        entry["graph"].replay()
+        return entry["probs"]
+
+    def _pick_attention_config(self, cache, R: int, L: int) -> bool:
+        """The Triton kernel's block shape, timed once on this cache at its full length; False (and SDPA
+        from then on) where the kernel fails."""
+        if self.attention_config is None:
+            layer = cache.layers[0]
+            H, d = layer.keys.shape[1], layer.keys.shape[-1]
+            query = torch.randn(R, 1, H, d, dtype=layer.keys.dtype, device=self.device).transpose(1, 2)
+            try:
+                self.attention_config = DA.pick_config(query, layer.keys, layer.values, torch.tensor(L, device=self.device),
+                                                       d ** -0.5, _FILLED["group"], _FILLED["shared"])
+            except Exception as e:  # noqa: BLE001 - a Triton build or launch failure: SDPA works everywhere
+                warnings.warn(f"fast captioner: the Triton decode attention failed ({type(e).__name__}: {e}); SDPA")
+                self.triton = self.graphs = False
+                self.mode = "eager (Triton failed)"
+                _FILLED["lengths"] = None
+                return False
+        _FILLED["config"] = self.attention_config
+        return True
+
+    def _capture(self, token, position, full, cache) -> dict:
+        entry = {"ids": token[:, None].clone(), "positions": position.clone(), "full": full.clone()}
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up outside the capture (cuBLAS workspaces, kernel compilation)
+            self._probs(entry["ids"], entry["positions"], entry["full"], cache)
+        torch.cuda.current_stream().wait_stream(side)
+        for layer in cache.layers:  # the warm-up filled this step's slot; the replay writes it again
+            layer.cumulative_length.sub_(1)
+        if self._pool is None:  # one pool for every shape: their graphs never run at the same time
+            self._pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        # thread_local: the op's preprocessing threads pin host memory while this thread captures
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+            entry["probs"] = self._probs(entry["ids"], entry["positions"], entry["full"], cache)
+        entry["graph"] = graph
+        return entry
 
     def captions(self, inputs: dict) -> list[list[str]]:
         """Processor outputs of B images -> B lists of caption_num captions (the stock op's decoding)."""

@@ -9,10 +9,10 @@ model cache), the same prompts, caption_num candidates per image, keep_candidate
 DJ special tokens and output layout (the stock op's own `_distribute_captions`), and the same sampling
 distribution (the captioner's generation_config, as transformers' generate resolves it). What changes is
 how the candidates are generated (vlmlab.synth.fast_captioner): all caption_num candidates of a sub-batch
-in one decode over a static KV cache (attention over its filled slots only; `compile: true` instead
-captures each step as a CUDA graph), bf16 on CUDA, stopping once every row has emitted EOS; images are
-decoded and preprocessed in worker threads ahead of the model. On an H200 with blip2-opt-2.7b shapes:
-5.1x the stock op's captions/s (bench/results/synth.json).
+in one decode over a static KV cache, the prompt prefilled once per image, attention over the filled slots
+only (on CUDA a Triton decode kernel, every step one CUDA graph replay), bf16 on CUDA, stopping once every
+row has emitted EOS; images are decoded and preprocessed in worker threads ahead of the model. Measured
+with blip2-opt-2.7b shapes: bench/results/synth.json (README "Benchmarks").
 The stock op's captions come from `torch`'s global generator in another order, so the two ops draw
 different (equally distributed) captions for the same seed; each is the same from run to run.
 """
@@ -45,9 +45,9 @@ class FastImageCaptioningMapper(ImageCaptioningMapper):
     candidate of a sub-batch sampled in one compiled decode.
 
     :param max_new_tokens: most tokens per caption (the stock op's fixed value: 128)
-    :param compile: true: every decoding step one CUDA graph (torch.compile "reduce-overhead", masked attention
-        over the whole static cache; 142 vs 180 captions/s measured on an H200); "auto"/false: eager steps
-        attending to the filled cache slots
+    :param compile: "auto": on CUDA with Triton, the Triton decode attention over the filled cache slots and
+        one CUDA graph per step shape (elsewhere as false); false: eager steps, SDPA over the filled slots;
+        true: torch.compile "reduce-overhead" of a masked whole-cache step (slower on an H200: kept to compare)
     :param bf16: run the captioner in bfloat16 on CUDA
     :param preprocess_threads: threads that decode and preprocess images ahead of the model
     Other arguments: see `image_captioning_mapper`.
