@@ -61,12 +61,13 @@ def _split(values) -> list[str]:
 
 
 def report(exp_json: str = "", report: str = "reports/sweep.md", plot: str = "plots/sweep.png",
-           include_workspace: bool = False):
-    """reports/sweep.md and its plot from `dvc exp show --json` (run here, or read from `exp_json`)."""
+           include_workspace: bool = False, rev: str = ""):
+    """reports/sweep.md and its plot from `dvc exp show --json` (run here, or read from `exp_json`).
+    `rev`: the commit the experiments were queued from, once later commits moved HEAD on (`dvc exp show --rev`)."""
     if exp_json:
         text = Path(exp_json).read_text(encoding="utf-8")
     else:
-        text = subprocess.run(["dvc", "exp", "show", "--json"],
+        text = subprocess.run(["dvc", "exp", "show", "--json", *(["--rev", str(rev)] if rev else [])],
                               check=True, capture_output=True, text=True).stdout
     try:
         shown = json.loads(text)
