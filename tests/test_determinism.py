@@ -126,6 +126,8 @@ def test_pin_caps_numpy_at_avx2():
     if avx512():
         assert numpy_hash("free") != avx2  # else the next check proves nothing
     assert numpy_hash("pin") == avx2
+    # a user's own NPY_DISABLE_CPU_FEATURES: numpy refuses it together with ENABLE; pin() drops it
+    assert numpy_hash("pin", NPY_DISABLE_CPU_FEATURES="AVX512_SKX") == avx2
 
 
 @pytest.mark.skipif(not avx512(), reason="numpy loaded first dispatches AVX-512 loops only on an AVX-512 CPU")

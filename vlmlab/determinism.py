@@ -20,7 +20,8 @@ running the same wheels, and what is pinned here (measured with bench/determinis
 - numpy dispatches its ufuncs (exp, log, sin, ... in float32 and float64; sorts) per ISA too, with
   AVX-512 variants (X86_V4, AVX512_SKX/ICL/SPR) that round differently from the AVX2 ones. Capped at
   X86_V3 (AVX2) through NPY_ENABLE_CPU_FEATURES, which numpy reads once, at its import: pin() sets it
-  before it imports torch (which imports numpy); check() raises if numpy came first. Its OpenBLAS
+  before it imports torch (which imports numpy), where the CPU has that level (Linux: cpuinfo), and
+  drops NPY_DISABLE_CPU_FEATURES (numpy refuses both); check() raises if numpy came first. Its OpenBLAS
   picks kernels per CPU too (Haswell / SkylakeX / Zen): pinned to Haswell, one thread. No stage
   multiplies numpy matrices today (CIDEr's bootstrap sums with bincount, vlmlab/evaluate/caption_corpus.py).
 - Thread counts: ATen splits reductions and MKL its GEMMs by thread count, and MKL may lower its
@@ -43,7 +44,6 @@ ENV = {
     "MKL_CBWR": "COMPATIBLE",       # MKL conditional numerical reproducibility: the branch Intel and AMD share
     "MKL_DYNAMIC": "FALSE",         # MKL uses the thread count it is given, not fewer
     "ONEDNN_MAX_CPU_ISA": "AVX2",   # oneDNN, for any op that still reaches it with mkldnn off
-    "NPY_ENABLE_CPU_FEATURES": "X86_V3",  # numpy's ufunc dispatch, read at its import: AVX2, not AVX-512
     "OPENBLAS_CORETYPE": "Haswell",  # numpy's OpenBLAS (any np.dot/matmul): AVX2 kernels on every CPU ...
     "OPENBLAS_NUM_THREADS": "1",     # ... and one thread: a split reduction sums in another order
     "CUBLAS_WORKSPACE_CONFIG": ":4096:8",  # GPU hosts: what deterministic cuBLAS needs
@@ -57,6 +57,9 @@ def pin(threads: int = 1) -> dict:
     Call it before the first tensor op: ATen fixes its kernel ISA at the first dispatch and MKL its
     branch at its first call. check() reads both back and raises if either was fixed earlier."""
     os.environ.update(ENV)
+    if _x86_v3():  # numpy refuses (at import) to enable a level the CPU lacks, and both variables set at once
+        os.environ.pop("NPY_DISABLE_CPU_FEATURES", None)
+        os.environ["NPY_ENABLE_CPU_FEATURES"] = "X86_V3"  # its ufunc dispatch, read at its import: AVX2, not AVX-512
     import torch
 
     mkl = _mkl()
@@ -70,6 +73,16 @@ def pin(threads: int = 1) -> dict:
     torch.use_deterministic_algorithms(True, warn_only=True)
     set_threads(threads)
     return check()
+
+
+def _x86_v3() -> bool:
+    """The CPU has numpy's X86_V3 level (AVX2, FMA3, F16C, BMI1/2, LZCNT, MOVBE), read off Linux's cpuinfo."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False  # not Linux: numpy keeps its own dispatch (named in docs/determinism.md)
+    return {"avx2", "fma", "f16c", "bmi1", "bmi2", "abm", "movbe"} <= set(flags)
 
 
 def set_threads(threads: int) -> None:
