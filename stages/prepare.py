@@ -23,7 +23,8 @@ import fire
 from vlmlab.data.validate import import_seed
 from vlmlab.io import atomic_path, fail, write_metrics
 from vlmlab.params import load as load_params
-from vlmlab.sim.world import SEED_JSONL, SEED_PROMPTS, build_world
+from vlmlab.sim.seed_import import simulate_and_import
+from vlmlab.sim.world import build_world
 
 
 def main(out_raw: str = "data/raw", out_world: str = "data/world", metrics: str = "metrics/data/prepare.json",
@@ -38,12 +39,7 @@ def main(out_raw: str = "data/raw", out_world: str = "data/world", metrics: str 
         if source == "world":
             # beside data/raw (same filesystem: the importer hard-links the images), gone afterwards
             with tempfile.TemporaryDirectory(prefix=".seed.", dir=raw_tmp.parent) as seed:
-                counts = build_world(seed, world_tmp, p)
-                n = counts.pop("raw")
-                raw = import_seed(seed, SEED_JSONL, SEED_PROMPTS, raw_tmp, p["seed"])
-            if raw["samples"] != n or raw["prompts_restored"] != n:   # the simulator broke the seed format
-                raise fail(f"the tiny world wrote {n} seed samples, but the importer took {raw['samples']} "
-                           f"({raw['prompts_restored']} with their stage_1.json prompt; rejects: {raw['rejects']})")
+                counts, raw = simulate_and_import(seed, world_tmp, raw_tmp, p)
         else:
             d = p["data"]
             raw = import_seed(d["path"], d["jsonl"], d["stage1_json"], raw_tmp, p["seed"])

@@ -32,8 +32,7 @@ def queue(seeds: str = "1,2", jobs: int = 1):
     """Queue one experiment per seed (a Hydra-style sweep of `seed`) and start the queue's workers."""
     seeds = ",".join(_split(seeds))
     subprocess.run(["dvc", "exp", "run", "--queue", "-S", f"seed={seeds}"], check=True)
-    subprocess.run(["dvc", "queue", "start", "-j", str(jobs)], check=True)
-    print(f"queued seeds {seeds}; `dvc queue status` until done, then `python stages/sweep.py report`")
+    _start(jobs)
 
 
 def queue_teacher(seeds: str = "3,4", jobs: int = 1):
@@ -41,7 +40,7 @@ def queue_teacher(seeds: str = "3,4", jobs: int = 1):
     for seed in _split(seeds):
         subprocess.run(["dvc", "exp", "run", "--queue", "-n", f"{sweep.TEACHER_PREFIX}{seed}", "-S", f"seed={seed}",
                         "teacher"], check=True)
-    subprocess.run(["dvc", "queue", "start", "-j", str(jobs)], check=True)
+    _start(jobs)
 
 
 def queue_dose(sizes: str = "300,1000", accurate: int = 4000, jobs: int = 1):
@@ -53,7 +52,12 @@ def queue_dose(sizes: str = "300,1000", accurate: int = 4000, jobs: int = 1):
     for name, sets in variants:
         subprocess.run(["dvc", "exp", "run", "--queue", "-n", name, *[a for s in sets for a in ("-S", s)],
                         "train@baseline", "evaluate@baseline"], check=True)
+    _start(jobs)
+
+
+def _start(jobs: int) -> None:
     subprocess.run(["dvc", "queue", "start", "-j", str(jobs)], check=True)
+    print("queued; `dvc queue status` until done, then `python stages/sweep.py report`")
 
 
 def _split(values) -> list[str]:

@@ -24,9 +24,9 @@ from vlmlab.monitor import Monitor
 from vlmlab.params import load as load_params
 from vlmlab.seeding import seed_everything
 from vlmlab.sim import teacher, world
+from vlmlab.sim.text import world_words
 from vlmlab.synth import captioner as captioners
 from vlmlab.synth import scoring
-from vlmlab.sim.text import world_words
 
 SEED_OFFSET = 50
 

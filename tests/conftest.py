@@ -47,12 +47,9 @@ def write_bomb_png(path: Path, side: int = 20000) -> Path:
 
 
 def simulate_raw(root: Path, params: dict) -> dict:
-    """The tiny world's sets under `root` as `prepare` makes them: the seed folder in the challenge's
-    layout (root/seed), imported into root/raw by the real importer; the world-only sets in root/world.
-    Returns the world's counts."""
-    from vlmlab.data.validate import import_seed
-    from vlmlab.sim.world import SEED_JSONL, SEED_PROMPTS, build_world
+    """The tiny world's sets under `root` as `prepare` makes them (seed folder root/seed, imported into
+    root/raw; world-only sets in root/world). Returns the world's counts, "raw" included."""
+    from vlmlab.sim.seed_import import simulate_and_import
 
-    counts = build_world(root / "seed", root / "world", params)
-    import_seed(root / "seed", SEED_JSONL, SEED_PROMPTS, root / "raw", params["seed"], workers=1)
-    return counts
+    counts, raw = simulate_and_import(root / "seed", root / "world", root / "raw", params, workers=1)
+    return {"raw": raw["samples"], **counts}

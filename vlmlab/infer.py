@@ -47,6 +47,7 @@ from PIL import Image, UnidentifiedImageError
 from vlmlab.io import check_writable_file, fail, write_jsonl
 from vlmlab.models.load import DTYPES, load_model
 
+
 def open_image(path: Path) -> Image.Image:
     with Image.open(path) as f:
         return f.convert("RGB")

@@ -65,6 +65,15 @@ def _check(shown) -> None:
         raise io.fail("dvc exp show --json: expected a JSON list of experiment states (DVC 3)")
 
 
+def _unusable(state: dict, executor: str | None) -> str | None:
+    """Why an experiment state has no results to read (queued, running, failed, an error, no params), or None."""
+    if executor in ("queued", "running", "failed"):
+        return executor
+    if state.get("error"):
+        return "error"
+    return None if _file(state, "params", PARAMS) else f"no {PARAMS}"
+
+
 def read(shown: list[dict], include_workspace: bool = False) -> Sweep:
     """Replicates from the parsed `dvc exp show --json` output (a list of experiment states)."""
     _check(shown)
@@ -75,12 +84,10 @@ def read(shown: list[dict], include_workspace: bool = False) -> Sweep:
             continue
         if name.startswith((TEACHER_PREFIX, DOSE_PREFIX)):
             continue  # a side study's experiment (teacher_seeds / dose below), not a replicate of the study
-        if executor in ("queued", "running", "failed"):
-            out.skipped.append(f"{name}: {executor}")
-            continue
         params, metrics = _file(state, "params", PARAMS), _file(state, "metrics", COMPARE)
-        if state.get("error") or not params or not metrics:
-            out.skipped.append(f"{name}: " + ("error" if state.get("error") else f"no {PARAMS if not params else COMPARE}"))
+        why = _unusable(state, executor) or (None if metrics else f"no {COMPARE}")
+        if why:
+            out.skipped.append(f"{name}: {why}")
             continue
         rest = {k: v for k, v in params.items() if k != "seed"}
         out.replicates.append(Replicate(name, state["rev"], int(params["seed"]), rest,
@@ -209,10 +216,8 @@ def _finished(shown: list[dict]):
     """(name, params, state) of every finished state but the workspace."""
     _check(shown)
     for state, executor in _states(shown):
-        params = _file(state, "params", PARAMS)
-        if state.get("rev") != "workspace" and executor not in ("queued", "running", "failed") \
-                and not state.get("error") and params:
-            yield _name(state), params, state
+        if state.get("rev") != "workspace" and not _unusable(state, executor):
+            yield _name(state), _file(state, "params", PARAMS), state
 
 
 def teacher_seeds(shown: list[dict]) -> list[dict]:

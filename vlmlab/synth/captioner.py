@@ -4,10 +4,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+import transformers
 from PIL import Image
 from transformers import AutoConfig, AutoProcessor
-
-import transformers
 
 from vlmlab import io
 

@@ -25,11 +25,10 @@ import time
 from collections import Counter
 from pathlib import Path
 
-
 from vlmlab import io
-from vlmlab.seeding import seed_generators
 from vlmlab.data.formats import FormatError, caption_of, dj_text, dj_to_llava, write_llava
 from vlmlab.data.validate import check_image
+from vlmlab.seeding import seed_generators
 
 LEFT_RE = re.compile(r"OP \[(?P<op>\w+)\] Done in (?P<s>[\d.]+)s\. Left (?P<left>\d+) samples")  # DJ 1.6.1's log line
 
