@@ -68,7 +68,7 @@ def _lm_batch(ids: torch.Tensor, pad_id: int) -> dict:
 
 
 def pretrain_lm(text_config, tokenizer, train_texts: list[str], val_texts: list[str], loop: LoopConfig,
-                max_len: int = 64):
+                max_len: int = 128):
     """A causal LM trained from scratch on world text. Returns (model, metrics)."""
     torch.manual_seed(loop.seed)
     model = AutoModelForCausalLM.from_config(text_config)
@@ -90,11 +90,29 @@ def pretrain_lm(text_config, tokenizer, train_texts: list[str], val_texts: list[
     val_tgt = val[:, 1:][val[:, 1:] != pad]
     return model, {
         "heldout_ppl": round(math.exp(nll / n_tok), 3),
+        "context_answer_acc": context_answer_accuracy(model, tokenizer, val_texts),
         "unigram_ppl": round(math.exp(-float(logp[val_tgt].mean())), 3),
         "final_train_loss": round(float(np.mean(losses[-20:])), 4),
         "train_texts": len(train_texts), "heldout_texts": len(val_texts),
         "params": sum(p.numel() for p in model.parameters()),
     }
+
+
+def context_answer_accuracy(model, tokenizer, texts: list[str]) -> float:
+    """Share of the held-out short-answer chat rounds (a scene described in the question) whose answer
+    word is the LM's greedy next token after `<start_of_turn>model\\n`: what an instruction-tuned LM
+    brings to a VLM, reading its answer from context (stage 1 teaches the image tokens to be that context)."""
+    turn = f"{text.START_OF_TURN}model\n"
+    rounds = [t.split(turn) for t in texts if t.startswith(text.START_OF_TURN) and text.SHORT_ANSWER in t]
+    if not rounds:
+        return float("nan")
+    hits = 0
+    with torch.no_grad():
+        for q, a in rounds:
+            ids = torch.tensor([[tokenizer.bos_token_id] + tokenizer(q + turn, add_special_tokens=False)["input_ids"]])
+            answer = tokenizer(a.split(text.END_OF_TURN)[0], add_special_tokens=False)["input_ids"][0]
+            hits += int(model(input_ids=ids).logits[0, -1].argmax()) == answer
+    return round(hits / len(rounds), 4)
 
 
 # -- vision towers -------------------------------------------------------------------------

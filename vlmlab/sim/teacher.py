@@ -50,7 +50,7 @@ class TeacherConfig:
     # training
     epochs: int  # params.yaml teacher.epochs (defaults live in params.yaml only)
     batch_size: int = 32
-    lr: float = 3e-3
+    lr: float = 2e-3
     warmup_frac: float = 0.05
     max_words: int  # captions longer than this (in tokens) are cut for training (teacher.max_words)
     # generation defaults saved into generation_config.json (Data-Juicer only forces do_sample/max_new_tokens)

@@ -15,6 +15,7 @@ from vlmlab.data.formats import CAPTION_PROMPTS
 from vlmlab.evaluate.mmbench import PROMPT_SUFFIX as MMBENCH_SUFFIX
 from vlmlab.evaluate.mmbench import build_prompt
 from vlmlab.evaluate.textvqa import PROMPT_SUFFIX as TEXTVQA_SUFFIX
+from vlmlab.models.processor import END_OF_TURN, START_OF_TURN
 from vlmlab.sim.scene import Scene, Shape
 from vlmlab.sim.vocab import (COLORS, NUMBER_WORDS, POSITIONS, SHAPES, SIGN_SIDES, SIGN_WORDS, SIZES, plural,
                               tokenize_words, typo)
@@ -187,6 +188,26 @@ def mmbench_item(scene: Scene, rng: np.random.Generator) -> dict:
 def mmbench_prompt(item: dict) -> str:
     """LLaVA's MMBench prompt for one item (question, options, suffix)."""
     return build_prompt(item["question"], {k: item[k] for k in "ABCD"}, item["hint"])
+
+
+def chat_round(question: str, answer: str) -> str:
+    """One round of MGM's gemma template as the LM's own text (<bos>/<eos> are the tokenizer's to add)."""
+    return f"{START_OF_TURN}user\n{question}{END_OF_TURN}\n{START_OF_TURN}model\n{answer}{END_OF_TURN}\n"
+
+
+def described_scene_chats(scene: Scene, rng: np.random.Generator) -> list[str]:
+    """Text-only chat rounds whose question carries the scene as a dense caption: a short-answer
+    question, then a caption or multiple-choice request (the image's place is taken by its description)."""
+    context = dense_caption(scene, rng)
+    _, q, answer, _ = _question_about(scene, rng)
+    chats = [chat_round(f"{context}\n{q}\n{SHORT_ANSWER}", answer)]
+    u = rng.random()
+    if u < 0.5:
+        chats.append(chat_round(f"{context}\n{_pick(rng, CAPTION_PROMPTS)}", web_caption(scene, rng, 0.0)))
+    else:
+        item = mmbench_item(scene, rng)
+        chats.append(chat_round(f"{context}\n{mmbench_prompt(item)}", item["answer"]))
+    return chats
 
 
 def instruct_conversation(scene: Scene, rng: np.random.Generator) -> list[dict]:

@@ -157,7 +157,9 @@ def build_world(out_seed: str | Path | None, out_world: str | Path, params: dict
 
 
 def world_text_corpus(n: int, seed: int) -> list[str]:
-    """n world sentences (captions, questions, answers, prompts) for language-model pretraining.
+    """n world texts for language-model pretraining: sentences (captions, questions, answers, prompts)
+    and chat rounds in the LM's template about a scene described in words (an instruction-tuned LM,
+    as gemma-2b-it is: it answers from its context, which stage 1 teaches the image tokens to supply).
 
     Drawn from their own RNG stream, so the LM never sees the eval scenes' texts verbatim.
     """
@@ -171,6 +173,7 @@ def world_text_corpus(n: int, seed: int) -> list[str]:
         qa = text.textvqa_item(scene, rng)
         out.append(f"{qa['question']} {qa['answer']}")
         out += [t["value"].removeprefix("<image>\n") for t in text.instruct_conversation(scene, rng)]
+        out += text.described_scene_chats(scene, rng)
         i += 1
     return out[:n]
 
