@@ -62,8 +62,8 @@ def main(name: str, base: str = "models/zoo", captions: str = "data/raw/llava.js
         recipe.prepare_work_dir(work, recipe.fingerprint(cfg, *inputs))
         # the curves are redrawn from the checkpoints' history (DVC deletes plots/ before a re-run): no dvclive resume
         live = Live(str(plots), dvcyaml=None, save_dvc_exp=False) if main_process else None
-        model, trainer, figures = recipe.two_stage(model, *data, PadCollator(processor.tokenizer.pad_token_id),
-                                                   cfg, work, live=live, base_path=base)
+        collator = PadCollator(processor.tokenizer.pad_token_id, dedup_images=recipe.levers_in_effect(cfg).dedup_towers)
+        model, trainer, figures = recipe.two_stage(model, *data, collator, cfg, work, live=live, base_path=base)
         recipe.save_trained(model, trainer, out, processor)  # a LoRA adapter names `base` (set by two_stage)
         if live is not None:
             live.end()
