@@ -270,3 +270,64 @@ def test_cpu_training_arguments_are_transformers_defaults(tmp_path, monkeypatch)
     off = {f.name: getattr(Levers(), f.name) for f in fields(Levers)}
     assert Levers(**off) == Levers()
     assert copy.copy(cfg.levers) == cfg.levers
+
+
+# ---------------------------------------------------------------- the CUDA recipe through the Trainer, on CPU
+
+class RowSet(torch.utils.data.Dataset):
+    def __init__(self, rows):
+        self.samples = rows
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        return self.samples[i]
+
+
+@pytest.mark.parametrize("mode", ["stage1", "full", "lora"])
+def test_cuda_levers_through_the_trainer_under_cpu_bf16_autocast(mode, tmp_path, monkeypatch):
+    """prepare_data + prepare_stage + run_stage with the CUDA levers (all but Liger and workers), the
+    Trainer in bf16 autocast on CPU: the steps run, token counts kept on the device add up, what trains
+    is float32 and the rest bf16, and the loss curve stays within bf16 noise of the float32 one."""
+    import transformers
+
+    from vlmlab.params import load
+    from pathlib import Path
+    train = load(Path(__file__).resolve().parents[1] / "params.yaml")["train"]
+    train = {**train, "stage1_global_batch": 4, "stage1_micro_batch": 4, "stage2_global_batch": 4,
+             "stage2_micro_batch": 4, "save_steps": 0, "liger_kernels": False, "cuda_workers": 0}
+    run = {"data": "raw", "strategy": "lora" if mode == "lora" else "full", "lr": 1e-3, "lora_r": 4,
+           "lora_alpha": 8, "lora_dropout": 0.0}
+    stage = 1 if mode == "stage1" else 2
+
+    def train_once(levers_on: bool):
+        cfg = recipe.TrainConfig.from_params(train, run, seed=0)
+        if levers_on:
+            monkeypatch.setattr(recipe, "levers_in_effect", lambda c: c.levers)
+
+            class BF16Args(transformers.TrainingArguments):  # CPU autocast, as bf16=True gives on CUDA
+                def __init__(self, *a, **kw):
+                    super().__init__(*a, **{**kw, "bf16": True})
+            monkeypatch.setattr(transformers, "TrainingArguments", BF16Args)
+        data = RowSet(samples(n_images=4, per_image=(3, 3, 3, 3)))
+        recipe.prepare_data(cfg, data)
+        model = recipe.prepare_stage(tiny_model(), stage, cfg, {})
+        trainer, fig, curve = recipe.run_stage(model, data, recipe.make_collator(0, cfg),
+                                               cfg.stage1 if stage == 1 else cfg.stage2, cfg,
+                                               tmp_path / f"run{levers_on}", stage=stage)
+        monkeypatch.undo()
+        return model, trainer, fig, curve, data
+
+    _, _, _, ref_curve, _ = train_once(False)
+    model, trainer, fig, curve, data = train_once(True)
+    assert len(curve) == len(ref_curve) == 3
+    for a, b in zip(curve, ref_curve):
+        assert abs(a["loss"] - b["loss"]) < 0.03 * b["loss"], (curve, ref_curve)
+    assert trainer.state.num_input_tokens_seen == sum(len(s["input_ids"]) for s in data.samples)  # padding not counted
+    assert fig["samples_per_s"] > 0 and all("step_s" in r for r in curve)
+    for name, p in model.named_parameters():
+        assert p.dtype == (torch.float32 if p.requires_grad else torch.bfloat16), name
+    assert data.samples[0]["pixel_values"].dtype == torch.bfloat16
+    assert fast.mgm_of(model).fast == FastPaths(towers_no_grad=True, upsample_matmul=True, fused_mining=True,
+                                                loss="chunked")

@@ -328,28 +328,32 @@ class MgmForConditionalGeneration(MgmPreTrainedModel, GenerationMixin):
         if n * n != N or G % n:
             raise ValueError(f"patch mining needs a square token grid dividing the high-res grid: N={N}, grid={G}")
         p = G // n
-        aux = aux.to(tokens.dtype).permute(0, 2, 3, 1)                                 # (B, G, G, C_aux)
+        # (the fused path keeps a bf16 map bf16: under autocast the ViT's tokens come out float32)
+        aux = (aux if self.fast.fused_mining else aux.to(tokens.dtype)).permute(0, 2, 3, 1)  # (B, G, G, C_aux)
         aux = aux.reshape(B, n, p, n, p, -1).permute(0, 1, 3, 2, 4, 5).reshape(B, N, p * p, -1)  # (B, N, p*p, C_aux)
         q = self.vlm_uni_query_projector(tokens)[:, :, None]   # (B, N, 1, C)
         if self.fast.fused_mining:
-            k, v = self._mining_keys_values(aux)
+            k, v = self._mining_keys_values(aux, q.dtype)
         else:
             k = self.vlm_uni_aux_projector(aux)                # (B, N, p*p, C)
             v = self.vlm_uni_val_projector(aux)                # (B, N, p*p, C)
         # softmax(q k^T / sqrt(C)) v, one query per token; SDPA is MGM's explicit matmul, fused
         return F.scaled_dot_product_attention(q, k, v).squeeze(2)  # (B, N, C)
 
-    def _mining_keys_values(self, aux: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _mining_keys_values(self, aux: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Both mining projectors (LayerNorm then Linear) over one normalisation of the aux map:
         LN(x) W^T + c = x_hat (W g)^T + (W b + c), so keys and values are one GEMM on x_hat.
         aux (..., C_aux) -> k, v (..., C). The map is frozen (no grad), so x_hat is too: autograd keeps
         one bf16 x_hat for the weight gradients instead of two float32 LayerNorm outputs and their casts."""
         (ln_k, lin_k), (ln_v, lin_v) = _running(self.vlm_uni_aux_projector), _running(self.vlm_uni_val_projector)
+        if ln_k.eps != ln_v.eps:
+            raise ValueError(f"fused mining needs one LayerNorm eps for keys and values ({ln_k.eps} vs {ln_v.eps})")
         weight = torch.cat([lin_k.weight * ln_k.weight, lin_v.weight * ln_v.weight])                   # (2C, C_aux)
         bias = torch.cat([F.linear(ln_k.bias, lin_k.weight, lin_k.bias), F.linear(ln_v.bias, lin_v.weight, lin_v.bias)])
         with torch.autocast(aux.device.type, enabled=False):  # autocast would write the normalised map in float32
             x_hat = F.layer_norm(aux, aux.shape[-1:], eps=ln_k.eps)                                    # (..., C_aux)
-        return F.linear(x_hat, weight, bias).chunk(2, dim=-1)                                          # 2 x (..., C)
+        k, v = F.linear(x_hat, weight, bias).chunk(2, dim=-1)                                          # 2 x (..., C)
+        return k.to(dtype), v.to(dtype)
 
     def get_image_features(self, pixel_values: torch.Tensor, pixel_values_aux: torch.Tensor | None = None,
                            image_index: torch.Tensor | None = None) -> torch.Tensor:

@@ -80,7 +80,7 @@ def set_fast_paths(model: nn.Module, levers: Levers) -> None:
                          fused_mining=levers.fused_mining, loss=levers.loss_impl)
 
 
-def split_precision(model: nn.Module, stash: dict, dtype: torch.dtype = torch.bfloat16) -> dict[str, int]:
+def split_precision(model: nn.Module, stash: dict | None, dtype: torch.dtype = torch.bfloat16) -> dict[str, int]:
     """Frozen floating-point parameters -> `dtype`; trainable ones -> float32.
 
     A parameter cast down keeps its float32 values in `stash` (host memory, by parameter object), and
@@ -92,12 +92,13 @@ def split_precision(model: nn.Module, stash: dict, dtype: torch.dtype = torch.bf
             continue
         if p.requires_grad:
             if p.dtype != torch.float32:
-                kept = stash.pop(id(p), None)
+                kept = stash.pop(id(p), None) if stash is not None else None
                 p.data = kept.to(p.device) if kept is not None else p.data.float()
             counts["fp32"] += p.numel()
         else:
             if p.dtype == torch.float32:
-                stash.setdefault(id(p), p.data if p.device.type == "cpu" else p.data.to("cpu", copy=True))
+                if stash is not None and id(p) not in stash:  # no stash: nothing frozen now trains later
+                    stash[id(p)] = p.data if p.device.type == "cpu" else p.data.to("cpu", copy=True)
                 p.data = p.data.to(dtype)
             counts["bf16" if p.dtype == dtype else "fp32"] += p.numel()
     return counts

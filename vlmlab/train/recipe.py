@@ -407,9 +407,10 @@ def load_connector(model: nn.Module, path: Path) -> None:
 
 # ---------------------------------------------------------------- the two stages
 
-def prepare_stage(model: nn.Module, stage: int, cfg: TrainConfig, stash: dict, base_path: str | None = None):
+def prepare_stage(model: nn.Module, stage: int, cfg: TrainConfig, stash: dict | None, base_path: str | None = None):
     """The stage's trainable set (strategies) and the speed levers in effect; returns the model to train
-    (a PeftModel for stage 2 `lora`). `stash`: float32 values of weights stored in bf16, kept across stages."""
+    (a PeftModel for stage 2 `lora`). `stash`: float32 values of weights stored in bf16, kept across
+    stages (None: no later stage trains what is frozen now)."""
     lv = levers_in_effect(cfg)
     mgm = fast.mgm_of(model)
     if lv.liger_kernels and not vars(mgm).get("_liger_applied"):
@@ -429,6 +430,20 @@ def prepare_stage(model: nn.Module, stage: int, cfg: TrainConfig, stash: dict, b
     return model
 
 
+def make_collator(pad_token_id: int, cfg: TrainConfig):
+    """The stage's collator: each distinct image sent once per batch under dedup_towers."""
+    from vlmlab.data.collate import PadCollator
+
+    return PadCollator(pad_token_id, dedup_images=levers_in_effect(cfg).dedup_towers)
+
+
+def prepare_data(cfg: TrainConfig, *datasets) -> None:
+    """Stored pixels in bf16 where the towers are (frozen_bf16): the same values they would be cast to."""
+    if levers_in_effect(cfg).frozen_bf16:
+        for data in datasets:
+            fast.cast_pixels(data)
+
+
 def two_stage(model: nn.Module, captions, instruct, collator, cfg: TrainConfig, work: str | Path,
               live=None, base_path: str | None = None, callbacks=()):
     """Stage 1 then stage 2 on `model` (fp32, loaded from the base folder).
@@ -441,9 +456,7 @@ def two_stage(model: nn.Module, captions, instruct, collator, cfg: TrainConfig, 
     s1_weights = work / "stage1" / "connector.safetensors"
     s1_figures = work / "stage1" / "figures.json"
     stash: dict = {}
-    if levers_in_effect(cfg).frozen_bf16:
-        for data in (captions, instruct):
-            fast.cast_pixels(data)
+    prepare_data(cfg, captions, instruct)
     if s1_weights.is_file() and s1_figures.is_file():
         load_connector(model, s1_weights)  # stage 1 finished in an earlier, interrupted run
         saved = json.loads(s1_figures.read_text())
