@@ -450,19 +450,26 @@ def main() -> None:
     from vlmlab.train.fast import Levers
 
     rows, flops, profiles = [], {}, [] if a.profile else None
+    meta = {"device": gpu, "preset": a.preset, "batch": a.batch, "seq": a.seq, "attn": a.attn, "lora_r": a.lora_r,
+            "steps": a.steps, "warmup": a.warmup, "peak_tflops": a.peak_tflops,
+            "torch": torch.__version__, "transformers": __import__("transformers").__version__}
     # every plain row first: Liger (in `ours` too, train.liger_kernels) patches Gemma's classes globally
     if "ours-off" in which:
         rows += [bench_ours("ours-off", m, a, device, levers=Levers()) for m in a.modes]
+        write_json(a.out, {**meta, "partial": True, "rows": rows})  # a run cut short keeps what it measured
     for family, label in (("mgm", "class"), ("llava", "llava")):
         if label in which:
             rows += bench_family(family, False, a, device, flops)
+            write_json(a.out, {**meta, "partial": True, "rows": rows})
     if "ours" in which:
         rows += [bench_ours("ours", m, a, device, profile=profiles) for m in a.modes]
+        write_json(a.out, {**meta, "partial": True, "rows": rows})
     if "ours-dedup" in which and "stage1" in a.modes:
         rows.append(bench_ours("ours-dedup", "stage1", a, device, per_image=3))
     for family, label in (("mgm", "class"), ("llava", "llava")):
         if label in which and True in ligers:
             rows += bench_family(family, True, a, device, flops)
+            write_json(a.out, {**meta, "partial": True, "rows": rows})
     missing = {("mgm", m) for m in a.modes} - set(flops)
     if missing and any(r["model"].startswith("ours") for r in rows):  # ours alone: count the plain class's FLOPs
         torch.manual_seed(0)
@@ -480,19 +487,19 @@ def main() -> None:
     for mode, c in curves.items():
         print(f"loss curve {mode}: ours vs ours-off, max |diff| {c['max_abs_diff']}, mean {c['mean_abs_diff']}\n"
               f"  ours     {c['ours']}\n  ours-off {c['ours_off']}")
-    result = {"device": gpu, "preset": a.preset, "batch": a.batch, "seq": a.seq, "attn": a.attn, "lora_r": a.lora_r,
-              "steps": a.steps, "warmup": a.warmup, "peak_tflops": a.peak_tflops,
-              "flops_per_step": {f"{k[0]}/{k[1]}": v for k, v in flops.items()},
-              "torch": torch.__version__, "transformers": __import__("transformers").__version__, "rows": rows,
-              "loss_curves": curves}
-    out = Path(a.out)
+    write_json(a.out, {**meta, "flops_per_step": {f"{k[0]}/{k[1]}": v for k, v in flops.items()}, "rows": rows,
+                       "loss_curves": curves})
+    if a.profile:
+        Path(a.profile).write_text("\n\n".join(profiles) + "\n")
+    print(f"wrote {a.out}")
+
+
+def write_json(path: str, result: dict) -> None:
+    out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
     tmp.write_text(json.dumps(result, indent=2) + "\n")
     os.replace(tmp, out)
-    if a.profile:
-        Path(a.profile).write_text("\n\n".join(profiles) + "\n")
-    print(f"wrote {out}")
 
 
 if __name__ == "__main__":
