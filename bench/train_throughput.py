@@ -417,9 +417,11 @@ def main() -> None:
     ap.add_argument("--attn", default="sdpa", choices=["sdpa", "eager", "flash_attention_2"])
     ap.add_argument("--modes", default="stage1,full,lora")
     ap.add_argument("--rows", default="ours-off,class,llava,ours,ours-dedup",
-                    help="ours-off, class, llava (plain bf16; Liger too where it imports), ours, ours-dedup")
+                    help="ours-off, class, llava (plain bf16; Liger too where it imports), ours, ours-dedup (+ ours-try with --try)")
     ap.add_argument("--liger", default="auto", choices=["auto", "on", "off"], help="auto: class/llava Liger rows if it imports")
     ap.add_argument("--deepspeed", default="", help="ours rows through DeepSpeed with this config")
+    ap.add_argument("--try", dest="try_levers", default="",
+                    help="ours-try rows: the defaults with these levers changed, e.g. mining_matmul=true,loss_impl=liger")
     ap.add_argument("--cuda_workers", type=int, default=None, help="override train.cuda_workers (e.g. 0 where /dev/shm is small)")
     ap.add_argument("--profile", default="", help="write a torch.profiler table of one `ours` step per mode here")
     ap.add_argument("--peak_tflops", type=float, default=None, help="for MFU; default from the GPU name")
@@ -464,6 +466,8 @@ def main() -> None:
     if "ours" in which:
         rows += [bench_ours("ours", m, a, device, profile=profiles) for m in a.modes]
         write_json(a.out, {**meta, "partial": True, "rows": rows})
+    if a.try_levers:
+        rows += [bench_ours("ours-try", m, a, device, levers=tried_levers(a.try_levers)) for m in a.modes]
     if "ours-dedup" in which and "stage1" in a.modes:
         rows.append(bench_ours("ours-dedup", "stage1", a, device, per_image=3))
     for family, label in (("mgm", "class"), ("llava", "llava")):
@@ -492,6 +496,24 @@ def main() -> None:
     if a.profile:
         Path(a.profile).write_text("\n\n".join(profiles) + "\n")
     print(f"wrote {a.out}")
+
+
+def tried_levers(spec: str):
+    """params.yaml's levers with `key=value,...` changed (values typed as the field's default)."""
+    from dataclasses import replace
+
+    from vlmlab.params import load as load_params
+    from vlmlab.train.fast import Levers
+
+    base = Levers.from_params(load_params(Path(__file__).resolve().parents[1] / "params.yaml")["train"])
+    changes = {}
+    for item in filter(None, spec.split(",")):
+        key, _, value = item.partition("=")
+        if not hasattr(base, key):
+            raise SystemExit(f"--try {item}: no lever {key!r} (see params.yaml train:)")
+        kind = type(getattr(base, key))
+        changes[key] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
+    return replace(base, **changes)
 
 
 def write_json(path: str, result: dict) -> None:

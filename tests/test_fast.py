@@ -15,7 +15,7 @@ from vlmlab.train import fast, recipe, strategies
 from vlmlab.train.fast import Levers
 
 VOCAB, IMAGE_ID = 64, 64
-ALL_ON = FastPaths(towers_no_grad=True, upsample_matmul=True, fused_mining=True, loss="chunked")
+ALL_ON = FastPaths(towers_no_grad=True, upsample_matmul=True, fused_mining=True, mining_matmul=True, loss="chunked")
 
 
 def tiny_model(seed=0) -> MgmForConditionalGeneration:
@@ -66,6 +66,9 @@ def test_upsample_matmul_is_bilinear_interpolation(hw, size):
     x = torch.randn(2, 5, *hw, dtype=torch.float64)
     ref = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
     torch.testing.assert_close(upsample_bilinear(x, size), ref, rtol=0, atol=1e-12)
+    cl = mgm_mod.upsample_bilinear_cl(x, size)
+    assert cl.is_contiguous() and cl.shape == (2, *size, 5)
+    torch.testing.assert_close(cl.permute(0, 3, 1, 2), ref, rtol=0, atol=1e-12)
 
 
 def test_upsample_weights_are_exact_in_bf16_for_power_of_two_scales():
@@ -110,7 +113,7 @@ def test_answer_cross_entropy_changes_with_the_labels():
 
 # ---------------------------------------------------------------- the model's fast paths
 
-@pytest.mark.parametrize("path", ["towers_no_grad", "upsample_matmul", "fused_mining", "loss", "all"])
+@pytest.mark.parametrize("path", ["towers_no_grad", "upsample_matmul", "fused_mining", "mining_matmul", "loss", "all"])
 def test_each_fast_path_computes_the_reference_loss_and_gradients(path):
     model = tiny_model()
     strategies.stage2(model, "full")  # LM + connector trainable: every gradient the fast paths touch
@@ -194,7 +197,8 @@ def test_bf16_frozen_weights_under_autocast_train_like_float32(strategy):
     model = strategies.stage2(tiny_model(), strategy, cfg_lora)
     fast.split_precision(model, {})
     fast.lora_inputs_as_is(model)
-    fast.set_fast_paths(model, Levers(towers_no_grad=True, upsample_matmul=True, fused_mining=True, loss_impl="chunked"))
+    fast.set_fast_paths(model, Levers(towers_no_grad=True, upsample_matmul=True, fused_mining=True, mining_matmul=True,
+                                      loss_impl="chunked"))
     fast.cast_pixels(type("D", (), {"samples": rows})())
     batch = PadCollator(0, dedup_images=True)(rows)
     assert batch["pixel_values"].dtype == torch.bfloat16

@@ -162,7 +162,7 @@ SECTIONS: dict[str, Check] = {
         "deepspeed": PATH, "group_by_length": flag(), "save_steps": COUNT, "workers": COUNT, "max_length": COUNT,
         "monitor_interval": SECONDS, "frozen_bf16": flag(), "loss_impl": text("chunked", "liger", "full"),
         "liger_kernels": flag(), "towers_no_grad": flag(), "upsample_matmul": flag(), "fused_mining": flag(),
-        "dedup_towers": flag(), "group_images": flag(), "fused_adamw": flag(), "no_host_syncs": flag(),
+        "mining_matmul": flag(), "dedup_towers": flag(), "group_images": flag(), "fused_adamw": flag(), "no_host_syncs": flag(),
         "cuda_workers": COUNT,
     }),
     "runs": mapping(RUN),

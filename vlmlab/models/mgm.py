@@ -162,6 +162,7 @@ class FastPaths:
     towers_no_grad: bool = False    # towers (frozen in every stage) under torch.no_grad: no autograd bookkeeping
     upsample_matmul: bool = False   # ConvNeXt maps upsampled as two small matmuls (bilinear = separable)
     fused_mining: bool = False      # mining keys + values: one LayerNorm of the aux map, one GEMM
+    mining_matmul: bool = False     # mining on a channels-last map in MGM's explicit matmuls (implies fused_mining)
     loss: str = "full"              # full: HF's loss on all logits | chunked | liger: logits at answer tokens only
 
 
@@ -193,6 +194,15 @@ def upsample_bilinear(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     wy = bilinear_matrix(x.shape[-2], size[0], x.dtype, x.device)   # (H, h)
     wx = bilinear_matrix(x.shape[-1], size[1], x.dtype, x.device)   # (W, w)
     return wy @ (x @ wx.T)                                           # (B, C, h, W) -> (B, C, H, W)
+
+
+def upsample_bilinear_cl(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """upsample_bilinear's result channels last: (B, C, h, w) -> (B, H, W, C), contiguous."""
+    B, C, h, w = x.shape
+    wy = bilinear_matrix(h, size[0], x.dtype, x.device)              # (H, h)
+    wx = bilinear_matrix(w, size[1], x.dtype, x.device)              # (W, w)
+    t = torch.matmul(wx, x.permute(0, 2, 3, 1))                       # (B, h, W, C)
+    return torch.matmul(wy, t.reshape(B, h, -1)).view(B, size[0], size[1], C)  # (B, H, W, C)
 
 
 def _running(module: nn.Module) -> nn.Module:
@@ -310,6 +320,9 @@ class MgmForConditionalGeneration(MgmPreTrainedModel, GenerationMixin):
             x = stage(x)
             maps.append(x)
         grid = maps[0].shape[-2:]
+        if self.fast.mining_matmul:  # channels-last memory behind the (B, C_aux, G, G) view: what the mining reads
+            cl = [maps[0].permute(0, 2, 3, 1)] + [upsample_bilinear_cl(m, tuple(grid)) for m in maps[1:]]
+            return torch.cat(cl, dim=-1).permute(0, 3, 1, 2)
         if self.fast.upsample_matmul:
             return torch.cat([maps[0]] + [upsample_bilinear(m, tuple(grid)) for m in maps[1:]], dim=1)
         # MGM upsamples in float32 and casts back; PyTorch's bilinear kernels already accumulate
@@ -328,6 +341,8 @@ class MgmForConditionalGeneration(MgmPreTrainedModel, GenerationMixin):
         if n * n != N or G % n:
             raise ValueError(f"patch mining needs a square token grid dividing the high-res grid: N={N}, grid={G}")
         p = G // n
+        if self.fast.mining_matmul:
+            return self._mine_matmul(tokens, aux, n, p)
         # (the fused path keeps a bf16 map bf16: under autocast the ViT's tokens come out float32)
         aux = (aux if self.fast.fused_mining else aux.to(tokens.dtype)).permute(0, 2, 3, 1)  # (B, G, G, C_aux)
         aux = aux.reshape(B, n, p, n, p, -1).permute(0, 1, 3, 2, 4, 5).reshape(B, N, p * p, -1)  # (B, N, p*p, C_aux)
@@ -339,6 +354,22 @@ class MgmForConditionalGeneration(MgmPreTrainedModel, GenerationMixin):
             v = self.vlm_uni_val_projector(aux)                # (B, N, p*p, C)
         # softmax(q k^T / sqrt(C)) v, one query per token; SDPA is MGM's explicit matmul, fused
         return F.scaled_dot_product_attention(q, k, v).squeeze(2)  # (B, N, C)
+
+    def _mine_matmul(self, tokens: torch.Tensor, aux: torch.Tensor, n: int, p: int) -> torch.Tensor:
+        """mine_patches in MGM's explicit matmuls on a channels-last map, never rearranged into patches:
+        with the map viewed as (B, a, i, m, j, C) (patch row a, row i in it, patch column m, column j),
+        token (a, m)'s keys in row i are p consecutive positions, so one batched matmul over strided
+        views scores them all. (SDPA's kernel for this head size took 26 ms of an H200 step's backward.)"""
+        B, N, C = tokens.shape
+        q = self.vlm_uni_query_projector(tokens)                                   # (B, N, C)
+        k, v = self._mining_keys_values(aux.permute(0, 2, 3, 1), q.dtype)          # 2 x (B, G, G, C)
+        k = k.unflatten(1, (n, p)).unflatten(3, (n, p))                            # (B, a, i, m, j, C)
+        v = v.unflatten(1, (n, p)).unflatten(3, (n, p))                            # (B, a, i, m, j, C)
+        s = torch.matmul(k, q.view(B, n, 1, n, C, 1)).squeeze(-1) * C ** -0.5      # (B, a, i, m, j)
+        w = s.permute(0, 1, 3, 2, 4).reshape(B, n, n, p * p).softmax(-1)           # (B, a, m, i*j)
+        w = w.view(B, n, n, p, p).permute(0, 1, 3, 2, 4).to(v.dtype)               # (B, a, i, m, j)
+        out = torch.matmul(w.unsqueeze(-2), v).squeeze(-2).sum(2)                  # (B, a, m, C)
+        return out.reshape(B, N, C)
 
     def _mining_keys_values(self, aux: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Both mining projectors (LayerNorm then Linear) over one normalisation of the aux map:

@@ -9,7 +9,7 @@ the tiny world's default run keeps its float32 path and its outputs bit for bit 
   stage 2 gets its float32 values back from a host-side stash, not an upcast of the bf16 copy.
 - loss_impl: logits only at answer tokens (chunked, or liger-kernel's fused linear cross-entropy).
 - liger_kernels: Liger's RMSNorm / GeGLU / RoPE kernels in a Gemma LM (keep fewer activations).
-- towers_no_grad, upsample_matmul, fused_mining: see vlmlab/models/mgm.py `FastPaths`.
+- towers_no_grad, upsample_matmul, fused_mining, mining_matmul: see vlmlab/models/mgm.py `FastPaths`.
 - dedup_towers: the collator sends each distinct image once per batch (PadCollator.dedup_images).
 - group_images: a sampler that puts the captions of one image in the same batch (off by default:
   it changes the data order, and its effect on the loss is not measured yet).
@@ -26,7 +26,7 @@ from vlmlab import io
 from vlmlab.models.mgm import LOSS_IMPLS, FastPaths
 
 PARAM_KEYS = ("frozen_bf16", "loss_impl", "liger_kernels", "towers_no_grad", "upsample_matmul", "fused_mining",
-              "dedup_towers", "group_images", "fused_adamw", "no_host_syncs", "cuda_workers")
+              "mining_matmul", "dedup_towers", "group_images", "fused_adamw", "no_host_syncs", "cuda_workers")
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,7 @@ class Levers:
     towers_no_grad: bool = False
     upsample_matmul: bool = False
     fused_mining: bool = False
+    mining_matmul: bool = False
     dedup_towers: bool = False
     group_images: bool = False
     fused_adamw: bool = False
@@ -77,7 +78,8 @@ def set_fast_paths(model: nn.Module, levers: Levers) -> None:
                                      for p in m.parameters()):
         raise io.fail("train.towers_no_grad: a vision tower is trainable in this stage; set towers_no_grad: false")
     mgm.fast = FastPaths(towers_no_grad=levers.towers_no_grad, upsample_matmul=levers.upsample_matmul,
-                         fused_mining=levers.fused_mining, loss=levers.loss_impl)
+                         fused_mining=levers.fused_mining, mining_matmul=levers.mining_matmul,
+                         loss=levers.loss_impl)
 
 
 def split_precision(model: nn.Module, stash: dict | None, dtype: torch.dtype = torch.bfloat16) -> dict[str, int]:
