@@ -435,6 +435,7 @@ def main() -> None:
     a.warmup = a.warmup if a.warmup is not None else (3 if device == "cuda" else 1)
     a.modes = a.modes.split(",")
     which = a.rows.split(",")
+    tried = tried_levers(a.try_levers) if a.try_levers else None  # a bad --try fails before any row runs
     gpu = torch.cuda.get_device_name(0) if device == "cuda" else "cpu"
     if a.peak_tflops is None and device == "cuda":
         a.peak_tflops = next((v for k, v in PEAK_TFLOPS.items() if k in gpu), None)
@@ -466,8 +467,8 @@ def main() -> None:
     if "ours" in which:
         rows += [bench_ours("ours", m, a, device, profile=profiles) for m in a.modes]
         write_json(a.out, {**meta, "partial": True, "rows": rows})
-    if a.try_levers:
-        rows += [bench_ours("ours-try", m, a, device, levers=tried_levers(a.try_levers)) for m in a.modes]
+    if tried is not None:
+        rows += [bench_ours("ours-try", m, a, device, levers=tried) for m in a.modes]
     if "ours-dedup" in which and "stage1" in a.modes:
         rows.append(bench_ours("ours-dedup", "stage1", a, device, per_image=3))
     for family, label in (("mgm", "class"), ("llava", "llava")):
