@@ -21,12 +21,12 @@ if [[ $mode == smoke ]]; then
   run model    bench/model_fwd_bwd.py --steps 1 --warmup 1 --batch-size 4 --out "$out/model.json"
   run generate bench/generate.py --n 64 --n-batch1 4 --batch-size 32 --repeats 1 --out "$out/generate.json"
   run parts    bench/generate_parts.py --images 4 --prefixes 8 --no-compile --out "$out/parts.json"
-  run train    bench/train_throughput.py --steps 2 --warmup 1 --deepspeed configs/deepspeed/zero2.json --out "$out/train.json"
+  run train    bench/train_throughput.py --steps 2 --warmup 1 --out "$out/train.json"
   run synth    bench/synth_captioner.py --stock 8 --generate 8 --fast 8 --fast-eager 8 --images 16 --out "$out/synth.json"
 else
   run model    bench/model_fwd_bwd.py --out "$out/model.json"
   run generate bench/generate.py --breakdown --cudnn-benchmark --out "$out/generate.json"
   run parts    bench/generate_parts.py --out "$out/parts.json"
-  run train    bench/train_throughput.py --deepspeed configs/deepspeed/zero2.json --out "$out/train.json"
+  run train    bench/train_throughput.py --profile "$out/train_profile.txt" --out "$out/train.json"
   run synth    bench/synth_captioner.py --checks --stock 64 --generate 256 --fast 256,512 --fast-eager 256 --profile 256 --out "$out/synth.json"
 fi

@@ -1,20 +1,27 @@
-"""Training throughput of the MGM recipe vs. a plain transformers + peft LLaVA, on one GPU.
+"""Training throughput of the MGM train stage vs. the peers' recipes on the same shapes, on one GPU.
 
     python bench/train_throughput.py --out bench/out/train_throughput.json            # H200: mgm-2b shapes
-    python bench/train_throughput.py --deepspeed configs/deepspeed/zero2.json ...     # + stage 2 via Trainer/ZeRO-2
+    python bench/train_throughput.py --profile bench/out/train_profile.txt ...        # + where a step's time goes
     python bench/train_throughput.py --preset tiny --steps 2 --out /tmp/tt.json       # CPU smoke test
 
-For each model (our MgmForConditionalGeneration at preset shapes; LlavaForConditionalGeneration
-of Gemma-2B + CLIP-L/336 shapes) and each recipe step (stage 1: connector only; stage 2 full:
-LM + connector, towers frozen; stage 2 LoRA r128 on the LM + connector as modules_to_save),
-it times `--steps` optimizer steps after `--warmup` on a synthetic batch (`--batch` x `--seq`
-tokens: <bos>, the image's tokens, then text whose last 64 tokens are the answer), with and
-without Liger kernels when `liger_kernel` imports. Reported: samples/s, tokens/s, model
-TFLOP/s and MFU (FLOPs counted by torch's FlopCounterMode on the plain run of the same
-configuration, so Liger's fused kernels are credited with the same work), peak memory.
-Weights fp32 with bf16 autocast on CUDA (what HF Trainer's bf16=True does), fp32 on CPU.
+Rows, each on `--batch` x `--seq` token samples (<bos>, the image's tokens, then text whose last 64
+tokens are the answer), recipe steps stage 1 (connector only), stage 2 full (LM + connector, towers
+frozen) and stage 2 LoRA r128 (LM adapters + connector as modules_to_save):
+- `ours`: the train stage itself (vlmlab.train.recipe.prepare_stage + run_stage, HF Trainer) with
+  params.yaml's `train:` levers (the stage's defaults), and `ours-off`: the same with every lever off
+  (the stage before them: float32 weights + bf16 autocast, HF loss on all logits). Both start from
+  the same weights and see the same batches: their loss curves are recorded side by side.
+  `ours-dedup`: stage 1 on a set with 3 captions per image, batches grouped by image
+  (train.group_images), towers once per image.
+- `class` / `llava`: our MgmForConditionalGeneration and a plain LlavaForConditionalGeneration
+  (Gemma-2B + CLIP-L/336 shapes) in a plain loop, all weights bf16 as the peers load them
+  (LLaVA/MGM/LLaMA-Factory), then the same with Liger kernels (fused linear CE, RMSNorm, GeGLU, RoPE).
+Reported: samples/s, tokens/s, model TFLOP/s and MFU (FLOPs of the plain class / LLaVA configuration
+counted by torch's FlopCounterMode, so fused or skipped work is credited as the same work), peak
+memory, and each row's ratio to the best peer row of its step. Liger patches Gemma globally, so
+every plain row runs before any Liger row.
 
-Imports only torch, transformers, peft and vlmlab (deepspeed and liger_kernel optional).
+Imports only torch, transformers, peft and vlmlab (liger_kernel optional).
 """
 from __future__ import annotations
 
@@ -81,8 +88,9 @@ def build(family: str, preset: str, device: str, attn: str):
         return model, cfg.image_token_id, n_image, cfg.text_config.vocab_size, cfg.vision_config.image_size, None
 
 
-def synthetic_batch(B: int, T: int, image_id: int, n_image: int, vocab: int, side: int, side_aux, device: str) -> dict:
-    g = torch.Generator().manual_seed(0)
+def synthetic_batch(B: int, T: int, image_id: int, n_image: int, vocab: int, side: int, side_aux, device: str,
+                    generator: torch.Generator | None = None) -> dict:
+    g = generator if generator is not None else torch.Generator().manual_seed(0)
     ids = torch.randint(3, vocab - 2, (B, T), generator=g)
     ids[:, 0] = 2
     ids[:, 1:1 + n_image] = image_id                        # (B, T): <bos>, image tokens, text
@@ -183,7 +191,7 @@ def time_steps(model, batch, steps: int, warmup: int, device: str) -> dict:
     dt = (time.perf_counter() - t0) / steps
     B, T = batch["input_ids"].shape
     out = {"step_s": round(dt, 4), "samples_per_s": round(B / dt, 2), "tokens_per_s": round(B * T / dt, 1),
-           "loss": round(float(loss), 4), "trainable_params": sum(p.numel() for p in params)}
+           "loss": round(float(loss.detach()), 4), "trainable_params": sum(p.numel() for p in params)}
     if device == "cuda":
         out["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     del opt
@@ -197,28 +205,30 @@ def free(device: str) -> None:
 
 
 def bench_family(family: str, liger: bool, a, device: str, flops_cache: dict) -> list[dict]:
+    """`class` (our model) or `llava` rows in a plain loop, all weights bf16 (the peers' recipe)."""
+    label = "class" if family == "mgm" else "llava"
     rows = []
+    torch.manual_seed(0)
     model, image_id, n_image, vocab, side, side_aux = build(family, a.preset, device, a.attn)
+    if device == "cuda":
+        model.to(torch.bfloat16)
     note = apply_liger(model, family) if liger else ""
     if note:
         del model
         free(device)
-        rows = [{"model": family, "liger": True, "mode": m, "error": note} for m in a.modes]
+        rows = [{"model": label, "liger": True, "mode": m, "error": note} for m in a.modes]
         for row in rows:
             print(fmt(row), flush=True)
         return rows
     batch = synthetic_batch(a.batch, a.seq, image_id, n_image, vocab, side, side_aux, device)
     for mode in a.modes:  # stage1 -> full -> lora: LoRA wraps the model, so it comes last
-        row = {"model": family, "liger": liger, "mode": mode, "batch": a.batch, "seq": a.seq}
+        row = {"model": label, "liger": liger, "mode": mode, "batch": a.batch, "seq": a.seq, "via": "loop"}
         try:
             model = apply_mode(model, family, mode, a.lora_r)
             key = (family, mode)
             if key not in flops_cache:  # Liger's Triton kernels are invisible to the counter: count plain runs
                 flops_cache[key] = count_flops(model, batch, device)
             row.update(time_steps(model, batch, a.steps, a.warmup, device))
-            tflops = flops_cache[key] / row["step_s"] / 1e12
-            row["model_tflops"] = round(tflops, 4)
-            row["mfu"] = round(tflops / a.peak_tflops, 4) if a.peak_tflops else None
         except Exception as e:  # one failing configuration (OOM, API drift) must not lose the others
             row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
         rows.append(row)
@@ -229,11 +239,13 @@ def bench_family(family: str, liger: bool, a, device: str, flops_cache: dict) ->
     return rows
 
 
-# ---------------------------------------------------------------- stage 2 through HF Trainer (+ DeepSpeed)
+# ---------------------------------------------------------------- the train stage itself
 
 class SyntheticSet(torch.utils.data.Dataset):
-    def __init__(self, batch: dict, n: int):
-        self.samples = [{k: v[i % v.shape[0]].cpu() for k, v in batch.items() if k != "attention_mask"} for i in range(n)]
+    """Samples as ConversationDataset holds them (`samples`, rows of one image sharing its pixel tensors)."""
+
+    def __init__(self, samples: list[dict]):
+        self.samples = samples
 
     def __len__(self):
         return len(self.samples)
@@ -242,64 +254,156 @@ class SyntheticSet(torch.utils.data.Dataset):
         return self.samples[i]
 
 
-def bench_trainer(a, device: str, deepspeed: str, flops_cache: dict) -> dict:
-    """Stage 2 full of our recipe through vlmlab.train.recipe.run_stage (HF Trainer), optionally ZeRO-2."""
-    from vlmlab.data.collate import PadCollator
+_SAMPLES: dict = {}
+
+
+def synthetic_samples(n: int, T: int, image_id: int, n_image: int, vocab: int, side: int, side_aux,
+                      per_image: int = 1, seed: int = 0) -> list[dict]:
+    """`n` distinct samples (`per_image` of them share one image): a step sees other tokens than the last.
+    Made once per shape and handed out as fresh dicts (prepare_data replaces a row's pixel tensors)."""
+    key = (n, T, image_id, n_image, vocab, side, side_aux, per_image, seed)
+    if key not in _SAMPLES:
+        _SAMPLES[key] = _make_samples(*key)
+    return [dict(s) for s in _SAMPLES[key]]
+
+
+def _make_samples(n, T, image_id, n_image, vocab, side, side_aux, per_image, seed) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    out, px = [], None
+    for i in range(n):
+        b = synthetic_batch(1, T, image_id, n_image, vocab, side, side_aux, "cpu", generator=g)
+        if i % per_image == 0:
+            px = {k: b[k][0] for k in ("pixel_values", "pixel_values_aux") if k in b}
+        out.append({"input_ids": b["input_ids"][0], "labels": b["labels"][0], **px})
+    return out
+
+
+def ours_config(a, mode: str, levers):
+    """A TrainConfig from params.yaml's `train:` (the stage's defaults), batch and step count from the bench."""
+    from dataclasses import replace
+
+    from vlmlab.params import load as load_params
     from vlmlab.train import recipe
 
-    row = {"model": "mgm", "liger": False, "mode": "full", "via": "trainer" + ("+" + Path(deepspeed).stem if deepspeed else ""),
-           "batch": a.batch, "seq": a.seq}
-    if deepspeed:
-        try:
-            import deepspeed as _  # noqa: F401
-        except ImportError as e:
-            row["error"] = f"deepspeed not importable ({e})"
-            print(fmt(row), flush=True)
-            return row
-        # a single process without a launcher: give torch.distributed its environment
-        for k, v in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29517", "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"}.items():
-            os.environ.setdefault(k, v)
+    train = load_params(Path(__file__).resolve().parents[1] / "params.yaml")["train"]
+    train = {**train, "stage1_global_batch": a.batch, "stage1_micro_batch": a.batch, "stage2_global_batch": a.batch,
+             "stage2_micro_batch": a.batch, "stage1_epochs": 1, "stage2_epochs": 1, "save_steps": 0,
+             "deepspeed": a.deepspeed}
+    run = {"data": "raw", "strategy": "lora" if mode == "lora" else "full", "lr": 2e-5,  # MGM-2B stage 2 lr
+           "lora_r": a.lora_r, "lora_alpha": 2 * a.lora_r, "lora_dropout": 0.05}
+    cfg = recipe.TrainConfig.from_params(train, run, seed=0)
+    levers = levers if levers is not None else cfg.levers
+    if a.cuda_workers is not None:
+        levers = replace(levers, cuda_workers=a.cuda_workers)
+    return replace(cfg, levers=levers)
+
+
+def bench_ours(label: str, mode: str, a, device: str, levers=None, per_image: int = 1, profile: list | None = None) -> dict:
+    """One recipe step through the train stage's own code: prepare_stage (trainable set + levers), then
+    run_stage (HF Trainer), on `warmup + steps` distinct batches; the per-step losses come back too."""
+    from dataclasses import replace
+
+    from vlmlab.train import recipe
+
+    row = {"model": label, "liger": None, "mode": mode, "batch": a.batch, "seq": a.seq, "via": "train stage"}
     try:
+        cfg = ours_config(a, mode, levers)
+        if per_image > 1:
+            cfg = replace(cfg, levers=replace(cfg.levers, group_images=True))
+        lv = recipe.levers_in_effect(cfg)
+        row["levers"] = {k: v for k, v in vars(lv).items()}
+        torch.manual_seed(0)  # the same initial weights in every row of this mode
         model, image_id, n_image, vocab, side, side_aux = build("mgm", a.preset, device, a.attn)
-        batch = synthetic_batch(a.batch, a.seq, image_id, n_image, vocab, side, side_aux, "cpu")
-        data = SyntheticSet(batch, a.batch * (a.warmup + a.steps))
-        stage = recipe.StageConfig(epochs=1.0, lr=1e-5, global_batch=a.batch, micro_batch=a.batch, warmup_ratio=0.03,
-                                   scheduler="cosine")
-        cfg = recipe.TrainConfig(stage1=stage, stage2=stage, strategy="full", lora=None, gradient_checkpointing=False,
-                                 attn_implementation=a.attn, deepspeed=deepspeed, save_steps=0, workers=0,
-                                 group_by_length=False, max_length=0, seed=0)
-        model = strategies.stage2(model, "full")
+        data = SyntheticSet(synthetic_samples(a.batch * (a.warmup + a.steps), a.seq, image_id, n_image, vocab, side,
+                                              side_aux, per_image=per_image))
+        recipe.prepare_data(cfg, data)
+        model = recipe.prepare_stage(model, 1 if mode == "stage1" else 2, cfg, None)  # one stage: nothing to stash
+        sc = cfg.stage1 if mode == "stage1" else cfg.stage2
+        free(device)
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
         with tempfile.TemporaryDirectory() as tmp:
-            trainer, fig, _ = recipe.run_stage(model, data, PadCollator(0, 0), cfg.stage2, cfg, Path(tmp) / "out",
-                                               stage=2)
-        row.update(samples_per_s=fig["samples_per_s"], tokens_per_s=fig["tokens_per_s"], steps=fig["steps"],
-                   loss=round(fig["final_loss"], 4))
-        if ("mgm", "full") in flops_cache:  # same model, batch and trainable set as the loop's row
-            tflops = flops_cache["mgm", "full"] * fig["samples_per_s"] / a.batch / 1e12
-            row["model_tflops"] = round(tflops, 2)
-            row["mfu"] = round(tflops / a.peak_tflops, 4) if a.peak_tflops else None
+            _, fig, curve = recipe.run_stage(model, data, recipe.make_collator(0, cfg), sc, cfg, Path(tmp) / "out",
+                                             stage=1 if mode == "stage1" else 2)
+        timed = [r for r in curve[a.warmup:] if "step_s" in r] or curve
+        step_s = sum(r["step_s"] for r in timed) / len(timed)
+        row.update(step_s=round(step_s, 4), samples_per_s=round(a.batch / step_s, 2),
+                   tokens_per_s=round(a.batch * a.seq / step_s, 1), stage_metric_samples_per_s=fig["samples_per_s"],
+                   loss=round(curve[-1]["loss"], 4), losses=[round(r["loss"], 5) for r in curve],
+                   trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad))
         if device == "cuda":
             row["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-        del trainer, model
-    except Exception as e:
+        if profile is not None:
+            try:  # a profiler hiccup must not lose the row
+                profile.append(profile_step(model, recipe.make_collator(0, cfg)(data.samples[:a.batch]), device,
+                                            f"{label} {mode}"))
+            except Exception as e:
+                profile.append(f"=== {label} {mode}: profile failed: {type(e).__name__}: {e}")
+        del model, data
+    except Exception as e:  # one failing configuration (OOM, API drift) must not lose the others
         row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
     free(device)
     print(fmt(row), flush=True)
     return row
 
 
+def profile_step(model, batch: dict, device: str, title: str) -> str:
+    """One forward + backward under torch.profiler: the kernels a step spends its time in."""
+    from torch.profiler import ProfilerActivity, profile
+
+    batch = {k: v.to(device) for k, v in batch.items()}
+    model.train()
+    for _ in range(2):  # the second is profiled (the first warms allocator and kernels)
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+        with profile(activities=acts) as prof, autocast(device):
+            model(**batch).loss.backward()
+            sync(device)
+    model.zero_grad(set_to_none=True)
+    key = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
+    return f"=== {title}\n" + prof.key_averages().table(sort_by=key, row_limit=40, max_name_column_width=80)
+
+
 # ---------------------------------------------------------------- report
 
 def fmt(row: dict) -> str:
-    name = f"{row['model']:<5} {'liger' if row['liger'] else 'plain':<5} {row['mode']:<6} {row.get('via', 'loop'):<16}"
+    kern = {True: "liger", False: "plain", None: "stage"}[row["liger"]]
+    name = f"{row['model']:<10} {kern:<5} {row['mode']:<6}"
     if "error" in row:
         return f"{name} ERROR {row['error']}"
-    mfu = f"{row['mfu'] * 100:5.1f}%" if row.get("mfu") is not None else "    -"
+    mfu = f"{row['mfu'] * 100:5.1f}%" if row.get("mfu") is not None else "     -"
     mem = f"{row['peak_mem_gib']:7.1f}" if "peak_mem_gib" in row else "      -"
-    tflops = f"{row['model_tflops']:8.2f}" if "model_tflops" in row else "       -"
-    return f"{name} {row['samples_per_s']:9.2f} {row['tokens_per_s']:11.0f} {tflops} {mfu} {mem}"
+    tflops = f"{row['model_tflops']:8.1f}" if row.get("model_tflops") is not None else "       -"
+    ratio = f"{row['vs_best_peer']:6.2f}x" if row.get("vs_best_peer") is not None else "      -"
+    return f"{name} {row['samples_per_s']:9.2f} {row['tokens_per_s']:10.0f} {tflops} {mfu} {mem} {ratio}"
+
+
+HEADER = f"{'rows':<10} {'kern':<5} {'mode':<6} {'samples/s':>9} {'tokens/s':>10} {'TFLOP/s':>8} {'MFU':>6} {'mem GiB':>7} {'vs peer':>7}"
+
+
+def finish(rows: list[dict], flops: dict, peak_tflops) -> dict:
+    """MFU from the plain FLOP counts; each row's ratio to the best peer row (class/llava, bf16 +/- Liger)
+    of its step; the loss curves of `ours` vs `ours-off`."""
+    best = {}
+    for r in rows:
+        if r["model"] in ("class", "llava") and "error" not in r:
+            best[r["mode"]] = max(best.get(r["mode"], 0), r["samples_per_s"])
+    for r in rows:
+        if "error" in r:
+            continue
+        n = flops.get(("llava" if r["model"] == "llava" else "mgm", r["mode"]))
+        if n:
+            r["model_tflops"] = round(n / r["step_s"] / 1e12, 2)
+            r["mfu"] = round(r["model_tflops"] / peak_tflops, 4) if peak_tflops else None
+        r["vs_best_peer"] = round(r["samples_per_s"] / best[r["mode"]], 3) if best.get(r["mode"]) else None
+    curves = {}
+    for mode in {r["mode"] for r in rows}:
+        on = next((r for r in rows if r["model"] == "ours" and r["mode"] == mode and "losses" in r), None)
+        off = next((r for r in rows if r["model"] == "ours-off" and r["mode"] == mode and "losses" in r), None)
+        if on and off:
+            d = [abs(x - y) for x, y in zip(on["losses"], off["losses"])]
+            curves[mode] = {"ours": on["losses"], "ours_off": off["losses"], "max_abs_diff": round(max(d), 5),
+                            "mean_abs_diff": round(sum(d) / len(d), 5)}
+    return curves
 
 
 def main() -> None:
@@ -312,10 +416,14 @@ def main() -> None:
     ap.add_argument("--lora_r", type=int, default=None, help="LoRA rank (mgm-2b: 128, tiny: 8)")
     ap.add_argument("--attn", default="sdpa", choices=["sdpa", "eager", "flash_attention_2"])
     ap.add_argument("--modes", default="stage1,full,lora")
-    ap.add_argument("--families", default="mgm,llava")
-    ap.add_argument("--liger", default="auto", choices=["auto", "on", "off"], help="auto: also with Liger if it imports")
-    ap.add_argument("--deepspeed", default="", help="also stage 2 full via HF Trainer with this DeepSpeed config")
-    ap.add_argument("--trainer", action="store_true", help="also stage 2 full via HF Trainer without DeepSpeed")
+    ap.add_argument("--rows", default="ours-off,class,llava,ours,ours-dedup",
+                    help="ours-off, class, llava (plain bf16; Liger too where it imports), ours, ours-dedup (+ ours-try with --try)")
+    ap.add_argument("--liger", default="auto", choices=["auto", "on", "off"], help="auto: class/llava Liger rows if it imports")
+    ap.add_argument("--deepspeed", default="", help="ours rows through DeepSpeed with this config")
+    ap.add_argument("--try", dest="try_levers", default="",
+                    help="ours-try rows: the defaults with these levers changed, e.g. mining_matmul=true,loss_impl=liger")
+    ap.add_argument("--cuda_workers", type=int, default=None, help="override train.cuda_workers (e.g. 0 where /dev/shm is small)")
+    ap.add_argument("--profile", default="", help="write a torch.profiler table of one `ours` step per mode here")
     ap.add_argument("--peak_tflops", type=float, default=None, help="for MFU; default from the GPU name")
     ap.add_argument("--out", default="bench/out/train_throughput.json")
     a = ap.parse_args()
@@ -326,6 +434,8 @@ def main() -> None:
     a.lora_r = a.lora_r or (128 if big else 8)
     a.warmup = a.warmup if a.warmup is not None else (3 if device == "cuda" else 1)
     a.modes = a.modes.split(",")
+    which = a.rows.split(",")
+    tried = tried_levers(a.try_levers) if a.try_levers else None  # a bad --try fails before any row runs
     gpu = torch.cuda.get_device_name(0) if device == "cuda" else "cpu"
     if a.peak_tflops is None and device == "cuda":
         a.peak_tflops = next((v for k, v in PEAK_TFLOPS.items() if k in gpu), None)
@@ -339,25 +449,80 @@ def main() -> None:
     ligers = [False] + ([True] if a.liger == "on" or (a.liger == "auto" and has_liger and device == "cuda") else [])
     print(f"device {gpu}, preset {a.preset}, batch {a.batch} x {a.seq} tokens, {a.attn}, LoRA r{a.lora_r}, "
           f"{a.steps} timed steps after {a.warmup}; liger: {'yes' if has_liger else 'not installed'}")
-    print(f"{'model':<5} {'kern':<5} {'mode':<6} {'via':<16} {'samples/s':>9} {'tokens/s':>11} {'TFLOP/s':>8} {'MFU':>6} {'mem GiB':>7}")
-    torch.manual_seed(0)
-    rows, flops = [], {}
-    for liger in ligers:
-        for family in a.families.split(","):
-            rows += bench_family(family, liger, a, device, flops)
-    if a.trainer or a.deepspeed:
-        rows.append(bench_trainer(a, device, "", flops))
-    if a.deepspeed:
-        rows.append(bench_trainer(a, device, a.deepspeed, flops))
-    result = {"device": gpu, "preset": a.preset, "batch": a.batch, "seq": a.seq, "attn": a.attn, "lora_r": a.lora_r,
-              "steps": a.steps, "warmup": a.warmup, "peak_tflops": a.peak_tflops,
-              "torch": torch.__version__, "transformers": __import__("transformers").__version__, "rows": rows}
-    out = Path(a.out)
+    print(HEADER)
+    from vlmlab.train.fast import Levers
+
+    rows, flops, profiles = [], {}, [] if a.profile else None
+    meta = {"device": gpu, "preset": a.preset, "batch": a.batch, "seq": a.seq, "attn": a.attn, "lora_r": a.lora_r,
+            "steps": a.steps, "warmup": a.warmup, "peak_tflops": a.peak_tflops,
+            "torch": torch.__version__, "transformers": __import__("transformers").__version__}
+    # every plain row first: Liger (in `ours` too, train.liger_kernels) patches Gemma's classes globally
+    if "ours-off" in which:
+        rows += [bench_ours("ours-off", m, a, device, levers=Levers()) for m in a.modes]
+        write_json(a.out, {**meta, "partial": True, "rows": rows})  # a run cut short keeps what it measured
+    for family, label in (("mgm", "class"), ("llava", "llava")):
+        if label in which:
+            rows += bench_family(family, False, a, device, flops)
+            write_json(a.out, {**meta, "partial": True, "rows": rows})
+    if "ours" in which:
+        rows += [bench_ours("ours", m, a, device, profile=profiles) for m in a.modes]
+        write_json(a.out, {**meta, "partial": True, "rows": rows})
+    if tried is not None:
+        rows += [bench_ours("ours-try", m, a, device, levers=tried) for m in a.modes]
+    if "ours-dedup" in which and "stage1" in a.modes:
+        rows.append(bench_ours("ours-dedup", "stage1", a, device, per_image=3))
+    for family, label in (("mgm", "class"), ("llava", "llava")):
+        if label in which and True in ligers:
+            rows += bench_family(family, True, a, device, flops)
+            write_json(a.out, {**meta, "partial": True, "rows": rows})
+    missing = {("mgm", m) for m in a.modes} - set(flops)
+    if missing and any(r["model"].startswith("ours") for r in rows):  # ours alone: count the plain class's FLOPs
+        torch.manual_seed(0)
+        model, image_id, n_image, vocab, side, side_aux = build("mgm", a.preset, device, a.attn)
+        batch = synthetic_batch(a.batch, a.seq, image_id, n_image, vocab, side, side_aux, device)
+        for mode in a.modes:
+            model = apply_mode(model, "mgm", mode, a.lora_r)
+            flops["mgm", mode] = count_flops(model, batch, device)
+        del model, batch
+        free(device)
+    curves = finish(rows, flops, a.peak_tflops)
+    print("\n" + HEADER)
+    for r in rows:
+        print(fmt(r))
+    for mode, c in curves.items():
+        print(f"loss curve {mode}: ours vs ours-off, max |diff| {c['max_abs_diff']}, mean {c['mean_abs_diff']}\n"
+              f"  ours     {c['ours']}\n  ours-off {c['ours_off']}")
+    write_json(a.out, {**meta, "flops_per_step": {f"{k[0]}/{k[1]}": v for k, v in flops.items()}, "rows": rows,
+                       "loss_curves": curves})
+    if a.profile:
+        Path(a.profile).write_text("\n\n".join(profiles) + "\n")
+    print(f"wrote {a.out}")
+
+
+def tried_levers(spec: str):
+    """params.yaml's levers with `key=value,...` changed (values typed as the field's default)."""
+    from dataclasses import replace
+
+    from vlmlab.params import load as load_params
+    from vlmlab.train.fast import Levers
+
+    base = Levers.from_params(load_params(Path(__file__).resolve().parents[1] / "params.yaml")["train"])
+    changes = {}
+    for item in filter(None, spec.split(",")):
+        key, _, value = item.partition("=")
+        if not hasattr(base, key):
+            raise SystemExit(f"--try {item}: no lever {key!r} (see params.yaml train:)")
+        kind = type(getattr(base, key))
+        changes[key] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
+    return replace(base, **changes)
+
+
+def write_json(path: str, result: dict) -> None:
+    out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
     tmp.write_text(json.dumps(result, indent=2) + "\n")
     os.replace(tmp, out)
-    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

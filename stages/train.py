@@ -30,7 +30,7 @@ import fire  # noqa: E402
 from dvclive import Live  # noqa: E402
 
 from vlmlab import io  # noqa: E402
-from vlmlab.data.collate import ConversationDataset, PadCollator  # noqa: E402
+from vlmlab.data.collate import ConversationDataset  # noqa: E402
 from vlmlab.monitor import Monitor  # noqa: E402
 from vlmlab.params import load as load_params  # noqa: E402
 from vlmlab.train import recipe, strategies  # noqa: E402
@@ -62,7 +62,7 @@ def main(name: str, base: str = "models/zoo", captions: str = "data/raw/llava.js
         recipe.prepare_work_dir(work, recipe.fingerprint(cfg, *inputs))
         # the curves are redrawn from the checkpoints' history (DVC deletes plots/ before a re-run): no dvclive resume
         live = Live(str(plots), dvcyaml=None, save_dvc_exp=False) if main_process else None
-        model, trainer, figures = recipe.two_stage(model, *data, PadCollator(processor.tokenizer.pad_token_id),
+        model, trainer, figures = recipe.two_stage(model, *data, recipe.make_collator(processor.tokenizer.pad_token_id, cfg),
                                                    cfg, work, live=live, base_path=base)
         recipe.save_trained(model, trainer, out, processor)  # a LoRA adapter names `base` (set by two_stage)
         if live is not None:

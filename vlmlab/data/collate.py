@@ -140,17 +140,27 @@ class _LastImage:
 
 @dataclass
 class PadCollator:
-    """Right-pads input_ids (pad id) and labels (-100), builds the attention mask, stacks pixels."""
+    """Right-pads input_ids (pad id) and labels (-100), builds the attention mask, stacks pixels.
+
+    `dedup_images`: rows that share an image (one pixel tensor, as ConversationDataset stores them)
+    send it once: pixels (U, ...) of the batch's distinct images and `image_index` (B,), row -> image,
+    so the model runs its towers once per image (MgmForConditionalGeneration.get_image_features)."""
 
     pad_token_id: int
     pad_to_multiple_of: int = 8  # tensor-core friendly shapes on GPU; harmless on CPU
+    dedup_images: bool = False
 
     def __call__(self, batch: list[dict]) -> dict[str, torch.Tensor]:
         input_ids, attention_mask = pad([b["input_ids"] for b in batch], self.pad_token_id,
                                         multiple_of=self.pad_to_multiple_of)    # (B, T)
         labels, _ = pad([b["labels"] for b in batch], IGNORE_INDEX, multiple_of=self.pad_to_multiple_of)  # (B, T)
-        return {
-            "input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
-            "pixel_values": torch.stack([b["pixel_values"] for b in batch]),          # (B, 3, H, W)
-            "pixel_values_aux": torch.stack([b["pixel_values_aux"] for b in batch]),  # (B, 3, H', W')
-        }
+        out = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        images = batch
+        if self.dedup_images:
+            slot: dict[int, int] = {}
+            index = [slot.setdefault(id(b["pixel_values"]), len(slot)) for b in batch]
+            images = [batch[index.index(u)] for u in range(len(slot))]
+            out["image_index"] = torch.tensor(index)                                   # (B,)
+        out["pixel_values"] = torch.stack([b["pixel_values"] for b in images])          # (U, 3, H, W)
+        out["pixel_values_aux"] = torch.stack([b["pixel_values_aux"] for b in images])  # (U, 3, H', W')
+        return out

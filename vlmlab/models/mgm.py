@@ -27,6 +27,8 @@ Example (runnable)::
     16
 """
 
+import contextlib
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -45,6 +47,7 @@ from transformers import (
 from transformers.cache_utils import Cache
 from transformers.configuration_utils import SubConfigSpec
 from transformers.modeling_outputs import ModelOutput
+from torch.utils.checkpoint import checkpoint
 
 
 # MGM's `image_aspect_ratio`: "pad" pads to a square (mm_utils.expand2square), anything else is
@@ -149,6 +152,103 @@ def norm_linear(d_in: int, d_out: int) -> nn.Sequential:
     return nn.Sequential(nn.LayerNorm(d_in), nn.Linear(d_in, d_out))
 
 
+# ---------------------------------------------------------------- training fast paths
+# Each computes what the reference path computes (tests/test_fast.py checks it in float32); none is
+# in the config, so a saved model is the same whichever ran. vlmlab/train/fast.py turns them on for
+# CUDA runs only: on CPU the reference path keeps every output bit for bit.
+
+@dataclass
+class FastPaths:
+    towers_no_grad: bool = False    # towers (frozen in every stage) under torch.no_grad: no autograd bookkeeping
+    upsample_matmul: bool = False   # ConvNeXt maps upsampled as two small matmuls (bilinear = separable)
+    fused_mining: bool = False      # mining keys + values: one LayerNorm of the aux map, one GEMM
+    mining_matmul: bool = False     # mining on a channels-last map in MGM's explicit matmuls (implies fused_mining)
+    loss: str = "full"              # full: HF's loss on all logits | chunked | liger: logits at answer tokens only
+
+
+LOSS_IMPLS = ("full", "chunked", "liger")
+CE_CHUNK_ELEMENTS = 2**28  # logits alive at once in the chunked loss (1 GiB fp32): ~1k tokens of Gemma's 256k vocabulary
+
+
+@functools.lru_cache(maxsize=32)
+def bilinear_matrix(n_in: int, n_out: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """(n_out, n_in): 1-D bilinear interpolation as F.interpolate(align_corners=False) computes it.
+
+    Built on `device` (no host-to-device copy, which would wait for the stream) and cached. For the
+    power-of-two scales of a ConvNeXt the weights are k/2^j, exact in bf16."""
+    scale = n_in / n_out
+    src = ((torch.arange(n_out, device=device, dtype=torch.float64) + 0.5) * scale - 0.5).clamp(min=0)
+    i0 = src.floor().long().clamp(max=n_in - 1)
+    i1 = (i0 + 1).clamp(max=n_in - 1)
+    lam = src - i0
+    rows = torch.arange(n_out, device=device)
+    m = torch.zeros(n_out, n_in, device=device, dtype=torch.float64)
+    m.index_put_((rows, i0), 1 - lam, accumulate=True)
+    m.index_put_((rows, i1), lam, accumulate=True)
+    return m.to(dtype)
+
+
+def upsample_bilinear(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(B, C, h, w) -> (B, C, H, W), F.interpolate(mode="bilinear", align_corners=False) as two matmuls
+    (measured on an H200: 3.9 vs 28.0 ms for 32 ConvNeXt-L maps)."""
+    wy = bilinear_matrix(x.shape[-2], size[0], x.dtype, x.device)   # (H, h)
+    wx = bilinear_matrix(x.shape[-1], size[1], x.dtype, x.device)   # (W, w)
+    return wy @ (x @ wx.T)                                           # (B, C, h, W) -> (B, C, H, W)
+
+
+def upsample_bilinear_cl(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """upsample_bilinear's result channels last: (B, C, h, w) -> (B, H, W, C), contiguous."""
+    B, C, h, w = x.shape
+    wy = bilinear_matrix(h, size[0], x.dtype, x.device)              # (H, h)
+    wx = bilinear_matrix(w, size[1], x.dtype, x.device)              # (W, w)
+    t = torch.matmul(wx, x.permute(0, 2, 3, 1))                       # (B, h, W, C)
+    return torch.matmul(wy, t.reshape(B, h, -1)).view(B, size[0], size[1], C)  # (B, H, W, C)
+
+
+def _running(module: nn.Module) -> nn.Module:
+    """The module that runs when `module` is called: a peft ModulesToSaveWrapper (LoRA runs train the
+    connector through one) runs its active trained copy, or its original when adapters are off."""
+    copies = getattr(module, "modules_to_save", None)
+    if copies is None:
+        return module
+    active = module.active_adapters
+    if module.disable_adapters or not active or active[0] not in copies:
+        return module.original_module
+    return copies[active[0]]
+
+
+def _ce_sum(h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy((h @ weight.T).float(), y, reduction="sum")  # (M, V) logits, upcast as HF's loss does
+
+
+def answer_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                         num_items_in_batch=None, impl: str = "chunked") -> torch.Tensor:
+    """HF's causal-LM loss (labels shifted by one, -100 ignored; sum / num_items_in_batch if given, else
+    mean) with logits only where a label exists. hidden (B, T, D) after the final norm, weight (V, D).
+
+    `chunked`: the head's logits in chunks of CE_CHUNK_ELEMENTS, each recomputed in backward (a chunk's
+    logits are never kept); `liger`: liger-kernel's fused linear cross-entropy."""
+    h = hidden[:, :-1].reshape(-1, hidden.shape[-1])                 # (B*(T-1), D)
+    y = labels[:, 1:].reshape(-1).to(hidden.device)                   # (B*(T-1),)
+    keep = y != -100
+    h, y = h[keep], y[keep]                                           # (M, D), (M,)
+    if torch.is_autocast_enabled(h.device.type):  # cast the head once, not once per chunk
+        dt = torch.get_autocast_dtype(h.device.type)
+        h, weight = h.to(dt), weight.to(dt)
+    if impl == "liger":
+        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
+        total = liger_fused_linear_cross_entropy(h, weight, y, reduction="sum")
+    elif impl == "chunked":
+        rows = max(1, CE_CHUNK_ELEMENTS // weight.shape[0])
+        total = h.new_zeros((), dtype=torch.float32)
+        for s in range(0, h.shape[0], rows):
+            total = total + checkpoint(_ce_sum, h[s:s + rows], weight, y[s:s + rows], use_reentrant=False)
+    else:
+        raise ValueError(f"answer_cross_entropy impl {impl!r}: use 'chunked' or 'liger'")
+    return total / (num_items_in_batch if num_items_in_batch is not None else h.shape[0])
+
+
 class MgmPreTrainedModel(PreTrainedModel):
     config: MgmConfig
     base_model_prefix = "model"  # no such attribute: the whole model is the base (as for LLaVA's head model)
@@ -187,6 +287,7 @@ class MgmForConditionalGeneration(MgmPreTrainedModel, GenerationMixin):
         self.vlm_uni_val_projector = norm_linear(d_aux, d_vis)
         self.mm_projector = build_projector(config.mm_projector_type, d_vis, d_lm)
         self.language_model = AutoModelForCausalLM.from_config(config.text_config)
+        self.fast = FastPaths()  # all off: the reference path (vlmlab/train/fast.py sets them for CUDA training)
         self.post_init()
 
     # -- embeddings plumbing (resize, tying, peft) is the LM's --------------------------
@@ -219,6 +320,11 @@ class MgmForConditionalGeneration(MgmPreTrainedModel, GenerationMixin):
             x = stage(x)
             maps.append(x)
         grid = maps[0].shape[-2:]
+        if self.fast.mining_matmul:  # channels-last memory behind the (B, C_aux, G, G) view: what the mining reads
+            cl = [maps[0].permute(0, 2, 3, 1)] + [upsample_bilinear_cl(m, tuple(grid)) for m in maps[1:]]
+            return torch.cat(cl, dim=-1).permute(0, 3, 1, 2)
+        if self.fast.upsample_matmul:
+            return torch.cat([maps[0]] + [upsample_bilinear(m, tuple(grid)) for m in maps[1:]], dim=1)
         # MGM upsamples in float32 and casts back; PyTorch's bilinear kernels already accumulate
         # bf16/fp16 in float32, so the map's own dtype gives the same values without the float32
         # copies (every element equal: on an H200 for a contiguous map, bench/results/parts_upsample.json;
@@ -235,20 +341,63 @@ class MgmForConditionalGeneration(MgmPreTrainedModel, GenerationMixin):
         if n * n != N or G % n:
             raise ValueError(f"patch mining needs a square token grid dividing the high-res grid: N={N}, grid={G}")
         p = G // n
-        aux = aux.to(tokens.dtype).permute(0, 2, 3, 1)                                 # (B, G, G, C_aux)
+        if self.fast.mining_matmul:
+            return self._mine_matmul(tokens, aux, n, p)
+        # (the fused path keeps a bf16 map bf16: under autocast the ViT's tokens come out float32)
+        aux = (aux if self.fast.fused_mining else aux.to(tokens.dtype)).permute(0, 2, 3, 1)  # (B, G, G, C_aux)
         aux = aux.reshape(B, n, p, n, p, -1).permute(0, 1, 3, 2, 4, 5).reshape(B, N, p * p, -1)  # (B, N, p*p, C_aux)
         q = self.vlm_uni_query_projector(tokens)[:, :, None]   # (B, N, 1, C)
-        k = self.vlm_uni_aux_projector(aux)                    # (B, N, p*p, C)
-        v = self.vlm_uni_val_projector(aux)                    # (B, N, p*p, C)
+        if self.fast.fused_mining:
+            k, v = self._mining_keys_values(aux, q.dtype)
+        else:
+            k = self.vlm_uni_aux_projector(aux)                # (B, N, p*p, C)
+            v = self.vlm_uni_val_projector(aux)                # (B, N, p*p, C)
         # softmax(q k^T / sqrt(C)) v, one query per token; SDPA is MGM's explicit matmul, fused
         return F.scaled_dot_product_attention(q, k, v).squeeze(2)  # (B, N, C)
 
-    def get_image_features(self, pixel_values: torch.Tensor, pixel_values_aux: torch.Tensor | None = None) -> torch.Tensor:
-        """Both views -> (B, N, D_lm) image tokens for the LM."""
-        tokens = self.encode_low_res(pixel_values)                      # (B, N, C_vis)
-        if pixel_values_aux is not None:
-            tokens = tokens + self.mine_patches(tokens, self.encode_high_res(pixel_values_aux))
-        return self.mm_projector(tokens)                                # (B, N, D_lm)
+    def _mine_matmul(self, tokens: torch.Tensor, aux: torch.Tensor, n: int, p: int) -> torch.Tensor:
+        """mine_patches in MGM's explicit matmuls on a channels-last map, never rearranged into patches:
+        with the map viewed as (B, a, i, m, j, C) (patch row a, row i in it, patch column m, column j),
+        token (a, m)'s keys in row i are p consecutive positions, so one batched matmul over strided
+        views scores them all. (SDPA's kernel for this head size took 26 ms of an H200 step's backward.)"""
+        B, N, C = tokens.shape
+        q = self.vlm_uni_query_projector(tokens)                                   # (B, N, C)
+        k, v = self._mining_keys_values(aux.permute(0, 2, 3, 1), q.dtype)          # 2 x (B, G, G, C)
+        k = k.unflatten(1, (n, p)).unflatten(3, (n, p))                            # (B, a, i, m, j, C)
+        v = v.unflatten(1, (n, p)).unflatten(3, (n, p))                            # (B, a, i, m, j, C)
+        s = torch.matmul(k, q.view(B, n, 1, n, C, 1)).squeeze(-1) * C ** -0.5      # (B, a, i, m, j)
+        w = s.permute(0, 1, 3, 2, 4).reshape(B, n, n, p * p).softmax(-1)           # (B, a, m, i*j)
+        w = w.view(B, n, n, p, p).permute(0, 1, 3, 2, 4).to(v.dtype)               # (B, a, i, m, j)
+        out = torch.matmul(w.unsqueeze(-2), v).squeeze(-2).sum(2)                  # (B, a, m, C)
+        return out.reshape(B, N, C)
+
+    def _mining_keys_values(self, aux: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both mining projectors (LayerNorm then Linear) over one normalisation of the aux map:
+        LN(x) W^T + c = x_hat (W g)^T + (W b + c), so keys and values are one GEMM on x_hat.
+        aux (..., C_aux) -> k, v (..., C). The map is frozen (no grad), so x_hat is too: autograd keeps
+        one bf16 x_hat for the weight gradients instead of two float32 LayerNorm outputs and their casts."""
+        (ln_k, lin_k), (ln_v, lin_v) = _running(self.vlm_uni_aux_projector), _running(self.vlm_uni_val_projector)
+        if ln_k.eps != ln_v.eps:
+            raise ValueError(f"fused mining needs one LayerNorm eps for keys and values ({ln_k.eps} vs {ln_v.eps})")
+        weight = torch.cat([lin_k.weight * ln_k.weight, lin_v.weight * ln_v.weight])                   # (2C, C_aux)
+        bias = torch.cat([F.linear(ln_k.bias, lin_k.weight, lin_k.bias), F.linear(ln_v.bias, lin_v.weight, lin_v.bias)])
+        with torch.autocast(aux.device.type, enabled=False):  # autocast would write the normalised map in float32
+            x_hat = F.layer_norm(aux, aux.shape[-1:], eps=ln_k.eps)                                    # (..., C_aux)
+        k, v = F.linear(x_hat, weight, bias).chunk(2, dim=-1)                                          # 2 x (..., C)
+        return k.to(dtype), v.to(dtype)
+
+    def get_image_features(self, pixel_values: torch.Tensor, pixel_values_aux: torch.Tensor | None = None,
+                           image_index: torch.Tensor | None = None) -> torch.Tensor:
+        """Both views -> (B, N, D_lm) image tokens for the LM. With `image_index` (B,), the pixels are
+        the batch's distinct images (U of them) and row b reads image image_index[b]."""
+        frozen = torch.no_grad() if self.fast.towers_no_grad else contextlib.nullcontext()
+        with frozen:
+            tokens = self.encode_low_res(pixel_values)                  # (U, N, C_vis)
+            aux = self.encode_high_res(pixel_values_aux) if pixel_values_aux is not None else None
+        if aux is not None:
+            tokens = tokens + self.mine_patches(tokens, aux)
+        feats = self.mm_projector(tokens)                               # (U, N, D_lm)
+        return feats if image_index is None else feats[image_index.to(feats.device)]  # (B, N, D_lm)
 
     # -- the whole model --------------------------------------------------------------------
     def embed_inputs(self, input_ids: torch.Tensor, image_features: torch.Tensor | None = None) -> torch.Tensor:
@@ -290,6 +439,7 @@ class MgmForConditionalGeneration(MgmPreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,             # (B, T), -100 outside answers
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        image_index: torch.LongTensor | None = None,        # (B,): row -> its image among the pixels (deduplicated batch)
         **kwargs,
     ) -> MgmCausalLMOutputWithPast:
         if (input_ids is None) == (inputs_embeds is None):
@@ -297,12 +447,22 @@ class MgmForConditionalGeneration(MgmPreTrainedModel, GenerationMixin):
         image_features = None
         if inputs_embeds is None:
             if pixel_values is not None:
-                image_features = self.get_image_features(pixel_values, pixel_values_aux)  # (B_img, N, D)
+                image_features = self.get_image_features(pixel_values, pixel_values_aux, image_index)  # (B_img, N, D)
             elif past_key_values is None or past_key_values.get_seq_length() == 0:  # prefill: images expected
                 n_slots = int((input_ids == self.config.image_token_id).sum())
                 if n_slots:
                     raise ValueError(f"{n_slots} <image> tokens in input_ids but no pixel_values given")
             inputs_embeds = self.embed_inputs(input_ids, image_features)
+        head = self.language_model.get_output_embeddings()
+        if (labels is not None and self.training and self.fast.loss != "full" and past_key_values is None
+                and head.bias is None and not getattr(self.language_model.config, "final_logit_softcapping", None)):
+            # training: the loss from the final hidden states at answer tokens; no (B, T, V) logits
+            num_items = kwargs.pop("num_items_in_batch", None)
+            hidden = self.language_model.model(
+                inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
+                use_cache=False, **kwargs).last_hidden_state                                  # (B, T, D)
+            loss = answer_cross_entropy(hidden, head.weight, labels, num_items, self.fast.loss)
+            return MgmCausalLMOutputWithPast(loss=loss, image_hidden_states=image_features)
         out = self.language_model(
             inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
             past_key_values=past_key_values, labels=labels, use_cache=use_cache,

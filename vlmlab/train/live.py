@@ -52,9 +52,7 @@ class LiveCallback(TrainerCallback):
                  earlier_rows=()):
         self.live, self.n, self.global_batch = live, n_samples, global_batch
         self.step_offset, self.stage, self.earlier_rows = step_offset, stage, list(earlier_rows)
-        self._t0 = None
-        self._tokens0 = 0
-        self._rates: dict[str, float] = {}
+        self._mark: tuple[float, int] | None = None  # (time, tokens seen) at the last step's log
 
     def on_train_begin(self, args, state, control, **kw):
         if self.live is not None and state.is_world_process_zero:
@@ -64,20 +62,26 @@ class LiveCallback(TrainerCallback):
             replay(self.live, self.earlier_rows + restored)
 
     def on_step_begin(self, args, state, control, **kw):
-        self._t0 = time.perf_counter()
-        self._tokens0 = state.num_input_tokens_seen
+        if self._mark is None:
+            self._mark = (time.perf_counter(), state.num_input_tokens_seen)
 
-    def on_step_end(self, args, state, control, **kw):
-        dt = time.perf_counter() - self._t0
-        samples = samples_in_step(state.global_step, self.n, self.global_batch)
-        self._rates = {"samples_per_s": samples / dt, "tokens_per_s": (state.num_input_tokens_seen - self._tokens0) / dt,
-                       "step_s": dt}
+    def on_save(self, args, state, control, **kw):
+        # a checkpoint's write is not the next step's time
+        self._mark = (time.perf_counter(), state.num_input_tokens_seen)
 
     def on_log(self, args, state, control, logs=None, **kw):
-        if "loss" not in (logs or {}):
+        if "loss" not in (logs or {}) or self._mark is None:
             return  # the end-of-training summary log has no per-step loss
+        # Timed from log to log: the log reads the loss on the host, which waits for the step's GPU
+        # work, so a step's time is its real wall time (a CUDA step is queued, not done, at on_step_end).
+        now, t0, tokens0 = time.perf_counter(), *self._mark
+        dt = now - t0
+        self._mark = (now, state.num_input_tokens_seen)
+        samples = samples_in_step(state.global_step, self.n, self.global_batch)
+        rates = {"samples_per_s": samples / dt, "tokens_per_s": (state.num_input_tokens_seen - tokens0) / dt,
+                 "step_s": dt}
         # the rates go into the log history, which every checkpoint saves: curves and figures survive a resume
-        state.log_history[-1].update(self._rates)
+        state.log_history[-1].update(rates)
         if not state.is_world_process_zero:
             return
         row = curve_row(state.log_history[-1], self.step_offset, self.stage)

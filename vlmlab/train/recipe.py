@@ -15,7 +15,7 @@ import json
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -24,7 +24,8 @@ from torch import nn
 from vlmlab import io
 from vlmlab.models.load import load_model, on_gpu, training_dtype
 from vlmlab.seeding import seed_everything
-from vlmlab.train import strategies
+from vlmlab.train import fast, strategies
+from vlmlab.train.fast import Levers
 from vlmlab.train.live import LiveCallback, curve_row
 from vlmlab.train.strategies import LoraParams
 
@@ -58,6 +59,7 @@ class TrainConfig:
     workers: int                    # dataloader workers; data is pre-encoded, 0 is fastest on 2 cores
     group_by_length: bool           # batches of similar length (less padding)
     max_length: int                 # reject samples longer than this many tokens (0: keep all)
+    levers: Levers                  # speed levers, CUDA only (vlmlab/train/fast.py)
     seed: int
 
     def __post_init__(self):
@@ -79,7 +81,7 @@ class TrainConfig:
             lora = LoraParams(r=run["lora_r"], alpha=run["lora_alpha"], dropout=run["lora_dropout"],
                               target_modules=list(train["lora_targets"]))
         return cls(stage1=stage1, stage2=stage2, strategy=run["strategy"], lora=lora, seed=seed,
-                   deepspeed=train["deepspeed"] or "",
+                   deepspeed=train["deepspeed"] or "", levers=Levers.from_params(train),
                    **{k: train[k] for k in ("gradient_checkpointing", "attn_implementation", "save_steps", "workers",
                                             "group_by_length", "max_length")})
 
@@ -90,6 +92,13 @@ def load_base(base: str | Path, attn_implementation: str = "sdpa"):
         raise io.fail(f"{base}: no base model folder (config.json missing); run `dvc repro zoo` first")
     # the ConvNeXt tower has no attention: MgmForConditionalGeneration sets it to eager whatever is asked
     return load_model(base, dtype=torch.float32, attn_implementation=attn_implementation)
+
+
+def levers_in_effect(cfg: TrainConfig) -> Levers:
+    """cfg.levers on a CUDA host, none on a CPU; under DeepSpeed no frozen_bf16 (its bf16 mode already
+    keeps the weights in bf16 and float32 masters of the trainable ones)."""
+    lv = cfg.levers.on(on_gpu())
+    return replace(lv, frozen_bf16=False) if cfg.deepspeed else lv
 
 
 def world_size() -> int:
@@ -115,6 +124,12 @@ def training_args(sc: StageConfig, cfg: TrainConfig, out_dir: Path):
     from transformers import TrainingArguments
 
     micro, accum = accumulation(sc, world_size())
+    lv = levers_in_effect(cfg)
+    extra = {}
+    if lv.any:  # a CPU run keeps transformers' defaults: its outputs stay bit for bit
+        extra = {"optim": "adamw_torch_fused" if lv.fused_adamw else "adamw_torch",
+                 # the NaN filter reads the loss on the host after every backward: a sync in mid-step
+                 "logging_nan_inf_filter": not lv.no_host_syncs}
     return TrainingArguments(
         output_dir=str(out_dir),
         per_device_train_batch_size=micro,
@@ -136,12 +151,13 @@ def training_args(sc: StageConfig, cfg: TrainConfig, out_dir: Path):
         report_to="none",    # LiveCallback logs both stages on one dvclive step axis
         seed=cfg.seed,
         data_seed=cfg.seed,
-        dataloader_num_workers=cfg.workers,
+        dataloader_num_workers=lv.cuda_workers or cfg.workers,
         dataloader_pin_memory=on_gpu(),
         remove_unused_columns=False,
         label_names=["labels"],
         include_num_input_tokens_seen="non_padding",
         disable_tqdm=True,
+        **extra,
     )
 
 
@@ -217,19 +233,37 @@ def publish_checkpoint(staged: Path, run_dir: Path) -> None:
     shutil.rmtree(staged.parent, ignore_errors=True)
 
 
-def make_trainer(model, args, dataset, collator, callbacks, group_by_length: bool):
+def make_trainer(model, args, dataset, collator, callbacks, group_by_length: bool, levers: Levers = Levers()):
     from transformers import Trainer
 
     class MgmTrainer(Trainer):
         _staging: str | None = None
+        _tokens: torch.Tensor | None = None  # tokens counted on the device since the last log (no_host_syncs)
 
         def _get_train_sampler(self, train_dataset=None):
+            ds = train_dataset if train_dataset is not None else self.train_dataset
+            if levers.group_images:
+                return fast.ImageGroupedSampler(fast.image_keys(ds), self.args.data_seed)
             if not group_by_length:
                 return super()._get_train_sampler(train_dataset)
-            ds = train_dataset if train_dataset is not None else self.train_dataset
             return EpochSeededLengthSampler([len(s["input_ids"]) for s in ds.samples],
                                             self.args.train_batch_size * self.args.gradient_accumulation_steps,
                                             self.args.data_seed)
+
+        def _track_num_input_tokens(self, inputs):
+            # transformers reads the count on the host after every backward; here it stays on the
+            # device until the log, which reads the loss anyway (one sync a step, not two)
+            if not levers.no_host_syncs or world_size() > 1 or "attention_mask" not in inputs \
+                    or self.args.include_num_input_tokens_seen != "non_padding":
+                return super()._track_num_input_tokens(inputs)
+            n = inputs["attention_mask"].sum()
+            self._tokens = n if self._tokens is None else self._tokens + n
+
+        def _maybe_log_save_evaluate(self, *args, **kwargs):
+            if self._tokens is not None:
+                self.state.num_input_tokens_seen += int(self._tokens.item())
+                self._tokens = None
+            return super()._maybe_log_save_evaluate(*args, **kwargs)
 
         def _get_output_dir(self, trial):
             return self._staging or super()._get_output_dir(trial)
@@ -300,7 +334,8 @@ def run_stage(model: nn.Module, dataset, collator, sc: StageConfig, cfg: TrainCo
     args = training_args(sc, cfg, out_dir)
     logger = LiveCallback(live, len(dataset), args.train_batch_size * args.gradient_accumulation_steps * world_size(),
                           step_offset=step_offset, stage=stage, earlier_rows=earlier_rows)
-    trainer = make_trainer(model, args, dataset, collator, [logger, *callbacks], cfg.group_by_length)
+    trainer = make_trainer(model, args, dataset, collator, [logger, *callbacks], cfg.group_by_length,
+                           levers_in_effect(cfg))
     last = last_complete_checkpoint(out_dir, clean=rank() == 0)
     t0 = time.perf_counter()
     trainer.train(resume_from_checkpoint=last)
@@ -372,6 +407,43 @@ def load_connector(model: nn.Module, path: Path) -> None:
 
 # ---------------------------------------------------------------- the two stages
 
+def prepare_stage(model: nn.Module, stage: int, cfg: TrainConfig, stash: dict | None, base_path: str | None = None):
+    """The stage's trainable set (strategies) and the speed levers in effect; returns the model to train
+    (a PeftModel for stage 2 `lora`). `stash`: float32 values of weights stored in bf16, kept across
+    stages (None: no later stage trains what is frozen now)."""
+    lv = levers_in_effect(cfg)
+    mgm = fast.mgm_of(model)
+    if lv.liger_kernels and not vars(mgm).get("_liger_applied"):
+        note = fast.apply_liger(model)  # before any LoRA wrapping: its layers then sit inside Liger's MLP
+        mgm._liger_applied = True
+        if note:
+            print(note, flush=True)
+    if stage == 1:
+        strategies.stage1(model)  # no seeding here: the Trainer seeds everything with cfg.seed first
+    else:
+        seed_everything(cfg.seed + 1)  # same LoRA init whether or not stage 1 ran in this process
+        model = strategies.stage2(model, cfg.strategy, cfg.lora, base_path)
+    if lv.frozen_bf16:
+        fast.split_precision(model, stash)
+        fast.lora_inputs_as_is(model)
+    fast.set_fast_paths(model, lv)
+    return model
+
+
+def make_collator(pad_token_id: int, cfg: TrainConfig):
+    """The stage's collator: each distinct image sent once per batch under dedup_towers."""
+    from vlmlab.data.collate import PadCollator
+
+    return PadCollator(pad_token_id, dedup_images=levers_in_effect(cfg).dedup_towers)
+
+
+def prepare_data(cfg: TrainConfig, *datasets) -> None:
+    """Stored pixels in bf16 where the towers are (frozen_bf16): the same values they would be cast to."""
+    if levers_in_effect(cfg).frozen_bf16:
+        for data in datasets:
+            fast.cast_pixels(data)
+
+
 def two_stage(model: nn.Module, captions, instruct, collator, cfg: TrainConfig, work: str | Path,
               live=None, base_path: str | None = None, callbacks=()):
     """Stage 1 then stage 2 on `model` (fp32, loaded from the base folder).
@@ -383,21 +455,23 @@ def two_stage(model: nn.Module, captions, instruct, collator, cfg: TrainConfig, 
     work = Path(work)
     s1_weights = work / "stage1" / "connector.safetensors"
     s1_figures = work / "stage1" / "figures.json"
+    stash: dict = {}
+    prepare_data(cfg, captions, instruct)
     if s1_weights.is_file() and s1_figures.is_file():
         load_connector(model, s1_weights)  # stage 1 finished in an earlier, interrupted run
         saved = json.loads(s1_figures.read_text())
         fig1, rows1 = saved["figures"], saved["rows"]
         fig1["skipped"] = 1
     else:
-        strategies.stage1(model)  # no seeding here: the Trainer seeds everything with cfg.seed first
+        model = prepare_stage(model, 1, cfg, stash)
         _, fig1, rows1 = run_stage(model, captions, collator, cfg.stage1, cfg, work / "stage1", callbacks, live, stage=1)
         if rank() == 0:
             save_connector(model, s1_weights)
             io.write_json(s1_figures, {"figures": fig1, "rows": rows1})
         fig1["skipped"] = 0
 
-    seed_everything(cfg.seed + 1)  # same LoRA init whether or not stage 1 ran in this process
-    model = strategies.stage2(model, cfg.strategy, cfg.lora, base_path)
+    model = prepare_stage(model, 2, cfg, stash, base_path)
+    stash.clear()  # what stage 2 trains has its float32 values back; the rest stays frozen
     trainer, fig2, _ = run_stage(model, instruct, collator, cfg.stage2, cfg, work / "stage2", callbacks, live,
                                  step_offset=fig1["steps"], stage=2, earlier_rows=rows1)
     return model, trainer, {"stage1": fig1, "stage2": fig2}
