@@ -1,4 +1,5 @@
 """The zoo stage's tiny components learn (held-out, vs. chance) and assemble into a loadable MGM."""
+import copy
 import json
 import subprocess
 import sys
@@ -40,6 +41,19 @@ def test_lm_beats_unigram_on_heldout_text(world_tokenizer):
     _, m = pretrain.pretrain_lm(cfg.text_config, tok, texts, world.world_text_corpus(200, 1),
                            pretrain.LoopConfig(steps=40, batch_size=32, lr=5e-3))
     assert m["heldout_ppl"] < 0.5 * m["unigram_ppl"], m
+
+
+def test_lm_chat_rounds_are_the_processors_template(world_tokenizer):
+    # the LM learns the exact ids a VLM prompt + answer gets from MgmProcessor (template, <bos>, <eos>)
+    texts, tok = world_tokenizer
+    rounds = [t for t in texts if t.startswith(text.START_OF_TURN)]
+    assert len(rounds) > 100
+    processor = MgmProcessor(copy.deepcopy(tok), 32, 96, 16)  # it adds <image> to the one it is given
+    for t in rounds[:20]:
+        question, answer = t.removeprefix(f"{text.START_OF_TURN}user\n").split(
+            f"{text.END_OF_TURN}\n{text.START_OF_TURN}model\n")
+        ids, _ = processor._encode_rounds([(question, answer.removesuffix(f"{text.END_OF_TURN}\n"))])
+        assert pretrain.encode_texts(tok, [t], 256)[0][:len(ids)].tolist() == ids
 
 
 @pytest.mark.parametrize("tower", ["vision_config", "vision_aux_config"])
