@@ -7,7 +7,7 @@ The blank image is the CLIP mean colour (what MGM's pad fills with), so both tow
 field. A metric that scores the same blind as with the images (paired bootstrap over the same items:
 seeing - blind, interval containing 0) is answered from the question and the language prior alone,
 and a difference between runs on it is not about what the models saw. Reads `data/eval/<model>` (the
-evaluate stage's per-item results) for the seeing scores; writes nothing into the pipeline.
+evaluate stage's per-item results; --preds) for the seeing scores; writes nothing into the pipeline.
 """
 from __future__ import annotations
 
@@ -45,6 +45,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="", help="names of params.yaml evaluate.models (default: all)")
     ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--preds", default="data/eval", help="the evaluate stage's per-item results, one folder per model")
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
     p = load_params(a.params)["evaluate"]
@@ -52,9 +53,9 @@ def main() -> None:
     names = [n for n in a.models.split(",") if n] or list(p["models"])
     result = {"blank": "CLIP mean colour", "bootstrap_samples": p["bootstrap_samples"], "models": {}}
     for name in names:
-        seen = items.load_statistics(Path("data/eval") / name)
+        seen = items.load_statistics(Path(a.preds) / name)
         if seen is None:
-            raise io.fail(f"data/eval/{name}: no per-item results; run `dvc repro evaluate@{name}` first")
+            raise io.fail(f"{a.preds}/{name}: no per-item results; run `dvc repro evaluate@{name}` first")
         net, processor = load_model(p["models"][name])
         net.eval()
         blind(processor)
