@@ -53,3 +53,19 @@ def simulate_raw(root: Path, params: dict) -> dict:
 
     counts, raw = simulate_and_import(root / "seed", root / "world", root / "raw", params, workers=1)
     return {"raw": raw["samples"], **counts}
+
+
+def imports_in(tree, package: str):
+    """(module, imported names) of every import statement in an `ast` tree, at any depth (lazy ones too),
+    relative imports resolved against `package`: `import a.b` -> ("a.b", []), `from . import c` -> (package, ["c"])."""
+    import ast
+
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            yield from ((a.name, []) for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            mod = node.module or ""
+            if node.level:
+                parts = package.split(".")[: len(package.split(".")) - node.level + 1]
+                mod = ".".join(filter(None, [*parts, mod]))
+            yield mod, [a.name for a in node.names]

@@ -1,7 +1,5 @@
 """The train stage's speed levers (vlmlab/train/fast.py, MgmForConditionalGeneration.fast): each computes
 what the reference path computes (float32, CPU, tiny preset), and none is in effect on a CPU run."""
-import copy
-from dataclasses import fields
 
 import pytest
 import torch
@@ -225,7 +223,6 @@ def test_image_grouped_sampler_keeps_an_images_rows_together():
     order = list(s)
     assert sorted(order) == list(range(len(keys)))
     runs = [keys[i] for i in order]
-    assert all(runs.count(k) == sum(1 for j in range(len(runs)) if runs[j] == k) for k in set(keys))
     seen = []
     for k in runs:  # each key appears in one contiguous run
         if not seen or seen[-1] != k:
@@ -271,9 +268,6 @@ def test_cpu_training_arguments_are_transformers_defaults(tmp_path, monkeypatch)
     default = TrainingArguments(output_dir=str(tmp_path), use_cpu=True)
     assert args.optim == default.optim and args.logging_nan_inf_filter == default.logging_nan_inf_filter
     assert args.dataloader_num_workers == train["workers"]
-    off = {f.name: getattr(Levers(), f.name) for f in fields(Levers)}
-    assert Levers(**off) == Levers()
-    assert copy.copy(cfg.levers) == cfg.levers
 
 
 # ---------------------------------------------------------------- the CUDA recipe through the Trainer, on CPU

@@ -7,6 +7,7 @@ import ast
 from pathlib import Path
 
 import pytest
+from conftest import imports_in
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "vlmlab"
@@ -33,15 +34,8 @@ def imports_of(name: str, path: Path) -> set[str]:
     """The vlmlab modules `name` imports: `from a.b import c` is a.b.c where that is a module, else a.b."""
     package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
     found = set()
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-        if isinstance(node, ast.Import):
-            found |= {a.name for a in node.names}
-        elif isinstance(node, ast.ImportFrom):
-            mod = node.module or ""
-            if node.level:
-                base = package.split(".")[: len(package.split(".")) - node.level + 1]
-                mod = ".".join(base + ([mod] if mod else []))
-            found |= {f"{mod}.{a.name}" if f"{mod}.{a.name}" in MODULES else mod for a in node.names}
+    for mod, names in imports_in(ast.parse(path.read_text(encoding="utf-8")), package):
+        found |= {f"{mod}.{n}" if f"{mod}.{n}" in MODULES else mod for n in names} if names else {mod}
     return {m for m in found if m in MODULES and m != name}
 
 

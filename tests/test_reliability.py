@@ -127,7 +127,7 @@ def test_metrics_and_curves_after_a_resume_equal_an_uninterrupted_run(base, data
 # ---------------------------------------------------------------- 3. outputs never replace what is not theirs; 8. stale rejects, read-only
 
 from test_infer import folders  # noqa: E402,F401  (a tiny base model + images)
-from conftest import write_bomb_png  # noqa: E402
+from conftest import imports_in, write_bomb_png  # noqa: E402
 from vlmlab import infer  # noqa: E402
 
 
@@ -377,17 +377,10 @@ def code_used_by(path: Path) -> set[Path]:
     tree = ast.parse(path.read_text(encoding="utf-8"))
     package = ".".join(path.relative_to(REPO).with_suffix("").parts[:-1])
     names = set()
+    for mod, imported in imports_in(tree, package):
+        names |= {mod, *(f"{mod}.{n}" for n in imported)}  # `from vlmlab import io`: a module
     for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            names |= {a.name for a in node.names}
-        elif isinstance(node, ast.ImportFrom):
-            mod = node.module or ""
-            if node.level:
-                parts = package.split(".")[: len(package.split(".")) - node.level + 1]
-                mod = ".".join(filter(None, [*parts, mod]))
-            names.add(mod)
-            names |= {f"{mod}.{a.name}" for a in node.names}  # `from vlmlab import io`: a module
-        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.endswith(".py") \
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.endswith(".py") \
                 and "/" not in node.value:  # a file next to it or one folder down (a Data-Juicer custom op)
             for code in [path.parent / node.value, *path.parent.glob(f"*/{node.value}")]:
                 if code.is_file():
