@@ -6,7 +6,10 @@
 Writes per-sample predictions (textvqa.jsonl, captions.jsonl, mmbench.jsonl) to `preds`,
 flat metrics to `metrics` (each headline metric with `<metric>_ci_low`/`_ci_high`, its
 percentile bootstrap interval over the benchmark's items) and memory over time to
-plots/monitor/evaluate_<name>.{csv,png}.
+plots/monitor/evaluate_<name>.{csv,png}. With `evaluate.blind_control` every benchmark runs again
+with one blank image for all (vlmlab/evaluate/blind.py): `<metric>_blind` and the paired
+`<metric>_minus_blind` with its interval say whether the model reads its images at all
+(blind predictions in `preds`/blind/).
 The benchmark files (tiny world by default, real ones by path) come from params `evaluate`.
 """
 from __future__ import annotations
@@ -22,7 +25,7 @@ import fire
 import torch
 
 from vlmlab import io
-from vlmlab.evaluate import items
+from vlmlab.evaluate import blind, items
 from vlmlab.evaluate.benchmarks import GenConfig, run_captions, run_mmbench, run_textvqa
 from vlmlab.models.load import load_model
 from vlmlab.monitor import Monitor
@@ -30,7 +33,7 @@ from vlmlab.params import load as load_params
 from vlmlab.seeding import seed_everything
 
 
-def main(name: str, model: str, preds: str, metrics: str, params: str = "params.yaml"):
+def main(name: str, model: str, preds: str, metrics: str, params: str = "params.yaml", monitor: str = ""):
     all_params = load_params(params)
     p = all_params["evaluate"]
     seed_everything(all_params["seed"] + 600)  # greedy decoding draws nothing; seeded all the same
@@ -38,28 +41,42 @@ def main(name: str, model: str, preds: str, metrics: str, params: str = "params.
         torch.set_num_threads(p["threads"])
     cfg = GenConfig(**{k: p[k] for k in GenConfig.__dataclass_fields__ if k in p})
 
-    with Monitor(f"plots/monitor/evaluate_{name}", p["monitor_interval"]) as mon:
+    with Monitor(monitor or f"plots/monitor/evaluate_{name}", p["monitor_interval"]) as mon:
         net, processor = load_model(model)
         net.eval()
         tv_rows, tv = run_textvqa(net, processor, p["textvqa_questions"], p["textvqa_annotations"],
                                   p["textvqa_images"], cfg)
         cap_rows, cap = run_captions(net, processor, p["captions"], p["caption_images"], cfg)
         mm_rows, mm = run_mmbench(net, processor, p["mmbench"], cfg)
+        seen_rows = {"textvqa": tv_rows, "captions": cap_rows, "mmbench": mm_rows}
+        if p["blind_control"]:
+            blind.blank_images(processor)
+            blind_rows = {"textvqa": run_textvqa(net, processor, p["textvqa_questions"], p["textvqa_annotations"],
+                                                 p["textvqa_images"], cfg)[0],
+                          "captions": run_captions(net, processor, p["captions"], p["caption_images"], cfg)[0],
+                          "mmbench": run_mmbench(net, processor, p["mmbench"], cfg)[0]}
 
     with io.atomic_path(preds) as tmp:
         tmp.mkdir()
-        io.write_jsonl(tmp / "textvqa.jsonl", tv_rows)
-        io.write_jsonl(tmp / "captions.jsonl", cap_rows)
-        io.write_jsonl(tmp / "mmbench.jsonl", mm_rows)
-    n = tv["textvqa_questions"] + cap["caption_images"] + mm["mmbench_rows"]
+        for bench, rows in seen_rows.items():
+            io.write_jsonl(tmp / f"{bench}.jsonl", rows)
+        if p["blind_control"]:
+            (tmp / "blind").mkdir()
+            for bench, rows in blind_rows.items():
+                io.write_jsonl(tmp / "blind" / f"{bench}.jsonl", rows)
+    n = (tv["textvqa_questions"] + cap["caption_images"] + mm["mmbench_rows"]) * (2 if p["blind_control"] else 1)
     result = {**tv, **cap, **mm, "questions_per_s": n / mon.peaks["wall_s"], "monitor": mon.peaks}
-    stats = items.statistics({"textvqa": tv_rows, "captions": cap_rows, "mmbench": mm_rows})
-    for metric, ci in items.intervals(stats, p["bootstrap_samples"], p["bootstrap_seed"], p["ci_level"]).items():
+    stats = items.statistics(seen_rows)
+    boot = p["bootstrap_samples"], p["bootstrap_seed"], p["ci_level"]
+    for metric, ci in items.intervals(stats, *boot).items():
         if abs(ci.value - result[metric]) > 1e-9:  # the resampled statistic must be the metric itself
             raise io.fail(f"{metric}: bootstrap statistic {ci.value!r} != scored {result[metric]!r}")
         result[f"{metric}_ci_low"], result[f"{metric}_ci_high"] = ci.ci_low, ci.ci_high
+    if p["blind_control"]:
+        result.update(blind.seeing_minus_blind(stats, items.statistics(blind_rows), *boot))
     flat = io.write_metrics(metrics, result)
-    shown = "  ".join(f"{k} {flat[k]:.3f} [{flat[k + '_ci_low']:.3f}, {flat[k + '_ci_high']:.3f}]" for k in stats)
+    shown = "  ".join(f"{k} {flat[k]:.3f} [{flat[k + '_ci_low']:.3f}, {flat[k + '_ci_high']:.3f}]"
+                      + (f" (blind {flat[k + '_blind']:.3f})" if p["blind_control"] else "") for k in stats)
     print(f"evaluate {name}: {shown}  {flat['questions_per_s']:.1f} q/s")
 
 

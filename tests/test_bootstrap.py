@@ -131,3 +131,17 @@ def test_contrast_refuses_models_scored_on_different_items():
     with pytest.raises(ValueError, match="same items"):
         contrast({"a": Mean([1, 2], [0, 1]), "b": Mean([1, 3], [0, 1])}, {"a": 1, "b": -1},
                  resample_counts(2, 10, 0), 0.95)
+
+
+def test_blind_control_difference_hand_computed():
+    from vlmlab.evaluate.blind import seeing_minus_blind
+
+    keys = [(str(i), "q", 0) for i in range(200)]
+    seen = {"textvqa_acc": Mean(keys, [1.0] * 60 + [0.0] * 140)}
+    blind = {"textvqa_acc": Mean(keys, [1.0] * 20 + [0.0] * 180)}  # the first 20 right either way
+    out = seeing_minus_blind(seen, blind, 1000, 0, 0.95)
+    assert out["textvqa_acc_blind"] == pytest.approx(0.1) and out["textvqa_acc_minus_blind"] == pytest.approx(0.2)
+    assert 0 < out["textvqa_acc_minus_blind_ci_low"] < 0.2 < out["textvqa_acc_minus_blind_ci_high"]
+    same = seeing_minus_blind(seen, seen, 1000, 0, 0.95)
+    assert (same["textvqa_acc_minus_blind"], same["textvqa_acc_minus_blind_ci_low"],
+            same["textvqa_acc_minus_blind_ci_high"]) == (0.0, 0.0, 0.0)

@@ -195,3 +195,22 @@ def test_stage_end_to_end(tmp_path, monkeypatch):
     out = json.loads((tmp_path / "metrics/compare.json").read_text())
     assert out["models_evaluated"] == 5 and out["effects"]["data"]["textvqa_acc"]["called"] == 1
     assert os.path.exists(tmp_path / "plots/compare/memory.csv")
+
+
+def test_blind_control_is_reported_per_model(tmp_path):
+    from vlmlab.evaluate.blind import seeing_minus_blind
+
+    fake_tree(tmp_path)
+    seen = items.load_statistics(tmp_path / "data/eval/blip2_full")  # 60 of 120 right
+    blind = items.load_statistics(tmp_path / "data/eval/baseline")   # 40 of 120: what it gets without images
+    m = json.loads((tmp_path / "metrics/eval/blip2_full.json").read_text())
+    m.update(seeing_minus_blind(seen, blind, BOOT.samples, BOOT.seed, BOOT.level))
+    put(tmp_path, "metrics/eval/blip2_full.json", m)
+    col = cmp.collect(tmp_path, ["raw", "enhanced"], list(RUNS), MODELS)
+    s = cmp.summary(col, "cider", 0.02)
+    assert s["models"]["blip2_full"]["textvqa_acc_reads_images"] == 1
+    assert s["models"]["blip2_full"]["cider_reads_images"] == 0  # same captions seeing and blind
+    assert "textvqa_acc_reads_images" not in s["models"]["baseline"]  # no blind control: nothing claimed
+    md = cmp.render_markdown(col, "cider", 0.02, {}, boot=BOOT)
+    row = next(line for line in md.splitlines() if line.startswith("| blip2_full | +0.1667"))
+    assert row.count("**reads**") == 1 and "| baseline |" not in md.split("## Blind control")[1].split("##")[0]

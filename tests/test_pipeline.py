@@ -79,9 +79,12 @@ def test_repro_builds_every_stage(small_repo):
         assert 0.0 <= metrics["textvqa_acc"] <= 1.0 and "cider" in metrics
         for k in ("textvqa_acc", "cider", "bleu_4", "mmbench_acc", "mmbench_circular_acc"):
             assert metrics[f"{k}_ci_low"] <= metrics[k] <= metrics[f"{k}_ci_high"], (model, k)
+            lo, diff, hi = (metrics[f"{k}_minus_blind{s}"] for s in ("_ci_low", "", "_ci_high"))
+            assert lo <= diff <= hi and diff == pytest.approx(metrics[k] - metrics[f"{k}_blind"]), (model, k)
     compared = json.loads((root / "metrics" / "compare.json").read_text())
     assert {"data", "strategy", "interaction"} <= set(compared["effects"])  # the 2x2 design was filled
-    assert "## Factor effects" in (root / "reports" / "compare.md").read_text()
+    report = (root / "reports" / "compare.md").read_text()
+    assert "## Factor effects" in report and "## Blind control" in report
 
 
 def test_second_repro_does_nothing(small_repo):

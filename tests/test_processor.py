@@ -1,4 +1,7 @@
 """MgmProcessor: chat template, image expansion, labels, both views, padding, save/load."""
+import copy
+
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -113,3 +116,19 @@ def test_aspect_ratio_follows_the_model_config_beside_it(processor, tmp_path):
     processor.save_pretrained(tmp_path)
     (tmp_path / "config.json").write_text('{"model_type": "mgm", "image_aspect_ratio": "square"}')
     assert MgmProcessor.from_pretrained(tmp_path).image_aspect_ratio == "square"
+
+
+def test_blind_control_gives_every_image_the_same_blank_views(processor):
+    from vlmlab.evaluate.blind import blank_images
+    from vlmlab.models.processor import CLIP_MEAN
+
+    rng = np.random.default_rng(0)
+    a, b = (Image.fromarray(rng.integers(0, 256, (40, 60, 3), dtype=np.uint8)) for _ in range(2))
+    assert not torch.equal(processor.images(a)["pixel_values_aux"], processor.images(b)["pixel_values_aux"])
+    blind = copy.deepcopy(processor)
+    blank_images(blind)
+    va, vb = blind.images(a), blind.images(b)
+    for k in ("pixel_values", "pixel_values_aux"):
+        assert torch.equal(va[k], vb[k]) and va[k].shape == processor.images(a)[k].shape
+    # CLIP-normalised CLIP-mean is ~0 everywhere (8-bit rounding of the mean colour aside)
+    assert va["pixel_values_aux"].abs().max() < 0.01, CLIP_MEAN

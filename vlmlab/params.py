@@ -174,6 +174,7 @@ SECTIONS: dict[str, Check] = {
         "textvqa_max_new_tokens": POS, "caption_max_new_tokens": POS, "mmbench_max_new_tokens": POS,
         "limit": COUNT, "prefix_batch": COUNT, "compile": flag(), "threads": COUNT, "monitor_interval": SECONDS,
         "bootstrap_samples": POS, "bootstrap_seed": COUNT, "ci_level": number(0, 1, low_open=True),
+        "blind_control": flag(),
     }),
     "compare": record({"metric": text(), "datasets": texts(), "strategies": texts(), "merge_tolerance": number(0)}),
 }

@@ -83,7 +83,7 @@ def contrasts(stats: dict[str, Statistic], weights: dict[str, dict[str, float]],
     for m in used[1:]:
         if list(stats[m].keys) != keys:
             raise ValueError(f"paired bootstrap: {m} and {used[0]} are not scored on the same items")
-    full = {m: stats[m].values(np.ones((1, len(keys))))[0] for m in used}
+    full = {m: point(stats[m]) for m in used}
     boot = {m: stats[m].values(counts) for m in used}
     out = {}
     for name, w in weights.items():

@@ -210,6 +210,30 @@ def _eval_table(col: Collected) -> list[str]:
     return lines
 
 
+def _reads_images(m: dict, metric: str) -> bool:
+    """Seeing beats blind on `metric` beyond its interval (the evaluate stage's blind control)."""
+    return m[f"{metric}_minus_blind_ci_low"] > 0
+
+
+def _blind_section(col: Collected) -> list[str]:
+    """Seeing - blind per model and headline metric (evaluate.blind_control); empty when no model has it."""
+    rows = {n: m for n, m in col.eval.items() if m and any(f"{k}_minus_blind" in m for k in HEADLINE)}
+    if not rows:
+        return []
+    keys = [k for k in HEADLINE if any(f"{k}_minus_blind" in m for m in rows.values())]
+    out = ["## Blind control: does each model read its images?", "",
+           "Seeing − blind (every image replaced by one blank image), paired bootstrap over the same items. "
+           "**reads** when the interval lies above 0; a metric a model scores as well blind is answered from "
+           "the question and the language prior, and a difference between runs on it is not about the images.", "",
+           "| model | " + " | ".join(keys) + " |", "|" + "---|" * (len(keys) + 1)]
+    for name, m in rows.items():
+        cells = [f"{_diff(m[k + '_minus_blind'])} [{_diff(m[k + '_minus_blind_ci_low'])}, "
+                 f"{_diff(m[k + '_minus_blind_ci_high'])}]" + (" **reads**" if _reads_images(m, k) else "")
+                 if f"{k}_minus_blind" in m else "—" for k in keys]
+        out.append(f"| {name} | " + " | ".join(cells) + " |")
+    return out + [""]
+
+
 def _effects_section(effects: list[Effect], note: str, boot: Bootstrap, cells_line: str) -> list[str]:
     out = ["## Factor effects (paired bootstrap)", ""]
     if not effects:
@@ -253,6 +277,7 @@ def render_markdown(col: Collected, metric: str, tolerance: float, figures: dict
     out += [""]
     if any(m is None for m in col.eval.values()):
         out += ["Absent: the model's `evaluate` stage has not produced metrics/eval/<model>.json.", ""]
+    out += _blind_section(col)
     if checks:
         out += ["## Merged LoRA vs adapter", "", f"Tolerance on every headline metric: {tolerance}.", "",
                 "| merged | adapter | max abs diff | within tolerance |", "|---|---|---|---|"]
@@ -289,6 +314,8 @@ def summary(col: Collected, metric: str, tolerance: float, effects: list[Effect]
         if m:
             keys = EVAL_KEYS + [f"{k}_ci_{side}" for k in HEADLINE for side in ("low", "high")]
             models[name] = {k: m[k] for k in keys if k in m}
+            models[name].update({f"{k}_reads_images": int(_reads_images(m, k)) for k in HEADLINE
+                                 if f"{k}_minus_blind_ci_low" in m})
             models[name]["is_best"] = int(bool(best) and best[0] == name)
     out = {"best_value": best[1] if best else math.nan, "models_evaluated": len(models), "models": models}
     if top:
