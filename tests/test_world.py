@@ -11,7 +11,7 @@ from PIL import Image
 from vlmlab.sim import text, vocab
 from conftest import simulate_raw
 from vlmlab.models.processor import END_OF_TURN, ROLES, START_OF_TURN
-from vlmlab.sim.world import SEED_JSONL, SEED_PROMPTS, build_world, world_text_corpus
+from vlmlab.sim.world import SEED_JSONL, SEED_PROMPTS, build_world, world_chat_corpus, world_text_corpus
 from vlmlab.sim.labels import NUM_CLASSES, labelled_images, scene_labels
 from vlmlab.sim.scene import SIGN_BAND, render, sample_scene
 
@@ -195,6 +195,13 @@ def test_labels_cover_their_classes():
 def test_world_text_corpus_is_seeded():
     a, b = world_text_corpus(50, seed=0), world_text_corpus(50, seed=0)
     assert a == b and len(a) == 50 and a != world_text_corpus(50, seed=1)
+
+
+def test_world_chat_corpus_is_seeded_chat_rounds_half_of_them_short_answer():
+    a = world_chat_corpus(400, seed=0)
+    assert a == world_chat_corpus(400, seed=0) and len(a) == 400 and a != world_chat_corpus(400, seed=1)
+    assert all(t.startswith(f"{START_OF_TURN}user\n") and t.endswith(f"{END_OF_TURN}\n") for t in a)
+    assert sum(text.SHORT_ANSWER in t for t in a) == 200  # each scene: a short answer, then a caption or MC
 
 
 def test_empty_sets_are_written_as_empty_files(tmp_path):

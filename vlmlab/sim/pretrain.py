@@ -90,7 +90,7 @@ def pretrain_lm(text_config, tokenizer, train_texts: list[str], val_texts: list[
     val_tgt = val[:, 1:][val[:, 1:] != pad]
     return model, {
         "heldout_ppl": round(math.exp(nll / n_tok), 3),
-        "context_answer_acc": context_answer_accuracy(model, tokenizer, val_texts),
+        **context_answer_accuracy(model, tokenizer, val_texts),
         "unigram_ppl": round(math.exp(-float(logp[val_tgt].mean())), 3),
         "final_train_loss": round(float(np.mean(losses[-20:])), 4),
         "train_texts": len(train_texts), "heldout_texts": len(val_texts),
@@ -98,21 +98,25 @@ def pretrain_lm(text_config, tokenizer, train_texts: list[str], val_texts: list[
     }
 
 
-def context_answer_accuracy(model, tokenizer, texts: list[str]) -> float:
+def context_answer_accuracy(model, tokenizer, texts: list[str]) -> dict[str, float]:
     """Share of the held-out short-answer chat rounds (a scene described in the question) whose answer
     word is the LM's greedy next token after `<start_of_turn>model\\n`: what an instruction-tuned LM
-    brings to a VLM, reading its answer from context (stage 1 teaches the image tokens to be that context)."""
-    turn = f"{text.START_OF_TURN}model\n"
+    brings to a VLM, reading its answer from context (stage 1 teaches the image tokens to be that context).
+    `question_only_acc` asks the same rounds without the scene's description: the language prior,
+    what a VLM that does not read its image tokens scores."""
+    user, turn = f"{text.START_OF_TURN}user\n", f"{text.START_OF_TURN}model\n"
     rounds = [t.split(turn) for t in texts if t.startswith(text.START_OF_TURN) and text.SHORT_ANSWER in t]
     if not rounds:
-        return float("nan")
-    hits = 0
+        return {"context_answer_acc": float("nan"), "question_only_acc": float("nan")}
+    hits = {"context_answer_acc": 0, "question_only_acc": 0}
     with torch.no_grad():
         for q, a in rounds:
-            ids = torch.tensor([[tokenizer.bos_token_id] + tokenizer(q + turn, add_special_tokens=False)["input_ids"]])
             answer = tokenizer(a.split(text.END_OF_TURN)[0], add_special_tokens=False)["input_ids"][0]
-            hits += int(model(input_ids=ids).logits[0, -1].argmax()) == answer
-    return round(hits / len(rounds), 4)
+            blind = user + q.removeprefix(user).split("\n", 1)[1]  # the description is the question's first line
+            for key, prompt in (("context_answer_acc", q), ("question_only_acc", blind)):
+                ids = [tokenizer.bos_token_id] + tokenizer(prompt + turn, add_special_tokens=False)["input_ids"]
+                hits[key] += int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax()) == answer
+    return {k: round(v / len(rounds), 4) for k, v in hits.items()}
 
 
 # -- vision towers -------------------------------------------------------------------------
@@ -247,8 +251,9 @@ def build_tiny(p: dict, preset: str, attn_implementation: str, seed: int, high_r
     (sim.mgm_checkpoint writes it, models.convert reads it).
 
     high_res: the world's stored image side (world.image_size), which the ConvNeXt sees."""
-    texts = world.world_text_corpus(int(p["lm_texts"]), seed)
-    heldout = world.world_text_corpus(int(p["lm_heldout_texts"]), seed + 1)
+    corpus = {"chats": world.world_chat_corpus, "mixed": world.world_text_corpus}[p["lm_corpus"]]
+    texts = corpus(int(p["lm_texts"]), seed)
+    heldout = corpus(int(p["lm_heldout_texts"]), seed + 1)
     tokenizer = train_world_tokenizer(texts, text.world_words())
     lm_tokenizer = copy.deepcopy(tokenizer)   # MgmProcessor adds <image> to the one it is given
     spec = presets.PRESETS[preset]

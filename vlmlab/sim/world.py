@@ -178,6 +178,20 @@ def world_text_corpus(n: int, seed: int) -> list[str]:
     return out[:n]
 
 
+def world_chat_corpus(n: int, seed: int) -> list[str]:
+    """n chat rounds in the LM's template, each about a scene described in words in its question
+    (`text.described_scene_chats`): an instruction-tuned LM's corpus. Every use of the LM in a VLM is
+    such a round, and a small LM learns to read its answer from the context only when rounds are all
+    it sees (world_text_corpus's sentences dilute them: measured in the issue log, zoo.lm_corpus)."""
+    out: list[str] = []
+    i = 0
+    while len(out) < n:
+        rng = item_rng(seed, CORPUS_STREAM, i)
+        out += text.described_scene_chats(sample_scene(rng), rng)
+        i += 1
+    return out[:n]
+
+
 def web_captions(rows: list[dict], seed: int, noise_rate: float) -> dict[str, str]:
     """The seed set's kind of caption for each caption-eval image: the world's web alt-text of the same scene.
 
