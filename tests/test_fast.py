@@ -328,4 +328,4 @@ def test_cuda_levers_through_the_trainer_under_cpu_bf16_autocast(mode, tmp_path,
         assert p.dtype == (torch.float32 if p.requires_grad else torch.bfloat16), name
     assert data.samples[0]["pixel_values"].dtype == torch.bfloat16
     assert fast.mgm_of(model).fast == FastPaths(towers_no_grad=True, upsample_matmul=True, fused_mining=True,
-                                                loss="chunked")
+                                                mining_matmul=train["mining_matmul"], loss="chunked")

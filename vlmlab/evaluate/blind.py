@@ -12,13 +12,12 @@ from PIL import Image
 
 from vlmlab.evaluate import items
 from vlmlab.evaluate.bootstrap import Statistic, contrast, point
-from vlmlab.models.processor import CLIP_MEAN
 
 
 def blank_images(processor) -> None:
-    """From now on every image the processor reads is one uniform CLIP-mean image of the model's size."""
+    """From now on every image the processor reads is one uniform image of its mean colour (CLIP's), at its size."""
     seeing = processor.images
-    fill = tuple(round(255 * c) for c in CLIP_MEAN)
+    fill = tuple(round(255 * c) for c in processor.image_mean)
     processor.images = lambda image: seeing(Image.new("RGB", (processor.image_size_aux,) * 2, fill))
 
 
