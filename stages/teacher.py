@@ -60,7 +60,8 @@ def main(curated: str = "data/world/curated", eval: str = "data/world/eval/capti
             rows, eval_images = scoring.read_eval_captions(eval, tp["eval_limit"])
             raw = world.web_captions(rows, p["seed"], p["world"]["noise_rate"])
             seed_everything(seed)
-            scores, _ = scoring.score_teacher(model, processor, rows, eval_images, raw, tp["eval_batch_size"])
+            scores, _ = scoring.score_teacher(model, processor, rows, eval_images, raw, tp["eval_batch_size"],
+                                               tp["eval_samples"])
             gain = scores["teacher_sampled"]["cider"] - scores["raw_captions"]["cider"]
             result = {"external": 0, "params_m": sum(x.numel() for x in model.parameters()) / 1e6,
                       "train": {k: v for k, v in stats.items() if k != "losses"}, "eval_images": len(rows),

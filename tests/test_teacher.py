@@ -156,3 +156,25 @@ def test_broken_captioner_folder_is_one_clear_error(tmp_path):
     (tmp_path / "bad" / "config.json").write_text("{}")
     with pytest.raises(StageError, match="does not load"):
         C.load_captioner(tmp_path / "bad")
+
+
+def test_sampled_score_is_the_mean_over_draws_and_the_first_draw_is_returned(monkeypatch):
+    from vlmlab.evaluate.captions import caption_scores
+    from vlmlab.synth import scoring
+
+    rows = [{"id": "a", "captions": ["a red circle on the left.", "a red circle."]},
+            {"id": "b", "captions": ["a blue square on the right.", "a blue square."]}]
+    draws = iter([["a red circle.", "a green circle."], ["a blue circle.", "a blue square."],
+                  ["a red circle on the left.", "a red square."]])
+    greedy = ["a red circle.", "a blue square."]
+    monkeypatch.setattr(scoring, "caption_images",
+                        lambda m, p, ims, bs, do_sample: next(draws) if do_sample else greedy)
+    refs = {r["id"]: r["captions"] for r in rows}
+    expect = [caption_scores(dict(zip("ab", d)), refs)["cider"] for d in
+              (["a red circle.", "a green circle."], ["a blue circle.", "a blue square."],
+               ["a red circle on the left.", "a red square."])]
+    assert len(set(expect)) == 3  # the draws score differently, so a mean is distinguishable from any one
+    metrics, sampled = scoring.score_teacher(None, None, rows, [None, None], None, 2, samples=3)
+    assert metrics["teacher_sampled"]["cider"] == pytest.approx(sum(expect) / 3)
+    assert sampled == {"a": "a red circle.", "b": "a green circle."}
+    assert metrics["teacher_greedy"] == caption_scores(dict(zip("ab", greedy)), refs)

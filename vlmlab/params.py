@@ -142,7 +142,7 @@ SECTIONS: dict[str, Check] = {
         "image_size": POS, "patch_size": POS, "vision_hidden": POS, "vision_layers": POS, "qformer_hidden": POS,
         "qformer_layers": POS, "num_query_tokens": POS, "hidden": POS, "layers": POS, "heads": POS, "epochs": POS,
         "batch_size": POS, "lr": LR, "max_words": POS, "temperature": number(0, low_open=True), "top_k": POS,
-        "threads": POS, "eval_limit": COUNT, "eval_batch_size": POS, "monitor_interval": SECONDS,
+        "threads": POS, "eval_limit": COUNT, "eval_batch_size": POS, "eval_samples": POS, "monitor_interval": SECONDS,
     }),
     "synth": record({
         "captioner": PATH, "captioner_op": text("fast", "stock"), "trust_remote_code": flag(), "caption_num": POS,

@@ -49,7 +49,7 @@ class TeacherConfig:
     heads: int = 2
     # training
     epochs: int  # params.yaml teacher.epochs (defaults live in params.yaml only)
-    batch_size: int = 32
+    batch_size: int = 16
     lr: float = 2e-3
     warmup_frac: float = 0.05
     max_words: int  # captions longer than this (in tokens) are cut for training (teacher.max_words)
