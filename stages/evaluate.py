@@ -33,6 +33,14 @@ from vlmlab.params import load as load_params
 from vlmlab.seeding import seed_everything
 
 
+def run_benchmarks(net, processor, p: dict, cfg: GenConfig) -> tuple[dict[str, list[dict]], dict]:
+    """The three benchmarks of params `evaluate`: ({benchmark: per-item rows}, their metrics in one dict)."""
+    tv_rows, tv = run_textvqa(net, processor, p["textvqa_questions"], p["textvqa_annotations"], p["textvqa_images"], cfg)
+    cap_rows, cap = run_captions(net, processor, p["captions"], p["caption_images"], cfg)
+    mm_rows, mm = run_mmbench(net, processor, p["mmbench"], cfg)
+    return {"textvqa": tv_rows, "captions": cap_rows, "mmbench": mm_rows}, {**tv, **cap, **mm}
+
+
 def main(name: str, model: str, preds: str, metrics: str, params: str = "params.yaml", monitor: str = ""):
     all_params = load_params(params)
     p = all_params["evaluate"]
@@ -44,28 +52,19 @@ def main(name: str, model: str, preds: str, metrics: str, params: str = "params.
     with Monitor(monitor or f"plots/monitor/evaluate_{name}", p["monitor_interval"]) as mon:
         net, processor = load_model(model)
         net.eval()
-        tv_rows, tv = run_textvqa(net, processor, p["textvqa_questions"], p["textvqa_annotations"],
-                                  p["textvqa_images"], cfg)
-        cap_rows, cap = run_captions(net, processor, p["captions"], p["caption_images"], cfg)
-        mm_rows, mm = run_mmbench(net, processor, p["mmbench"], cfg)
-        seen_rows = {"textvqa": tv_rows, "captions": cap_rows, "mmbench": mm_rows}
+        seen_rows, scores = run_benchmarks(net, processor, p, cfg)
+        passes = {".": seen_rows}
         if p["blind_control"]:
             blind.blank_images(processor)
-            blind_rows = {"textvqa": run_textvqa(net, processor, p["textvqa_questions"], p["textvqa_annotations"],
-                                                 p["textvqa_images"], cfg)[0],
-                          "captions": run_captions(net, processor, p["captions"], p["caption_images"], cfg)[0],
-                          "mmbench": run_mmbench(net, processor, p["mmbench"], cfg)[0]}
+            passes["blind"], _ = run_benchmarks(net, processor, p, cfg)
 
     with io.atomic_path(preds) as tmp:
-        tmp.mkdir()
-        for bench, rows in seen_rows.items():
-            io.write_jsonl(tmp / f"{bench}.jsonl", rows)
-        if p["blind_control"]:
-            (tmp / "blind").mkdir()
-            for bench, rows in blind_rows.items():
-                io.write_jsonl(tmp / "blind" / f"{bench}.jsonl", rows)
-    n = (tv["textvqa_questions"] + cap["caption_images"] + mm["mmbench_rows"]) * (2 if p["blind_control"] else 1)
-    result = {**tv, **cap, **mm, "questions_per_s": n / mon.peaks["wall_s"], "monitor": mon.peaks}
+        for folder, rows_of in passes.items():
+            (tmp / folder).mkdir(parents=True)
+            for bench, rows in rows_of.items():
+                io.write_jsonl(tmp / folder / f"{bench}.jsonl", rows)
+    n = len(passes) * (scores["textvqa_questions"] + scores["caption_images"] + scores["mmbench_rows"])
+    result = {**scores, "questions_per_s": n / mon.peaks["wall_s"], "monitor": mon.peaks}
     stats = items.statistics(seen_rows)
     boot = p["bootstrap_samples"], p["bootstrap_seed"], p["ci_level"]
     for metric, ci in items.intervals(stats, *boot).items():
@@ -73,7 +72,7 @@ def main(name: str, model: str, preds: str, metrics: str, params: str = "params.
             raise io.fail(f"{metric}: bootstrap statistic {ci.value!r} != scored {result[metric]!r}")
         result[f"{metric}_ci_low"], result[f"{metric}_ci_high"] = ci.ci_low, ci.ci_high
     if p["blind_control"]:
-        result.update(blind.seeing_minus_blind(stats, items.statistics(blind_rows), *boot))
+        result.update(blind.seeing_minus_blind(stats, items.statistics(passes["blind"]), *boot))
     flat = io.write_metrics(metrics, result)
     shown = "  ".join(f"{k} {flat[k]:.3f} [{flat[k + '_ci_low']:.3f}, {flat[k + '_ci_high']:.3f}]"
                       + (f" (blind {flat[k + '_blind']:.3f})" if p["blind_control"] else "") for k in stats)

@@ -153,3 +153,25 @@ def test_column_targets_describe_the_rendered_scenes():
     present = sum((y[f"shape_{c}"] > 0).astype(int) for c in vocab.POSITIONS)
     assert (present == ref["count"] + 1).all()  # one object per occupied column
     assert set(y) == set(pretrain.tower_targets())
+
+
+def test_answer_accuracies_with_and_without_the_description(world_tokenizer):
+    # a stand-in LM that answers right exactly when a round's scene description is in its prompt
+    texts, tok = world_tokenizer
+    rounds = [t for t in texts if text.SHORT_ANSWER in t][:20]
+    turn = f"{text.START_OF_TURN}model\n"
+    ids = lambda s: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    answer_of = {" ".join(map(str, ids(t.split("\n")[1]))): ids(t.split(turn)[1].split(text.END_OF_TURN)[0])[0]
+                 for t in rounds}
+
+    class ReadsContext(torch.nn.Module):
+        def forward(self, input_ids):
+            prompt = " " + " ".join(map(str, input_ids[0].tolist())) + " "
+            logits = torch.zeros(1, input_ids.shape[1], len(tok))
+            for description, answer in answer_of.items():
+                if f" {description} " in prompt:
+                    logits[0, -1, answer] = 1.0
+            return type("Out", (), {"logits": logits})()
+
+    m = pretrain.context_answer_accuracy(ReadsContext(), tok, rounds)
+    assert m == {"context_answer_acc": 1.0, "question_only_acc": 0.0}
