@@ -18,8 +18,10 @@ frozen) and stage 2 LoRA r128 (LM adapters + connector as modules_to_save):
   (LLaVA/MGM/LLaMA-Factory), then the same with Liger kernels (fused linear CE, RMSNorm, GeGLU, RoPE).
 Reported: samples/s, tokens/s, model TFLOP/s and MFU (FLOPs of the plain class / LLaVA configuration
 counted by torch's FlopCounterMode, so fused or skipped work is credited as the same work), peak
-memory, and each row's ratio to the best peer row of its step. Liger patches Gemma globally, so
-every plain row runs before any Liger row.
+memory, and each row's ratio to the best peer row of its step. Each group of rows (a row name, plain or
+Liger) runs in a process of its own: an out-of-memory row leaves no fragmented allocator to the next
+groups, and Liger's global patching of Gemma reaches no plain row. `ours` rows run pinned as the
+train stage is (vlmlab.determinism.pin: deterministic algorithms, threads); `ours-nopin` without it.
 
 Imports only torch, transformers, peft and vlmlab (liger_kernel optional).
 """
@@ -29,14 +31,19 @@ import argparse
 import gc
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
+if "--_pin" in sys.argv:  # an `ours` job runs as stages/train.py does: pinned before torch (and numpy) load
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    from vlmlab.determinism import pin
+    pin(threads=2)
+
+import torch  # noqa: E402
 
 from vlmlab.models.mgm import MgmForConditionalGeneration  # noqa: E402
 from vlmlab.models.presets import build_config  # noqa: E402
@@ -417,7 +424,8 @@ def main() -> None:
     ap.add_argument("--attn", default="sdpa", choices=["sdpa", "eager", "flash_attention_2"])
     ap.add_argument("--modes", default="stage1,full,lora")
     ap.add_argument("--rows", default="ours-off,class,llava,ours,ours-dedup",
-                    help="ours-off, class, llava (plain bf16; Liger too where it imports), ours, ours-dedup (+ ours-try with --try)")
+                    help="ours-off, class, llava (plain bf16; Liger too where it imports), ours, ours-nopin, ours-dedup "
+                         "(+ ours-try with --try)")
     ap.add_argument("--liger", default="auto", choices=["auto", "on", "off"], help="auto: class/llava Liger rows if it imports")
     ap.add_argument("--deepspeed", default="", help="ours rows through DeepSpeed with this config")
     ap.add_argument("--try", dest="try_levers", default="",
@@ -426,6 +434,8 @@ def main() -> None:
     ap.add_argument("--profile", default="", help="write a torch.profiler table of one `ours` step per mode here")
     ap.add_argument("--peak_tflops", type=float, default=None, help="for MFU; default from the GPU name")
     ap.add_argument("--out", default="bench/out/train_throughput.json")
+    ap.add_argument("--_job", default="", help=argparse.SUPPRESS)  # internal: run one group, in this process
+    ap.add_argument("--_pin", action="store_true", help=argparse.SUPPRESS)  # read before torch loads (top of file)
     a = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     big = a.preset == "mgm-2b"
@@ -450,31 +460,18 @@ def main() -> None:
     print(f"device {gpu}, preset {a.preset}, batch {a.batch} x {a.seq} tokens, {a.attn}, LoRA r{a.lora_r}, "
           f"{a.steps} timed steps after {a.warmup}; liger: {'yes' if has_liger else 'not installed'}")
     print(HEADER)
-    from vlmlab.train.fast import Levers
-
-    rows, flops, profiles = [], {}, [] if a.profile else None
     meta = {"device": gpu, "preset": a.preset, "batch": a.batch, "seq": a.seq, "attn": a.attn, "lora_r": a.lora_r,
             "steps": a.steps, "warmup": a.warmup, "peak_tflops": a.peak_tflops,
             "torch": torch.__version__, "transformers": __import__("transformers").__version__}
-    # every plain row first: Liger (in `ours` too, train.liger_kernels) patches Gemma's classes globally
-    if "ours-off" in which:
-        rows += [bench_ours("ours-off", m, a, device, levers=Levers()) for m in a.modes]
+    if a._job:
+        return run_job(a, device, tried, ligers)
+    rows, flops, profiles = [], {}, []
+    for job in jobs(which, ligers, tried is not None, "stage1" in a.modes):
+        got = spawn(job, a)
+        rows += got["rows"]
+        flops.update({tuple(k.split("/")): v for k, v in got.get("flops", {}).items()})
+        profiles += got.get("profiles", [])
         write_json(a.out, {**meta, "partial": True, "rows": rows})  # a run cut short keeps what it measured
-    for family, label in (("mgm", "class"), ("llava", "llava")):
-        if label in which:
-            rows += bench_family(family, False, a, device, flops)
-            write_json(a.out, {**meta, "partial": True, "rows": rows})
-    if "ours" in which:
-        rows += [bench_ours("ours", m, a, device, profile=profiles) for m in a.modes]
-        write_json(a.out, {**meta, "partial": True, "rows": rows})
-    if tried is not None:
-        rows += [bench_ours("ours-try", m, a, device, levers=tried) for m in a.modes]
-    if "ours-dedup" in which and "stage1" in a.modes:
-        rows.append(bench_ours("ours-dedup", "stage1", a, device, per_image=3))
-    for family, label in (("mgm", "class"), ("llava", "llava")):
-        if label in which and True in ligers:
-            rows += bench_family(family, True, a, device, flops)
-            write_json(a.out, {**meta, "partial": True, "rows": rows})
     missing = {("mgm", m) for m in a.modes} - set(flops)
     if missing and any(r["model"].startswith("ours") for r in rows):  # ours alone: count the plain class's FLOPs
         torch.manual_seed(0)
@@ -494,9 +491,54 @@ def main() -> None:
               f"  ours     {c['ours']}\n  ours-off {c['ours_off']}")
     write_json(a.out, {**meta, "flops_per_step": {f"{k[0]}/{k[1]}": v for k, v in flops.items()}, "rows": rows,
                        "loss_curves": curves})
-    if a.profile:
+    if a.profile and profiles:
         Path(a.profile).write_text("\n\n".join(profiles) + "\n")
     print(f"wrote {a.out}")
+
+
+def jobs(which: list[str], ligers: list[bool], tried: bool, stage1: bool) -> list[str]:
+    """The groups of rows to run, each in its own process: `<row>` or `<row>+liger`. The headline rows
+    (ours and the peers) first: a run cut short by its time limit keeps them."""
+    out = [w for w in ("ours", "class", "llava") if w in which]
+    out += [f"{w}+liger" for w in ("class", "llava") if w in which and True in ligers]
+    out += ["ours-try"] if tried else []
+    out += ["ours-dedup"] if "ours-dedup" in which and stage1 else []
+    return out + [w for w in ("ours-nopin", "ours-off") if w in which]
+
+
+def spawn(job: str, a) -> dict:
+    """Run one group in a child process of this script; a crash becomes an error row, not a lost run."""
+    with tempfile.TemporaryDirectory(prefix="vlmlab-bench.") as tmp:
+        out = Path(tmp) / "job.json"
+        args = [a for a in sys.argv[1:] if a != "--_pin"] + ["--_job", job, "--out", str(out)]
+        if job in ("ours", "ours-try", "ours-dedup"):  # what the train stage runs: pinned as stages/train.py
+            args.append("--_pin")
+        t0 = time.perf_counter()
+        proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), *args])
+        print(f"[{job}: {time.perf_counter() - t0:.0f} s, exit {proc.returncode}]", flush=True)
+        if out.is_file():
+            return json.loads(out.read_text())
+    name, liger = job.removesuffix("+liger"), job.endswith("+liger")
+    return {"rows": [{"model": name, "liger": liger if name in ("class", "llava") else None, "mode": m,
+                      "error": f"process exited {proc.returncode}"} for m in a.modes]}
+
+
+def run_job(a, device: str, tried, ligers) -> None:
+    """One group's rows (and, in a plain class/llava group, their FLOP counts) into a.out."""
+    from vlmlab.train.fast import Levers
+
+    name, liger = a._job.removesuffix("+liger"), a._job.endswith("+liger")
+    flops, profiles = {}, [] if a.profile else None
+    if name in ("class", "llava"):
+        rows = bench_family("mgm" if name == "class" else "llava", liger, a, device, flops)
+    elif name == "ours-dedup":
+        rows = [bench_ours(name, "stage1", a, device, per_image=3)]
+    else:
+        levers = {"ours-off": Levers(), "ours-try": tried}.get(name)
+        rows = [bench_ours(name, m, a, device, levers=levers, profile=profiles if name == "ours" else None)
+                for m in a.modes]
+    write_json(a.out, {"rows": rows, "flops": {f"{k[0]}/{k[1]}": v for k, v in flops.items()},
+                       "profiles": profiles or []})
 
 
 def tried_levers(spec: str):

@@ -8,6 +8,8 @@ zoo.source=tiny:  a word-level tokenizer, the LM, the ViT and the ConvNeXt are p
                   from it exactly as zoo.local_mgm is: the default run exercises the converter.
 zoo.source=local: local checkpoints (an official MGM folder, or Gemma + CLIP + ConvNeXt) are
                   checked, converted and assembled; nothing is downloaded.
+zoo.source=random: model.preset at random init with the world's tokenizer (mgm-2b: the real shapes),
+                  for GPU speed and memory runs of the train stage on the tiny world's data.
 """
 import sys
 from pathlib import Path
@@ -53,8 +55,10 @@ def main(out: str = "models/zoo", metrics: str = "metrics/zoo.json", monitor: st
             result.update(converted)   # the same parameter counts, and what the converter loaded
         elif z["source"] == "local":
             model, processor, result = local.build_local(z, m["attn_implementation"])
+        elif z["source"] == "random":
+            model, processor, result = pretrain.build_random(z, m["preset"], m["attn_implementation"], seed)
         else:
-            raise fail(f"params.yaml zoo.source is {z['source']!r}; use 'tiny' or 'local'")
+            raise fail(f"params.yaml zoo.source is {z['source']!r}; use 'tiny', 'local' or 'random'")
         with atomic_path(out) as tmp:
             model.save_pretrained(tmp)
             processor.save_pretrained(tmp)

@@ -112,6 +112,28 @@ def test_zoo_stage_end_to_end(tmp_path):
     assert bad.returncode != 0 and "zoo.source" in bad.stderr.strip().splitlines()[-1]
 
 
+def test_random_source_is_the_preset_untrained(tmp_path):
+    # zoo.source=random: the preset's shapes at random init with the world tokenizer (GPU speed runs of
+    # mgm-2b on the tiny world); the tiny preset checks it here: nothing pretrained, everything loadable
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["zoo"].update(source="random", lm_texts=400)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    out, metrics = tmp_path / "zoo", tmp_path / "zoo.json"
+    run = subprocess.run([sys.executable, str(REPO / "stages/zoo.py"), "--out", str(out), "--metrics", str(metrics),
+                          "--monitor", str(tmp_path / "mon/zoo"), "--params", str(tmp_path / "params.yaml")],
+                         capture_output=True, text=True, cwd=REPO)
+    assert run.returncode == 0, run.stderr[-2000:]
+    result = json.loads(metrics.read_text())
+    assert "lm" not in result and "converted" not in result  # nothing trained, nothing converted
+    model = AutoModelForImageTextToText.from_pretrained(out)
+    processor = MgmProcessor.from_pretrained(out)
+    assert sum(p.numel() for p in model.parameters()) == result["params"]["total"]
+    assert model.config.image_token_id == processor.image_token_id
+    assert result["tokenizer"]["tokens"] == len(processor.tokenizer)
+    ids = processor.tokenizer(world.world_text_corpus(20, 5)[0], add_special_tokens=False)["input_ids"]
+    assert processor.tokenizer.unk_token_id not in ids  # the world's text, as the train stage will feed it
+
+
 def test_local_source_assembles_llm_clip_and_openclip_convnext(tmp_path):
     from transformers import CLIPVisionModel, GemmaForCausalLM
 

@@ -130,7 +130,7 @@ SECTIONS: dict[str, Check] = {
     "model": record({"preset": text("tiny", "mgm-2b"),
                      "attn_implementation": text("eager", "sdpa", "flash_attention_2")}),
     "zoo": record({
-        "source": text("tiny", "local"), "lm_corpus": text("chats", "mixed"), "lm_texts": POS,
+        "source": text("tiny", "local", "random"), "lm_corpus": text("chats", "mixed"), "lm_texts": POS,
         "lm_heldout_texts": POS, "lm_steps": POS, "lm_batch_size": POS, "lm_lr": LR,
         "vit_images": POS, "vit_steps": POS, "vit_lr": LR,
         "convnext_images": POS, "convnext_steps": POS, "convnext_lr": LR, "convnext_word_weight": number(0),

@@ -297,3 +297,15 @@ def build_tiny(p: dict, preset: str, attn_implementation: str, seed: int, high_r
     metrics = {"tokenizer": {"vocab_size": config.text_config.vocab_size}, "lm": lm_metrics, "vit": vit_metrics,
                "convnext": cnx_metrics, "params": param_counts(model)}
     return model, lm_tokenizer, metrics
+
+
+def build_random(p: dict, preset: str, attn_implementation: str, seed: int):
+    """Preset `preset` at random init with the world's tokenizer: mgm-2b's real shapes for GPU speed and
+    memory runs of the train stage on the tiny world's data, nothing pretrained or downloaded. The LM keeps
+    the preset's vocabulary (mgm-2b: 256000 rows, the world's few hundred tokens take the first), so its
+    head and embedding cost what the real ones do. Returns (model, processor, metrics)."""
+    tokenizer = train_world_tokenizer(world.world_text_corpus(int(p["lm_texts"]), seed), text.world_words())
+    torch.manual_seed(seed)
+    model, processor = presets.build(preset, tokenizer, attn_implementation)
+    return model, processor, {"tokenizer": {"vocab_size": model.config.text_config.vocab_size,
+                                            "tokens": len(processor.tokenizer)}, "params": param_counts(model)}

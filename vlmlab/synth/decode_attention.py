@@ -21,7 +21,8 @@ try:  # CPU-only installs have no Triton: the captioner then keeps SDPA
 except ImportError:  # pragma: no cover - depends on the install
     triton = None
 
-CONFIGS = ((32, 2), (64, 4), (128, 4), (64, 8))  # (BLOCK_N, num_warps) tried by pick_config
+CONFIGS = ((16, 1), (16, 2), (32, 1), (32, 2), (32, 4), (64, 4), (128, 4))  # (BLOCK_N, num_warps) tried by pick_config:
+# one query per program leaves little work per slot block, so small blocks (more programs in flight) won on an H100
 
 
 def available(device: torch.device) -> bool:
