@@ -111,6 +111,26 @@ def test_images_shared_by_several_captions_are_encoded_once(world, base, tmp_pat
     assert len(ds) == 8 and len({id(s["pixel_values_aux"]) for s in ds.samples}) == 4
 
 
+def test_undecodable_images_are_counted_rejects_whatever_pil_raises(world, base, tmp_path, monkeypatch):
+    # a truncated file (OSError) and an image over PIL's pixel limit (DecompressionBombError, not an
+    # OSError) are both `bad_image` rejects with the file named, not a crash of the stage
+    from PIL import Image
+
+    recs = json.loads((world / "raw/llava.json").read_text())[:3]
+    (tmp_path / "images").mkdir()
+    for r in recs:
+        (tmp_path / "images" / Path(r["image"]).name).write_bytes((world / "raw" / r["image"]).read_bytes())
+        r["image"] = "images/" + Path(r["image"]).name
+    (tmp_path / "images" / Path(recs[0]["image"]).name).write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    (tmp_path / "llava.json").write_text(json.dumps(recs))
+    _, processor = recipe.load_base(base)
+    ok = ConversationDataset(tmp_path / "llava.json", processor)
+    assert ok.reject_counts() == {"bad_image": 1}, ok.rejects
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 40 * 40)  # the 96 px world images are now "bombs"
+    with pytest.raises(io.StageError, match=r"no usable training sample \({'bad_image': 3}\)"):
+        ConversationDataset(tmp_path / "llava.json", processor)
+
+
 # ---------------------------------------------------------------- strategies
 
 def test_lora_trains_exactly_adapters_projector_and_mining(base):

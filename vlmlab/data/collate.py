@@ -87,8 +87,10 @@ def _encode_one(rec, image_root: Path, processor, shared: dict, max_length: int)
         try:
             with Image.open(path) as im:
                 shared[key] = im.convert("RGB")
-        except OSError as e:
-            return "bad_image", f"{path}: {e}", None
+        # what PIL raises on files it cannot decode: OSError (truncated, unidentified), SyntaxError and
+        # ValueError (malformed headers in some plugins), DecompressionBombError (over MAX_IMAGE_PIXELS x 2)
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+            return "bad_image", f"{path}: {type(e).__name__}: {e}", None
     try:
         enc = processor.encode_conversation(rec["conversations"], shared[key])
     except (ValueError, KeyError) as e:
@@ -157,9 +159,12 @@ class PadCollator:
         out = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
         images = batch
         if self.dedup_images:
-            slot: dict[int, int] = {}
+            slot: dict[int, int] = {}    # pixel tensor -> its image's index in this batch
+            first: dict[int, dict] = {}  # image index -> the first row that carries it
             index = [slot.setdefault(id(b["pixel_values"]), len(slot)) for b in batch]
-            images = [batch[index.index(u)] for u in range(len(slot))]
+            for u, b in zip(index, batch):
+                first.setdefault(u, b)
+            images = [first[u] for u in range(len(slot))]
             out["image_index"] = torch.tensor(index)                                   # (B,)
         out["pixel_values"] = torch.stack([b["pixel_values"] for b in images])          # (U, 3, H, W)
         out["pixel_values_aux"] = torch.stack([b["pixel_values_aux"] for b in images])  # (U, 3, H', W')
