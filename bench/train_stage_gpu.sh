@@ -35,28 +35,31 @@ EOF
 t0=$SECONDS
 timeout "${REPRO_TIMEOUT:-400}" python3 -m dvc repro --no-commit train@baseline train@raw_lora > "$out/repro.log" 2>&1
 rc=$?; echo "dvc repro: rc=$rc $((SECONDS-t0)) s"; grep -E "^(zoo|train@)|Error|error" "$out/repro.log" | tail -20
-for run in baseline raw_lora; do  # this run's metrics only (a time-out while DVC hashes the outputs keeps them)
-  [[ metrics/train/$run.json -nt "$out/gpu.txt" ]] && cp "metrics/train/$run.json" "$out/metrics_train_$run.json"
+got=$(mktemp -d)  # this run's metrics and per-step rows only (a time-out while DVC hashes the outputs keeps them)
+for run in baseline raw_lora; do
+  [[ metrics/train/$run.json -nt "$out/gpu.txt" ]] || continue
+  cp "metrics/train/$run.json" "$got/metrics_$run.json"
+  paste plots/train/$run/plots/metrics/{stage,step_s,samples_per_s,tokens_per_s}.tsv > "$got/steps_$run.tsv"
 done
-[[ -f $out/metrics_train_baseline.json ]] || exit 1
+[[ -f $got/metrics_baseline.json ]] || exit 1
 # the bench at the mean (padded) tokens per sample each stage saw, so both time the same work
 read -r s1 s2 < <(python3 -c '
-import json; m = json.load(open("metrics/train/baseline.json"))
+import json; m = json.load(open("'"$got"'/metrics_baseline.json"))
 print(*(round(m[s]["tokens"] / m[s]["samples"]) for s in ("stage1", "stage2")))') || exit 1
 bench() {  # bench MODES SEQ NAME LIMIT_S
   timeout "$4" python3 bench/train_throughput.py --preset "${PRESET:-mgm-2b}" --batch 16 --lora_r 128 --rows ours \
     --modes "$1" --seq "$2" --out "$out/bench_$3.json" > "$out/bench_$3.log" 2>&1; echo "bench $3: rc=$?"
 }
 summarise() {
-python3 - "$out" <<'EOF'
-import json, sys
+python3 - "$out" "$got" <<'EOF'
+import csv, json, sys
 from pathlib import Path
-out = Path(sys.argv[1])
+out, got = Path(sys.argv[1]), Path(sys.argv[2])
 bench = {r["mode"]: r for f in ("bench_stage1.json", "bench_stage2.json") if (out / f).is_file()
          for r in json.loads((out / f).read_text())["rows"]}
 rows = []
 for run, mode in (("baseline", "stage1"), ("baseline", "full"), ("raw_lora", "stage1"), ("raw_lora", "lora")):
-    f = out / f"metrics_train_{run}.json"
+    f = got / f"metrics_{run}.json"
     if not f.is_file():
         continue
     s = json.loads(f.read_text())["stage1" if mode == "stage1" else "stage2"]
@@ -66,7 +69,15 @@ for run, mode in (("baseline", "stage1"), ("baseline", "full"), ("raw_lora", "st
                  "bench_seq": b.get("seq"), "stage_vs_bench": round(s["samples_per_s"] / b["samples_per_s"], 3)
                  if b.get("samples_per_s") else None})
     print(rows[-1])
-(out / "train_stage_gpu.json").write_text(json.dumps({"gpu": (out / "gpu.txt").read_text().strip(), "rows": rows}, indent=2) + "\n")
+def steps(run):  # dvclive's per-step rows, pasted side by side: step, stage, step, step_s, step, samples/s, step, tokens/s
+    with open(got / f"steps_{run}.tsv") as f:
+        return [{"step": int(r[0]), "stage": int(float(r[1])), "step_s": float(r[3]), "samples_per_s": float(r[5]),
+                 "tokens_per_s": float(r[7])} for r in list(csv.reader(f, delimiter="\t"))[1:]]
+runs = [r for r in ("baseline", "raw_lora") if (got / f"metrics_{r}.json").is_file()]
+(out / "train_stage_gpu.json").write_text(json.dumps({
+    "gpu": (out / "gpu.txt").read_text().strip(), "rows": rows,
+    "metrics": {r: json.loads((got / f"metrics_{r}.json").read_text()) for r in runs},
+    "steps": {r: steps(r) for r in runs}}, indent=1) + "\n")
 EOF
 }
 bench full,lora "$s2" stage2 "${BENCH2_TIMEOUT:-150}"; summarise
