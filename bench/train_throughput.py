@@ -21,7 +21,7 @@ counted by torch's FlopCounterMode, so fused or skipped work is credited as the 
 memory, and each row's ratio to the best peer row of its step. Each group of rows (a row name, plain or
 Liger) runs in a process of its own: an out-of-memory row leaves no fragmented allocator to the next
 groups, and Liger's global patching of Gemma reaches no plain row. `ours` rows run pinned as the
-train stage is (vlmlab.determinism.pin: deterministic algorithms, threads); `ours-nopin` without it.
+train stage is (vlmlab.determinism.pin, then relax_cuda unless train.cuda_deterministic); `ours-nopin` unpinned.
 
 Imports only torch, transformers, peft and vlmlab (liger_kernel optional).
 """
@@ -40,8 +40,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
 if "--_pin" in sys.argv:  # an `ours` job runs as stages/train.py does: pinned before torch (and numpy) load
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    from vlmlab.determinism import pin
+    from vlmlab.determinism import pin, relax_cuda
     pin(threads=2)
+    from vlmlab.params import load as load_params
+    if not load_params(Path(__file__).resolve().parents[1] / "params.yaml")["train"]["cuda_deterministic"]:
+        relax_cuda()
 
 import torch  # noqa: E402
 

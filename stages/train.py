@@ -30,6 +30,7 @@ import fire  # noqa: E402
 from dvclive import Live  # noqa: E402
 
 from vlmlab import io  # noqa: E402
+from vlmlab.determinism import relax_cuda  # noqa: E402
 from vlmlab.data.collate import ConversationDataset  # noqa: E402
 from vlmlab.monitor import Monitor  # noqa: E402
 from vlmlab.params import load as load_params  # noqa: E402
@@ -45,6 +46,8 @@ def main(name: str, base: str = "models/zoo", captions: str = "data/raw/llava.js
     # Option names must not prefix torchrun's own (it rejects --run, --monitor as ambiguous).
     run = name
     p = load_params(params)
+    if not p["train"]["cuda_deterministic"]:
+        relax_cuda()  # CUDA hosts: the fast kernels (a CPU run stays pinned, bit for bit)
     runs = p.get("runs") or {}
     if run not in runs:
         raise io.fail(f"run {run!r} is not in params.yaml runs: ({', '.join(runs) or 'empty'}); add it there")

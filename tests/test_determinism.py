@@ -137,3 +137,14 @@ def test_pin_refuses_numpy_loaded_before_it():
     r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
                        env={**env, "PYTHONPATH": str(REPO)})
     assert r.returncode != 0 and "imported before vlmlab.determinism.pin()" in r.stderr, r.stderr[-1000:]
+
+
+def test_relax_cuda_leaves_a_cpu_host_pinned():
+    # train.cuda_deterministic: false relaxes the GPU half of pin() on CUDA hosts only: a CPU run (the
+    # tiny world, CI) keeps deterministic algorithms and cuBLAS's setting, so its outputs stay bit for bit
+    code = ("from vlmlab.determinism import pin, relax_cuda; pin(); import os, torch; "
+            "print(relax_cuda(), torch.are_deterministic_algorithms_enabled(), os.environ.get('CUBLAS_WORKSPACE_CONFIG'))")
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": ""})
+    assert r.returncode == 0, r.stderr[-1000:]
+    assert r.stdout.split() == ["False", "True", ":4096:8"], r.stdout

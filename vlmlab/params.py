@@ -160,7 +160,7 @@ SECTIONS: dict[str, Check] = {
         "stage2_epochs": number(0, low_open=True), "stage2_global_batch": POS, "stage2_micro_batch": POS,
         "stage2_warmup_ratio": RATIO, "stage2_scheduler": text(), "lora_targets": texts(),
         "gradient_checkpointing": flag(), "attn_implementation": text("eager", "sdpa", "flash_attention_2"),
-        "deepspeed": PATH, "group_by_length": flag(), "save_steps": COUNT, "workers": COUNT, "max_length": COUNT,
+        "deepspeed": PATH, "cuda_deterministic": flag(), "group_by_length": flag(), "save_steps": COUNT, "workers": COUNT, "max_length": COUNT,
         "monitor_interval": SECONDS, "frozen_bf16": flag(), "loss_impl": text("chunked", "liger", "full"),
         "liger_kernels": flag(), "towers_no_grad": flag(), "upsample_matmul": flag(), "fused_mining": flag(),
         "mining_matmul": flag(), "dedup_towers": flag(), "group_images": flag(), "fused_adamw": flag(), "no_host_syncs": flag(),
