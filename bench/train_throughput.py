@@ -507,7 +507,7 @@ def spawn(job: str, a) -> dict:
     """Run one group in a child process of this script; a crash becomes an error row, not a lost run."""
     with tempfile.TemporaryDirectory(prefix="vlmlab-bench.") as tmp:
         out = Path(tmp) / "job.json"
-        args = [a for a in sys.argv[1:] if a != "--_pin"] + ["--_job", job, "--out", str(out)]
+        args = [x for x in sys.argv[1:] if x != "--_pin"] + ["--_job", job, "--out", str(out)]
         if job in ("ours", "ours-try", "ours-dedup"):  # what the train stage runs: pinned as stages/train.py
             args.append("--_pin")
         t0 = time.perf_counter()
