@@ -44,6 +44,27 @@ def test_lm_beats_unigram_on_heldout_text(world_tokenizer):
     assert 0 <= m["question_only_acc"] <= 1 and 0 <= m["context_answer_acc"] <= 1, m
 
 
+def test_answer_weight_falls_on_the_model_turns_only(world_tokenizer):
+    texts, tok = world_tokenizer
+    two_rounds = texts[0] + tok.eos_token + texts[1]   # MGM's template joins rounds with <eos>
+    ids = pretrain.encode_texts(tok, [two_rounds, texts[2]], 256)
+    mask = pretrain.answer_mask(ids, tok)
+    turn = f"{text.START_OF_TURN}model\n"
+    for row, m, t in zip(ids, mask, [two_rounds, texts[2]]):
+        answers = [a.split(text.END_OF_TURN)[0] + text.END_OF_TURN for a in t.split(turn)[1:]]
+        want = [i for a in answers for i in tok(a, add_special_tokens=False)["input_ids"]]
+        assert row[m].tolist() == want, tok.convert_ids_to_tokens(row[m])
+    # weight 1 everywhere is the plain next-token loss
+    cfg = presets.build_config("tiny", vocab_size=len(tok), image_token_id=4)
+    torch.manual_seed(0)
+    lm = pretrain.AutoModelForCausalLM.from_config(cfg.text_config)
+    batch = pretrain._lm_batch(ids, tok.pad_token_id)
+    weighted = pretrain._weighted_lm_loss(lm, batch, torch.ones(batch["input_ids"].shape))
+    assert torch.allclose(weighted, lm(**batch).loss, rtol=1e-5)
+    heavy = pretrain._weighted_lm_loss(lm, batch, 1 + 4 * mask[:, :batch["input_ids"].shape[1]].float())
+    assert not torch.allclose(heavy, weighted)
+
+
 def test_lm_chat_rounds_are_the_processors_template(world_tokenizer):
     # the LM learns the exact ids a VLM prompt + answer gets from MgmProcessor (template, <bos>, <eos>)
     texts, tok = world_tokenizer
@@ -104,6 +125,7 @@ def test_zoo_stage_end_to_end(tmp_path):
     processor = MgmProcessor.from_pretrained(out)
     assert model.config.image_token_id == processor.image_token_id
     assert model.generation_config.eos_token_id == processor.stop_token_ids
+    assert model.config.text_config.initializer_range == params["zoo"]["lm_init_std"]  # how the LM began
     # a bad source is one clear line and a non-zero exit
     params["zoo"]["source"] = "hub"
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))

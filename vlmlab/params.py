@@ -132,6 +132,7 @@ SECTIONS: dict[str, Check] = {
     "zoo": record({
         "source": text("tiny", "local", "random"), "lm_corpus": text("chats", "mixed"), "lm_texts": POS,
         "lm_heldout_texts": POS, "lm_steps": POS, "lm_batch_size": POS, "lm_lr": LR,
+        "lm_init_std": number(0, low_open=True), "lm_answer_weight": number(0),
         "vit_images": POS, "vit_steps": POS, "vit_lr": LR,
         "convnext_images": POS, "convnext_steps": POS, "convnext_lr": LR, "convnext_word_weight": number(0),
         "tower_batch_size": POS, "heldout_images": POS, "local_mgm": PATH, "local_llm": PATH, "local_vision": PATH,

@@ -218,7 +218,8 @@ def config_from_mgm(mgm_config: dict | str | Path, state: dict[str, torch.Tensor
         raise fail(f"config model_type {mt!r} is not an MGM one (mgm_gemma, mgm_llama, ...)")
     text_keys = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                  "num_key_value_heads", "head_dim", "max_position_embeddings", "rms_norm_eps", "rope_theta",
-                 "attention_bias", "bos_token_id", "eos_token_id", "pad_token_id", "tie_word_embeddings")
+                 "attention_bias", "initializer_range", "bos_token_id", "eos_token_id", "pad_token_id",
+                 "tie_word_embeddings")
     text = {k: c[k] for k in text_keys if c.get(k) is not None}
     text["model_type"] = mt[len("mgm_"):]
     if text["model_type"] == "gemma":

@@ -67,14 +67,45 @@ def _lm_batch(ids: torch.Tensor, pad_id: int) -> dict:
     return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, IGNORE_INDEX)}
 
 
+def answer_mask(ids: torch.Tensor, tokenizer) -> torch.Tensor:
+    """(B, T) bool: the tokens of each model turn (after `<start_of_turn>model\n`, through its `<end_of_turn>`)."""
+    sot, model, nl, eot = tokenizer.convert_tokens_to_ids([text.START_OF_TURN, "model", "\n", text.END_OF_TURN])
+    pos = torch.arange(ids.shape[1]).expand_as(ids)
+    opens = torch.zeros_like(ids, dtype=torch.bool)
+    opens[:, 3:] = (ids[:, :-3] == sot) & (ids[:, 1:-2] == model) & (ids[:, 2:-1] == nl)
+    closed = torch.zeros_like(ids, dtype=torch.bool)
+    closed[:, 1:] = ids[:, :-1] == eot          # an <end_of_turn> ends its turn after itself
+    last_open = torch.where(opens, pos, -1).cummax(1).values
+    last_close = torch.where(closed, pos, -1).cummax(1).values
+    return (last_open >= 0) & (last_open > last_close)
+
+
+def _weighted_lm_loss(model, batch: dict, weight: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy with a weight per target token (weight (B, T) of the batch's ids)."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    tgt = batch["labels"][:, 1:]
+    ce = F.cross_entropy(logits.transpose(1, 2), tgt, ignore_index=IGNORE_INDEX, reduction="none")
+    w = weight[:, 1:] * (tgt != IGNORE_INDEX)
+    return (ce * w).sum() / w.sum()
+
+
 def pretrain_lm(text_config, tokenizer, train_texts: list[str], val_texts: list[str], loop: LoopConfig,
-                max_len: int = 128):
-    """A causal LM trained from scratch on world text. Returns (model, metrics)."""
+                max_len: int = 128, answer_weight: float = 1.0):
+    """A causal LM trained from scratch on world text. Returns (model, metrics).
+
+    answer_weight: loss weight of the model turns' tokens (the answers; the rest weigh 1), so that
+    the few tokens read from the context are not drowned by the many description tokens no context
+    predicts (final_train_loss is this weighted loss; heldout_ppl is unweighted)."""
     torch.manual_seed(loop.seed)
     model = AutoModelForCausalLM.from_config(text_config)
     pad = tokenizer.pad_token_id
     train, val = encode_texts(tokenizer, train_texts, max_len), encode_texts(tokenizer, val_texts, max_len)
-    losses = train_loop(model, lambda idx: model(**_lm_batch(train[idx], pad)).loss, len(train), loop, "zoo: LM")
+    weight = 1.0 + (answer_weight - 1.0) * answer_mask(train, tokenizer).float()
+
+    def loss_fn(idx):
+        batch = _lm_batch(train[idx], pad)
+        return _weighted_lm_loss(model, batch, weight[idx][:, :batch["input_ids"].shape[1]])
+    losses = train_loop(model, loss_fn, len(train), loop, "zoo: LM")
     # held-out perplexity (token-weighted) vs. the unigram model of the training text
     nll, n_tok = 0.0, 0
     with torch.no_grad():
@@ -279,7 +310,10 @@ def build_tiny(p: dict, preset: str, attn_implementation: str, seed: int, high_r
     # the attention the LM and ViT use while pretraining here (training sets its own, train.attn_implementation)
     for sub in (config.text_config, config.vision_config):
         sub._attn_implementation = attn_implementation
-    lm, lm_metrics = pretrain_lm(config.text_config, tokenizer, texts, heldout, loop("lm", 1))
+    # the LM's init scale; the checkpoint's config keeps it (it says how the weights began)
+    config.text_config.initializer_range = float(p["lm_init_std"])
+    lm, lm_metrics = pretrain_lm(config.text_config, tokenizer, texts, heldout, loop("lm", 1),
+                                 answer_weight=float(p["lm_answer_weight"]))
     n_val = int(p["heldout_images"])
     # scenes are drawn at the stored (high-res) size; each tower sees them as MgmProcessor's view
     # for it (the ViT: the bilinear downsample of the normalised high-res image)
