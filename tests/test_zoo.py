@@ -106,15 +106,22 @@ def test_assembled_model_carries_the_pretrained_parts(world_tokenizer, tmp_path)
     assert torch.equal(base.language_model.model.layers[1].mlp.up_proj.weight, lm.model.layers[1].mlp.up_proj.weight)
 
 
-def test_zoo_stage_end_to_end(tmp_path):
+def run_zoo(tmp_path: Path, zoo: dict, name: str = "zoo"):
+    """stages/zoo.py with params.yaml's `zoo:` updated by `zoo`: (process, out folder, metrics file)."""
     params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["zoo"].update(lm_texts=400, lm_heldout_texts=50, lm_steps=3, vit_images=64, vit_steps=2,
-                         convnext_images=64, convnext_steps=2, heldout_images=32, tower_batch_size=16)
+    params["zoo"].update(zoo)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    out, metrics = tmp_path / "zoo", tmp_path / "zoo.json"
+    out, metrics = tmp_path / name, tmp_path / f"{name}.json"
     run = subprocess.run([sys.executable, str(REPO / "stages/zoo.py"), "--out", str(out), "--metrics", str(metrics),
-                          "--monitor", str(tmp_path / "mon/zoo"), "--params", str(tmp_path / "params.yaml")],
+                          "--monitor", str(tmp_path / f"mon/{name}"), "--params", str(tmp_path / "params.yaml")],
                          capture_output=True, text=True, cwd=REPO)
+    return run, out, metrics
+
+
+def test_zoo_stage_end_to_end(tmp_path):
+    small = dict(lm_texts=400, lm_heldout_texts=50, lm_steps=3, vit_images=64, vit_steps=2,
+                 convnext_images=64, convnext_steps=2, heldout_images=32, tower_batch_size=16)
+    run, out, metrics = run_zoo(tmp_path, small)
     assert run.returncode == 0, run.stderr[-2000:]
     assert (tmp_path / "mon/zoo.csv").is_file() and metrics.is_file()
     # the tiny parts went through the official MGM layout and the converter (zoo.local_mgm's path)
@@ -125,25 +132,17 @@ def test_zoo_stage_end_to_end(tmp_path):
     processor = MgmProcessor.from_pretrained(out)
     assert model.config.image_token_id == processor.image_token_id
     assert model.generation_config.eos_token_id == processor.stop_token_ids
-    assert model.config.text_config.initializer_range == params["zoo"]["lm_init_std"]  # how the LM began
+    init_std = yaml.safe_load((REPO / "params.yaml").read_text())["zoo"]["lm_init_std"]
+    assert model.config.text_config.initializer_range == init_std  # how the LM began
     # a bad source is one clear line and a non-zero exit
-    params["zoo"]["source"] = "hub"
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    bad = subprocess.run([sys.executable, str(REPO / "stages/zoo.py"), "--out", str(tmp_path / "x"),
-                          "--metrics", str(tmp_path / "x.json"), "--monitor", str(tmp_path / "mon/x"), "--params", str(tmp_path / "params.yaml")], capture_output=True, text=True, cwd=REPO)
+    bad, _, _ = run_zoo(tmp_path, dict(small, source="hub"), "x")
     assert bad.returncode != 0 and "zoo.source" in bad.stderr.strip().splitlines()[-1]
 
 
 def test_random_source_is_the_preset_untrained(tmp_path):
     # zoo.source=random: the preset's shapes at random init with the world tokenizer (GPU speed runs of
     # mgm-2b on the tiny world); the tiny preset checks it here: nothing pretrained, everything loadable
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["zoo"].update(source="random", lm_texts=400)
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    out, metrics = tmp_path / "zoo", tmp_path / "zoo.json"
-    run = subprocess.run([sys.executable, str(REPO / "stages/zoo.py"), "--out", str(out), "--metrics", str(metrics),
-                          "--monitor", str(tmp_path / "mon/zoo"), "--params", str(tmp_path / "params.yaml")],
-                         capture_output=True, text=True, cwd=REPO)
+    run, out, metrics = run_zoo(tmp_path, dict(source="random", lm_texts=400))
     assert run.returncode == 0, run.stderr[-2000:]
     result = json.loads(metrics.read_text())
     assert "lm" not in result and "converted" not in result  # nothing trained, nothing converted
