@@ -8,7 +8,7 @@
 #   bash bench/train_stage_gpu.sh OUT        # on the GPU host, from the repo root (carry .whl)
 #   PRESET=tiny bash bench/train_stage_gpu.sh OUT   # the same steps on a CPU (a copy of the repo: it edits params.yaml)
 #
-# The GPU run's params are set in params.yaml as `dvc exp run -S` would; --no-commit keeps the 14 GB
+# The GPU run's params are set in params.yaml as `dvc exp run -S` would; --no-commit keeps the 12 GB
 # zoo out of DVC's cache. Wheels: .whl/ (transformers, peft, liger) and .whl/dvcwhl (dvc, dvclive, fire).
 set -uo pipefail
 out=${1:-bench/out}; mkdir -p "$out"
@@ -39,7 +39,7 @@ got=$(mktemp -d)  # this run's metrics and per-step rows only (a time-out while 
 for run in baseline raw_lora; do
   [[ metrics/train/$run.json -nt "$out/gpu.txt" ]] || continue
   cp "metrics/train/$run.json" "$got/metrics_$run.json"
-  paste plots/train/$run/plots/metrics/{stage,step_s,samples_per_s,tokens_per_s}.tsv > "$got/steps_$run.tsv"
+  mkdir "$got/$run" && cp plots/train/$run/plots/metrics/{stage,step_s,samples_per_s,tokens_per_s}.tsv "$got/$run/"
 done
 [[ -f $got/metrics_baseline.json ]] || exit 1
 # the bench at the mean (padded) tokens per sample each stage saw, so both time the same work
@@ -69,10 +69,12 @@ for run, mode in (("baseline", "stage1"), ("baseline", "full"), ("raw_lora", "st
                  "bench_seq": b.get("seq"), "stage_vs_bench": round(s["samples_per_s"] / b["samples_per_s"], 3)
                  if b.get("samples_per_s") else None})
     print(rows[-1])
-def steps(run):  # dvclive's per-step rows, pasted side by side: step, stage, step, step_s, step, samples/s, step, tokens/s
-    with open(got / f"steps_{run}.tsv") as f:
-        return [{"step": int(r[0]), "stage": int(float(r[1])), "step_s": float(r[3]), "samples_per_s": float(r[5]),
-                 "tokens_per_s": float(r[7])} for r in list(csv.reader(f, delimiter="\t"))[1:]]
+def steps(run):  # dvclive's per-step rows: one TSV (step, value) a metric
+    cols = {}
+    for name in ("stage", "step_s", "samples_per_s", "tokens_per_s"):
+        with open(got / run / f"{name}.tsv") as f:
+            cols[name] = [(int(r[0]), float(r[1])) for r in list(csv.reader(f, delimiter="\t"))[1:]]
+    return [{"step": step, **{k: v[i][1] for k, v in cols.items()}} for i, (step, _) in enumerate(cols["stage"])]
 runs = [r for r in ("baseline", "raw_lora") if (got / f"metrics_{r}.json").is_file()]
 (out / "train_stage_gpu.json").write_text(json.dumps({
     "gpu": (out / "gpu.txt").read_text().strip(), "rows": rows,
