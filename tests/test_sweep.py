@@ -67,8 +67,11 @@ def _state(name, params, metrics):
                                                         "metrics": {k: {"data": v} for k, v in metrics.items()}}}
 
 
-def _eval(cider, half):
-    return {"cider": cider, "cider_ci_low": cider - half, "cider_ci_high": cider + half}
+def _eval(cider, half, read=None):
+    out = {"cider": cider, "cider_ci_low": cider - half, "cider_ci_high": cider + half}
+    if read is not None:
+        out |= {"cider_minus_blind": read, "cider_minus_blind_ci_low": read - half, "cider_minus_blind_ci_high": read + half}
+    return out
 
 
 def test_side_studies_teacher_seeds_and_stage1_dose():
@@ -84,8 +87,8 @@ def test_side_studies_teacher_seeds_and_stage1_dose():
     exps = [_state("teacher-seed3", params(3), tmetrics(0.8)),
             _state("teacher-seed4", params(4), tmetrics(0.6)),
             _state("other-teacher", {**params(5), "teacher": {"epochs": 6}}, tmetrics(0.1)),  # another recipe: not a seed
-            _state("dose-300", params(raw_size=300), {"metrics/eval/baseline.json": _eval(0.20, 0.05)}),
-            _state("dose-1000", params(raw_size=1000), {"metrics/eval/baseline.json": _eval(0.30, 0.08)}),
+            _state("dose-300", params(raw_size=300), {"metrics/eval/baseline.json": _eval(0.20, 0.05, read=0.02)}),
+            _state("dose-1000", params(raw_size=1000), {"metrics/eval/baseline.json": _eval(0.30, 0.08, read=0.10)}),
             _state("dose-4000-accurate", params(noise_rate=0.0), {"metrics/eval/baseline.json": _eval(0.60, 0.05)})]
     commit["experiments"] = [{"revs": exps, "executor": None}]
     shown = [commit]
@@ -97,5 +100,8 @@ def test_side_studies_teacher_seeds_and_stage1_dose():
     assert "worst 0.6000, best 0.9000, worst/best 0.667" in md
     assert "| `dose-1000` | 1000 | 0.35 | 0.3000 [0.2200, 0.3800] ≈ |" in md       # overlaps dose-300's interval
     assert "| `dose-4000-accurate` | 4000 | 0.0 | 0.6000 [0.5500, 0.6500] ↑ |" in md  # wholly above main's
+    assert "| `dose-300` | 300 | 0.35 | 0.0200 [-0.0300, 0.0700] |" in md   # seeing - blind: interval holds 0
+    assert "| `dose-1000` | 1000 | 0.35 | **0.1000 [0.0200, 0.1800]** |" in md   # ... excludes 0: it reads
+    assert "| `main` | 4000 | 0.35 |  |" in md                              # no blind control: an empty cell
     # side studies are no replicates of the study, not even skipped ones
     assert [x.split(":")[0] for x in sweep.read(shown).skipped] == ["main", "other-teacher"]

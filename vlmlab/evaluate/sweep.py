@@ -255,6 +255,15 @@ def _ci(m: dict, metric: str) -> str:
         if f"{metric}_ci_low" in m else _num(m[metric])
 
 
+def _read(m: dict, metric: str) -> str:
+    key = f"{metric}_minus_blind"
+    if key not in m:
+        return ""
+    low, high = m.get(key + "_ci_low", math.nan), m.get(key + "_ci_high", math.nan)
+    text = f"{_num(m[key])} [{_num(low)}, {_num(high)}]"
+    return f"**{text}**" if low > 0 or high < 0 else text
+
+
 def _beyond(a: dict, b: dict, metric: str) -> str:
     """How `b` stands against `a`: beyond a's interval (and a beyond b's) upward or downward, else within."""
     if f"{metric}_ci_low" not in a or f"{metric}_ci_low" not in b:
@@ -291,4 +300,14 @@ def render_side_studies(teacher: list[dict], doses: list[dict], metrics: list[st
                      for m in metrics]
             out.append(f"| `{r['name']}` | {r['captions']} | {r['noise_rate']} | " + " | ".join(cells) + " |")
         out += [""]
+        read = [m for m in metrics if any(f"{m}_minus_blind" in r["metrics"] for r in doses)]
+        if read:  # a metric can move with stage-1 data through caption style alone: does the model see more?
+            out += ["Does it read its image: seeing − blind (`evaluate.blind_control`, paired interval; "
+                    "**bold**: the interval excludes 0).", "",
+                    "| experiment | stage-1 captions | noise | " + " | ".join(read) + " |",
+                    "|" + "---|" * (len(read) + 3)]
+            for r in doses:
+                cells = [_read(r["metrics"], m) for m in read]
+                out.append(f"| `{r['name']}` | {r['captions']} | {r['noise_rate']} | " + " | ".join(cells) + " |")
+            out += [""]
     return "\n".join(out)
