@@ -5,6 +5,7 @@
     python stages/sweep.py report                # dvc exp show --json -> reports/sweep.md + plots/sweep.png
     python stages/sweep.py queue_teacher --seeds 3,4   # side study: the teacher alone on more seeds
     python stages/sweep.py queue_dose --sizes 300,1000  # side study: stage-1 caption sets of other sizes/noise
+                                                        # (--seeds 0,1,2: over the sweep's seeds)
 
 Not a DVC stage: it reads the experiments DVC keeps (`dvc exp show` cannot run inside
 `dvc repro`). `report --exp_json FILE` reads a saved `dvc exp show --json` instead. The
@@ -43,15 +44,19 @@ def queue_teacher(seeds: str = "3,4", jobs: int = 1):
     _start(jobs)
 
 
-def queue_dose(sizes: str = "300,1000", accurate: int = 4000, jobs: int = 1):
+def queue_dose(sizes: str = "300,1000", accurate: int = 4000, seeds: str = "", jobs: int = 1):
     """Stage-1 caption sets of other sizes (world.raw_size) and one all accurate (world.noise_rate=0):
-    train@baseline and evaluate@baseline on each. Does stage-1 data move the eval metrics?"""
+    train@baseline and evaluate@baseline on each. Does stage-1 data move the eval metrics?
+    `seeds`: replicate each set over these seeds (queue the seed sweep first: its zoo runs are reused
+    from DVC's run cache, and its replicates are the committed set's row for their seed)."""
     variants = [(f"{sweep.DOSE_PREFIX}{n}", [f"world.raw_size={n}"]) for n in _split(sizes)]
     if accurate:
         variants.append((f"{sweep.DOSE_PREFIX}{accurate}-accurate", [f"world.raw_size={accurate}", "world.noise_rate=0.0"]))
-    for name, sets in variants:
-        subprocess.run(["dvc", "exp", "run", "--queue", "-n", name, *[a for s in sets for a in ("-S", s)],
-                        "train@baseline", "evaluate@baseline"], check=True)
+    for seed in _split(seeds) if seeds != "" else [None]:
+        for name, sets in variants:
+            named, sets = (name, sets) if seed is None else (f"{name}-seed{seed}", [*sets, f"seed={seed}"])
+            subprocess.run(["dvc", "exp", "run", "--queue", "-n", named, *[a for s in sets for a in ("-S", s)],
+                            "train@baseline", "evaluate@baseline"], check=True)
     _start(jobs)
 
 

@@ -95,7 +95,8 @@ def test_side_studies_teacher_seeds_and_stage1_dose():
     rows = sweep.teacher_seeds(shown)
     assert [(r["seed"], r["sampled_cider"]) for r in rows] == [(0, 0.9), (3, 0.8), (4, 0.6)]
     doses = sweep.dose(shown)
-    assert [r["name"] for r in doses] == ["dose-300", "dose-1000", "main", "dose-4000-accurate"]
+    assert [[x["name"] for x in r["seeds"].values()] for r in doses] == [
+        ["dose-300"], ["dose-1000"], ["main"], ["dose-4000-accurate"]]
     md = sweep.render_side_studies(rows, doses, ["cider"])
     assert "worst 0.6000, best 0.9000, worst/best 0.667" in md
     assert "| `dose-1000` | 1000 | 0.35 | 0.3000 [0.2200, 0.3800] ≈ |" in md       # overlaps dose-300's interval
@@ -105,3 +106,31 @@ def test_side_studies_teacher_seeds_and_stage1_dose():
     assert "| `main` | 4000 | 0.35 |  |" in md                              # no blind control: an empty cell
     # side studies are no replicates of the study, not even skipped ones
     assert [x.split(":")[0] for x in sweep.read(shown).skipped] == ["main", "other-teacher"]
+
+
+def test_dose_over_seeds_pairs_each_seed_with_its_reference():
+    def params(seed=0, raw_size=4000, noise_rate=0.35, lr=1e-3):
+        return {"seed": seed, "world": {"raw_size": raw_size, "noise_rate": noise_rate}, "train": {"stage1_lr": lr}}
+
+    def ev(cider, read):
+        return {"metrics/eval/baseline.json": _eval(cider, 0.05, read=read)}
+
+    commit = _state("main", params(), ev(0.40, 0.00))
+    exps = [_state("bold-seed", params(seed=1), ev(0.50, 0.10)),                    # the study's seed-1 replicate
+            _state("dose-300-seed0", params(raw_size=300), ev(0.20, -0.10)),
+            _state("dose-300-seed1", params(seed=1, raw_size=300), ev(0.45, 0.02)),
+            _state("dose-4000-accurate-seed1", params(seed=1, noise_rate=0.0), ev(0.70, 0.20)),
+            _state("teacher-seed2", params(seed=2), ev(0.40, 0.00)),     # teacher only: the commit's eval files
+            _state("faster", params(seed=2, lr=1e-2), ev(0.90, 0.50))]   # another recipe: no dose of this one
+    commit["experiments"] = [{"revs": exps, "executor": None}]
+    doses = sweep.dose([commit])
+    assert [(r["captions"], r["noise_rate"], list(r["seeds"])) for r in doses] == [
+        (300, 0.35, [0, 1]), (4000, 0.35, [0, 1]), (4000, 0.0, [1])]
+    md = sweep.render_side_studies([], doses, ["cider"])
+    # 4000 vs 300 (amount): seed 0 [0.35, 0.45] above [0.15, 0.25]; seed 1 [0.45, 0.55] overlaps [0.40, 0.50]
+    assert "| `main`, `bold-seed` | 4000 | 0.35 | 0.4500 ± 0.0707 ↑1/↓0 of 2 |" in md
+    # accurate vs noisy at 4000 (quality): only seed 1 has both
+    assert "| `dose-4000-accurate-seed1` | 4000 | 0.0 | 0.7000 (1 seed) ↑1/↓0 of 1 |" in md
+    assert "| `dose-300-seed0`, `dose-300-seed1` | 300 | 0.35 | -0.0400 ± 0.0849, reads 0/2 |" in md
+    assert "| `main`, `bold-seed` | 4000 | 0.35 | 0.0500 ± 0.0707, reads 1/2 |" in md
+

@@ -238,16 +238,24 @@ def teacher_seeds(shown: list[dict]) -> list[dict]:
 
 
 def dose(shown: list[dict], model: str = "baseline") -> list[dict]:
-    """Stage-1 data dose-response: `model`'s eval metrics (with intervals) for the committed study and
-    each `dose-*` experiment (another world.raw_size / world.noise_rate, same seed), fewest captions first."""
-    rows = []
+    """Stage-1 data dose-response: one row per stage-1 caption set (world.raw_size, world.noise_rate),
+    fewest captions first, with `model`'s eval metrics (and intervals) per seed. A row's runs are the
+    `dose-*` experiments and the replicates of the study itself (the committed set, per seed), all with
+    the first listed state's params but for seed, raw_size and noise_rate (another recipe is no dose)."""
+    runs, ref = {}, None
     for name, params, state in _finished(shown):
         metrics = _file(state, "metrics", f"metrics/eval/{model}.json")
-        if metrics and (name.startswith(DOSE_PREFIX) or not rows):
-            world = params.get("world", {})
-            rows.append({"name": name, "captions": world.get("raw_size"), "noise_rate": world.get("noise_rate"),
-                         "metrics": metrics})
-    return sorted(rows, key=lambda r: (r["captions"], -r["noise_rate"]))
+        if not metrics or name.startswith(TEACHER_PREFIX):  # a teacher-only run lists the commit's eval files
+            continue
+        world = params.get("world", {})
+        size, noise = world.get("raw_size"), world.get("noise_rate")
+        recipe = json.dumps({**params, "seed": None, "world": {**world, "raw_size": None, "noise_rate": None}},
+                            sort_keys=True)
+        ref = ref or recipe
+        if recipe == ref:
+            runs.setdefault((size, noise), {}).setdefault(int(params["seed"]), {"name": name, "metrics": metrics})
+    return [{"captions": size, "noise_rate": noise, "seeds": dict(sorted(by_seed.items()))}
+            for (size, noise), by_seed in sorted(runs.items(), key=lambda kv: (kv[0][0], -kv[0][1]))]
 
 
 def _ci(m: dict, metric: str) -> str:
@@ -288,26 +296,80 @@ def render_side_studies(teacher: list[dict], doses: list[dict], metrics: list[st
                 f"{_num(r.get('greedy_cider', math.nan))} |" for r in teacher]
         out += [""]
     if doses:
-        out += ["## Stage-1 data dose-response", "",
-                f"`{model}` (stage 1 on the raw seed captions, stage 2 full) with another stage-1 caption set: "
-                "`world.raw_size` captions, `world.noise_rate` of them wrong or off-topic (0: all accurate). "
-                "Value [95% bootstrap interval]; ↑/↓: the interval lies wholly above/below the previous row's, "
-                "≈: they overlap.", "",
-                "| experiment | stage-1 captions | noise | " + " | ".join(metrics) + " |",
-                "|" + "---|" * (len(metrics) + 3)]
-        for i, r in enumerate(doses):
-            cells = [_ci(r["metrics"], m) + (_beyond(doses[i - 1]["metrics"], r["metrics"], m) if i else "")
-                     for m in metrics]
-            out.append(f"| `{r['name']}` | {r['captions']} | {r['noise_rate']} | " + " | ".join(cells) + " |")
-        out += [""]
-        read = [m for m in metrics if any(f"{m}_minus_blind" in r["metrics"] for r in doses)]
-        if read:  # a metric can move with stage-1 data through caption style alone: does the model see more?
-            out += ["Does it read its image: seeing − blind (`evaluate.blind_control`, paired interval; "
-                    "**bold**: the interval excludes 0).", "",
-                    "| experiment | stage-1 captions | noise | " + " | ".join(read) + " |",
-                    "|" + "---|" * (len(read) + 3)]
-            for r in doses:
-                cells = [_read(r["metrics"], m) for m in read]
-                out.append(f"| `{r['name']}` | {r['captions']} | {r['noise_rate']} | " + " | ".join(cells) + " |")
-            out += [""]
+        out += _render_dose(doses, metrics, model)
     return "\n".join(out)
+
+
+def _render_dose(doses: list[dict], metrics: list[str], model: str) -> list[str]:
+    many = any(len(r["seeds"]) > 1 for r in doses)
+    out = ["## Stage-1 data dose-response", "",
+           f"`{model}` (stage 1 on the raw seed captions, stage 2 full) with another stage-1 caption set: "
+           "`world.raw_size` captions, `world.noise_rate` of them wrong or off-topic (0: all accurate). " +
+           "Each row against its reference: the noisier set of its size (quality), else the last smaller set "
+           "of its noise (amount). " +
+           ("Mean ± sd over seeds; ↑k/↓k: in k seeds the row's 95% bootstrap interval lies wholly above/below "
+            "the reference's of the same seed (of the seeds both rows have)." if many else
+            "Value [95% bootstrap interval]; ↑/↓: the interval lies wholly above/below the reference's, "
+            "≈: they overlap."), "",
+           "| experiments | stage-1 captions | noise | " + " | ".join(metrics) + " |",
+           "|" + "---|" * (len(metrics) + 3)]
+    for i, r in enumerate(doses):
+        cells = [_dose_cell(r, _reference(doses, i), m, many) for m in metrics]
+        out.append(f"| {_names(r)} | {r['captions']} | {r['noise_rate']} | " + " | ".join(cells) + " |")
+    out += [""]
+    read = [m for m in metrics if any(f"{m}_minus_blind" in x["metrics"] for r in doses for x in r["seeds"].values())]
+    if read:  # a metric can move with stage-1 data through caption style alone: does the model see more?
+        out += ["Does it read its image: seeing − blind (`evaluate.blind_control`, paired interval; " +
+                ("mean ± sd over seeds, reads k/n: the interval excludes 0 upward in k of n seeds)." if many else
+                 "**bold**: the interval excludes 0)."), "",
+                "| experiments | stage-1 captions | noise | " + " | ".join(read) + " |",
+                "|" + "---|" * (len(read) + 3)]
+        for r in doses:
+            cells = [_read_cell(r, m, many) for m in read]
+            out.append(f"| {_names(r)} | {r['captions']} | {r['noise_rate']} | " + " | ".join(cells) + " |")
+        out += [""]
+    return out
+
+
+def _reference(doses: list[dict], i: int) -> dict | None:
+    """What row i is measured against: the noisier set of the same size (a quality step), else the last
+    smaller set of the same noise (an amount step); None for the first of its kind."""
+    r = doses[i]
+    noisier = [d for d in doses if d["captions"] == r["captions"] and d["noise_rate"] > r["noise_rate"]]
+    if noisier:
+        return max(noisier, key=lambda d: d["noise_rate"])
+    smaller = [d for d in doses[:i] if d["noise_rate"] == r["noise_rate"] and d["captions"] < r["captions"]]
+    return smaller[-1] if smaller else None
+
+
+def _names(row: dict) -> str:
+    return ", ".join(f"`{x['name']}`" for x in row["seeds"].values())
+
+
+def _dose_cell(row: dict, prev: dict | None, metric: str, many: bool) -> str:
+    got = {s: x["metrics"] for s, x in row["seeds"].items() if metric in x["metrics"]}
+    if not got:
+        return ""
+    if not many:
+        (m,) = got.values()
+        return _ci(m, metric) + (_beyond(next(iter(prev["seeds"].values()))["metrics"], m, metric) if prev else "")
+    text = _spread([m[metric] for m in got.values()])
+    if prev:
+        steps = [_beyond(prev["seeds"][s]["metrics"], m, metric) for s, m in got.items() if s in prev["seeds"]]
+        text += f" ↑{steps.count(' ↑')}/↓{steps.count(' ↓')} of {len(steps)}"
+    return text
+
+
+def _read_cell(row: dict, metric: str, many: bool) -> str:
+    got = [x["metrics"] for x in row["seeds"].values() if f"{metric}_minus_blind" in x["metrics"]]
+    if not many:
+        return _read(got[0], metric) if got else ""
+    if not got:
+        return ""
+    reads = sum(m.get(f"{metric}_minus_blind_ci_low", math.nan) > 0 for m in got)
+    return f"{_spread([m[f'{metric}_minus_blind'] for m in got])}, reads {reads}/{len(got)}"
+
+
+def _spread(values: list[float]) -> str:
+    mean, sd = mean_sd(values)
+    return f"{_num(mean)} ± {_num(sd)}" if len(values) > 1 else f"{_num(mean)} (1 seed)"
