@@ -6,6 +6,8 @@
     python stages/sweep.py queue_teacher --seeds 3,4   # side study: the teacher alone on more seeds
     python stages/sweep.py queue_dose --sizes 300,1000  # side study: stage-1 caption sets of other sizes/noise
                                                         # (--seeds 0,1,2: over the sweep's seeds)
+    python stages/sweep.py report --only NAME-   # a recipe not committed: its experiments queued as NAME-seedN,
+                                                 # NAME-dose-..., from any commit (--report elsewhere)
 
 Not a DVC stage: it reads the experiments DVC keeps (`dvc exp show` cannot run inside
 `dvc repro`). `report --exp_json FILE` reads a saved `dvc exp show --json` instead. The
@@ -70,18 +72,22 @@ def _split(values) -> list[str]:
 
 
 def report(exp_json: str = "", report: str = "reports/sweep.md", plot: str = "plots/sweep.png",
-           include_workspace: bool = False, rev: str = ""):
+           include_workspace: bool = False, rev: str = "", only: str = ""):
     """reports/sweep.md and its plot from `dvc exp show --json` (run here, or read from `exp_json`).
-    `rev`: the commit the experiments were queued from, once later commits moved HEAD on (`dvc exp show --rev`)."""
+    `rev`: the commit the experiments were queued from, once later commits moved HEAD on (`dvc exp show --rev`).
+    `only`: just the experiments whose names start with this, from every commit (a recipe not committed yet,
+    queued under its own names: no commit row, no other experiment)."""
     if exp_json:
         text = Path(exp_json).read_text(encoding="utf-8")
     else:
-        text = subprocess.run(["dvc", "exp", "show", "--json", *(["--rev", str(rev)] if rev else [])],
-                              check=True, capture_output=True, text=True).stdout
+        where = ["--all-commits"] if only else ["--rev", str(rev)] if rev else []
+        text = subprocess.run(["dvc", "exp", "show", "--json", *where], check=True, capture_output=True, text=True).stdout
     try:
         shown = json.loads(text)
     except json.JSONDecodeError as e:
         raise io.fail(f"{exp_json or 'dvc exp show --json'}: not JSON ({e.msg})") from None
+    if only:
+        shown = sweep.only(shown, str(only))
     data = sweep.read(shown, include_workspace)
     metrics = list(HEADLINE)
     drawn = sweep.draw(plot, data, metrics)

@@ -74,6 +74,14 @@ def _unusable(state: dict, executor: str | None) -> str | None:
     return None if _file(state, "params", PARAMS) else f"no {PARAMS}"
 
 
+def only(shown: list[dict], prefix: str) -> list[dict]:
+    """The finished experiments named `prefix...` of every commit, each standing as a row of its own and
+    named without the prefix, so that `<prefix>dose-...` and `<prefix>teacher-seed...` are side studies."""
+    _check(shown)
+    return [{**{k: v for k, v in state.items() if k != "experiments"}, "name": _name(state)[len(prefix):]}
+            for state, executor in _states(shown) if _name(state).startswith(prefix) and not _unusable(state, executor)]
+
+
 def read(shown: list[dict], include_workspace: bool = False) -> Sweep:
     """Replicates from the parsed `dvc exp show --json` output (a list of experiment states)."""
     _check(shown)
