@@ -139,16 +139,19 @@ def test_only_keeps_one_recipes_experiments_from_every_commit():
     def params(seed, lr=1e-3, raw_size=4000):
         return {"seed": seed, "world": {"raw_size": raw_size, "noise_rate": 0.35}, "train": {"stage1_lr": lr}}
 
-    def ev(cider):   # every experiment lists the compare.json of its commit, a dose run too
-        return {"metrics/eval/baseline.json": _eval(cider, 0.05), "metrics/compare.json": {"models": {}, "effects": {}}}
+    def ev(cider):   # every experiment lists the compare.json and teacher.json of its commit, a dose run too
+        return {"metrics/eval/baseline.json": _eval(cider, 0.05), "metrics/compare.json": {"models": {}, "effects": {}},
+                "metrics/teacher.json": {"teacher_sampled": {"cider": cider, "bleu_4": 0.5}}}
 
     old, new = _state("c1", params(0), ev(0.4)), _state("c2", params(0), ev(0.4))
-    old["experiments"] = [{"revs": [_state("fast-seed1", params(1, 1e-2), ev(0.6)),
+    old["experiments"] = [{"revs": [_state("fast-dose-4000-seed2", params(2, 1e-2), ev(0.4)),   # world of the study
+                                    _state("fast-seed1", params(1, 1e-2), ev(0.6)),
                                     _state("fast-dose-300-seed1", params(1, 1e-2, 300), ev(0.3)),
                                     _state("other", params(1), ev(0.5))], "executor": None}]
     new["experiments"] = [{"revs": [_state("fast-seed0", params(0, 1e-2), ev(0.7))], "executor": None},
                           {"revs": [_state("fast-seed2", params(2, 1e-2), ev(0.9))], "executor": {"state": "running"}}]
     kept = sweep.only([old, new], "fast-")
-    assert [s["name"] for s in kept] == ["seed1", "dose-300-seed1", "seed0"]   # no commit row, nothing unfinished
-    assert [r.name for r in sweep.read(kept).replicates] == ["seed1", "seed0"]  # the dose run is no replicate
-    assert [(r["captions"], list(r["seeds"])) for r in sweep.dose(kept)] == [(300, [1]), (4000, [0, 1])]
+    assert [s["name"] for s in kept] == ["dose-4000-seed2", "seed1", "dose-300-seed1", "seed0"]  # no commit row,
+    assert [r.name for r in sweep.read(kept).replicates] == ["seed1", "seed0"]  # nothing unfinished; no dose run
+    assert [r["name"] for r in sweep.teacher_seeds(kept)] == ["seed0", "seed1"]   # a dose run trains no teacher
+    assert [(r["captions"], list(r["seeds"])) for r in sweep.dose(kept)] == [(300, [1]), (4000, [0, 1, 2])]

@@ -234,8 +234,8 @@ def teacher_seeds(shown: list[dict]) -> list[dict]:
     rows, ref = {}, None
     for name, params, state in _finished(shown):
         metrics = _file(state, "metrics", TEACHER)
-        if not metrics or "teacher_sampled" not in metrics:
-            continue
+        if not metrics or "teacher_sampled" not in metrics or name.startswith(DOSE_PREFIX):
+            continue  # a dose run trains no teacher: it lists its commit's teacher.json under its own seed
         key = (params.get("world"), params.get("teacher"))
         ref = ref or key
         if key == ref:
