@@ -319,24 +319,22 @@ def _render_dose(doses: list[dict], metrics: list[str], model: str) -> list[str]
             "the reference's of the same seed (of the seeds both rows have)." if many else
             "Value [95% bootstrap interval]; ↑/↓: the interval lies wholly above/below the reference's, "
             "≈: they overlap."), "",
-           "| experiments | stage-1 captions | noise | " + " | ".join(metrics) + " |",
-           "|" + "---|" * (len(metrics) + 3)]
-    for i, r in enumerate(doses):
-        cells = [_dose_cell(r, _reference(doses, i), m, many) for m in metrics]
-        out.append(f"| {_names(r)} | {r['captions']} | {r['noise_rate']} | " + " | ".join(cells) + " |")
-    out += [""]
+           *_table(doses, metrics, lambda i, r, m: _dose_cell(r, _reference(doses, i), m, many))]
     read = [m for m in metrics if any(f"{m}_minus_blind" in x["metrics"] for r in doses for x in r["seeds"].values())]
     if read:  # a metric can move with stage-1 data through caption style alone: does the model see more?
         out += ["Does it read its image: seeing − blind (`evaluate.blind_control`, paired interval; " +
                 ("mean ± sd over seeds, reads k/n: the interval excludes 0 upward in k of n seeds)." if many else
                  "**bold**: the interval excludes 0)."), "",
-                "| experiments | stage-1 captions | noise | " + " | ".join(read) + " |",
-                "|" + "---|" * (len(read) + 3)]
-        for r in doses:
-            cells = [_read_cell(r, m, many) for m in read]
-            out.append(f"| {_names(r)} | {r['captions']} | {r['noise_rate']} | " + " | ".join(cells) + " |")
-        out += [""]
+                *_table(doses, read, lambda i, r, m: _read_cell(r, m, many))]
     return out
+
+
+def _table(doses: list[dict], metrics: list[str], cell) -> list[str]:
+    """One row per caption set: its runs, size, noise, then `cell(row index, row, metric)` per metric."""
+    out = ["| experiments | stage-1 captions | noise | " + " | ".join(metrics) + " |", "|" + "---|" * (len(metrics) + 3)]
+    out += [f"| {_names(r)} | {r['captions']} | {r['noise_rate']} | " + " | ".join(cell(i, r, m) for m in metrics) + " |"
+            for i, r in enumerate(doses)]
+    return out + [""]
 
 
 def _reference(doses: list[dict], i: int) -> dict | None:
