@@ -105,6 +105,28 @@ def test_stops_when_every_row_has_emitted_eos(folder):
     assert greedy.generate(**inputs).shape[1] == prompt + 1 and greedy.last_steps == 1
 
 
+def test_a_lagged_stop_check_gives_what_a_per_step_check_gives(folder):
+    """CUDA reads the all-rows-ended flag a few steps late: the steps past the end are cut off again."""
+    from data_juicer.utils.model_utils import get_model
+
+    from vlmlab.synth.fast_captioner import FastCaptioner
+
+    stock, _ = ops(folder)
+    model, processor = get_model(stock.model_key, None, False)
+    model.config.image_token_index = 50265
+    inputs = processor(images=[Image.open(folder / f"{i}.jpg") for i in range(3)], return_tensors="pt")
+    captioner = FastCaptioner(model, processor, caption_num=3, max_new_tokens=40)
+    captioner.eos = torch.arange(0, 400, 3)  # a third of the words end a caption: rows end at different steps
+    got = {}
+    for lag in (0, 1, 3):
+        captioner.stop_lag = lag
+        torch.manual_seed(0)
+        got[lag] = (captioner.generate(**inputs), captioner.last_steps)
+    assert 1 < got[0][1] < 40  # every row ended before max_new_tokens, not all at once
+    for lag in (1, 3):
+        assert got[lag][1] == got[0][1] and torch.equal(got[lag][0], got[0][0])
+
+
 def test_options_the_sampler_does_not_implement_are_refused(folder):
     _, fast = ops(folder)
     set_generation(fast, repetition_penalty=1.3)

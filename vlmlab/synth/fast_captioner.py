@@ -16,7 +16,11 @@ is re-concatenated at every step and each step is ~40 kernel launches per layer 
   - otherwise (CPU, compile=False): SDPA over a view of the first `length` slots, no mask.
   `compile=True` instead keeps every step the same shape (masked attention over the whole cache) and
   compiles it with torch.compile mode "reduce-overhead"; padded prompts take the masked attention eagerly;
-- the loop stops as soon as every row has emitted EOS (at most max_new_tokens steps);
+- the loop stops as soon as every row has emitted EOS (at most max_new_tokens steps). On CUDA the check
+  reads a flag `stop_lag` steps behind the GPU (a pinned copy and an event), so the host never drains the
+  step queue; the steps drawn after the last row ended are cut off, so the output is what a per-step check
+  gives (the extra draws move the global generator, so later sub-batches sample other, equally distributed,
+  captions than with stop_lag=0, the CPU's setting);
 - the LM head keeps only the rows generation_config.suppress_tokens allows (the tiny teacher suppresses
   all but its few hundred world words): the same distribution as transformers' SuppressTokens processor,
   which sets those logits to -inf.
@@ -87,6 +91,43 @@ def resolve_generation_config(model, max_new_tokens: int):
     return gc
 
 
+class StopCheck:
+    """Whether every row has emitted EOS, step by step. `lag` 0: read on the host at each step (a sync).
+    `lag` k: each step's flag goes to pinned host memory behind an event and is read k steps later, when
+    the GPU has long passed it, so k steps stay queued; `steps()` then counts the steps really needed."""
+
+    def __init__(self, lag: int, done: torch.Tensor):
+        self.lag, self.flags = lag, []
+        self.pinned = lag and done.is_cuda  # (a CPU run reads its flags directly: no sync to avoid)
+        if self.pinned:
+            self.host = torch.zeros(lag + 1, dtype=torch.bool, pin_memory=True)
+            self.events = [torch.cuda.Event() for _ in range(lag + 1)]
+        self.push(done)
+
+    def push(self, done: torch.Tensor) -> None:
+        flag = done.all()
+        self.flags.append(flag)
+        if self.pinned:
+            slot = (len(self.flags) - 1) % (self.lag + 1)
+            self.host[slot].copy_(flag, non_blocking=True)
+            self.events[slot].record()
+
+    def known(self) -> bool:
+        """Every row had ended `lag` steps ago (0: now)."""
+        k = len(self.flags) - 1 - self.lag
+        if k < 0:
+            return False
+        if not self.pinned:
+            return bool(self.flags[k])
+        self.events[k % (self.lag + 1)].synchronize()
+        return bool(self.host[k % (self.lag + 1)])
+
+    def steps(self) -> int:
+        """Steps up to the one where the last row ended (all of them if one never did): one sync."""
+        ended = torch.stack(self.flags).nonzero()
+        return int(ended[0]) + 1 if len(ended) else len(self.flags)
+
+
 class FastCaptioner:
     """caption_num sampled captions per image from a `Blip2ForConditionalGeneration`-like model (decoder-only LM).
 
@@ -95,10 +136,11 @@ class FastCaptioner:
         torch.compile "reduce-overhead" of a masked whole-cache step (slower: kept for comparison)
     :param bf16: on CUDA, run the model in bfloat16 (casts it once, in place)
     :param pad_rows: on a compiled step, pad every sub-batch to this many images so the graphs see one shape
+    :param stop_lag: on CUDA, steps the all-rows-ended check trails the GPU by (0: a host sync every step)
     """
 
     def __init__(self, model, processor, caption_num: int = 1, max_new_tokens: int = 128, compile: bool | str = "auto",
-                 bf16: bool = True, pad_rows: int | None = None):
+                 bf16: bool = True, pad_rows: int | None = None, stop_lag: int = 2):
         self.model, self.processor = model.eval(), processor
         self.lm = model.language_model
         if getattr(self.lm.config, "is_encoder_decoder", False):
@@ -111,6 +153,7 @@ class FastCaptioner:
         if cuda and bf16 and next(model.parameters()).dtype != torch.bfloat16:
             model.to(torch.bfloat16)
         self.caption_num, self.max_new_tokens = int(caption_num), int(max_new_tokens)
+        self.stop_lag = int(stop_lag) if cuda else 0
         self.gc = resolve_generation_config(model, self.max_new_tokens)
         eos = self.gc.eos_token_id if isinstance(self.gc.eos_token_id, list) else [self.gc.eos_token_id]
         self.eos = torch.tensor(eos, device=self.device)
@@ -230,7 +273,8 @@ class FastCaptioner:
             triton = self._pick_attention_config(cache, R, L)
         graphs = triton and self.graphs
         steps = 1
-        while steps < self.max_new_tokens and not bool(done.all()):
+        ended = StopCheck(self.stop_lag, done)
+        while steps < self.max_new_tokens and not ended.known():
             _FILLED["length"] = T + steps  # after this step's update: the prompt and `steps` tokens
             if graphs:
                 probs = self._replay(token, position, full, cache, T + steps - 1)
@@ -242,10 +286,11 @@ class FastCaptioner:
             token = torch.where(done, torch.full_like(token, self.pad), self._draw(probs))
             out.append(token)
             done = done | torch.isin(token, self.eos)
+            ended.push(done)
             position = position + 1
             steps += 1
-        self.last_steps = steps
-        return torch.cat([ids, torch.stack(out, dim=1)], dim=1)
+        self.last_steps = steps = ended.steps()
+        return torch.cat([ids, torch.stack(out[:steps], dim=1)], dim=1)
 
     def _replay(self, token, position, full, cache, filled: int) -> torch.Tensor | None:
         """One step as a CUDA graph replay (captured on the first step of this shape) -> probs (R, V'),
