@@ -71,12 +71,37 @@ def _split(values) -> list[str]:
     return [str(v) for v in (values if isinstance(values, (list, tuple)) else str(values).split(","))]
 
 
+def _predictions(model: str):
+    """rev -> `model`'s per-item statistics in that commit or experiment: its data/eval/<model> from DVC's
+    cache (experiments commit their outputs there), read once per rev."""
+    import tempfile
+
+    from dvc.api import DVCFileSystem
+
+    from vlmlab.evaluate import items
+
+    cache: dict = {}
+
+    def statistics(rev: str):
+        if rev not in cache:
+            with tempfile.TemporaryDirectory() as tmp:
+                try:
+                    DVCFileSystem(".", rev=rev).get(f"data/eval/{model}", tmp + "/p", recursive=True)
+                except Exception as e:  # noqa: BLE001 - gc'd cache, a remote not pulled: say which run
+                    raise io.fail(f"sweep report: no data/eval/{model} for {rev[:7]} ({type(e).__name__}: {e}); "
+                                  "`dvc exp pull` it or re-run the experiment") from None
+                cache[rev] = items.load_statistics(tmp + "/p")
+        return cache[rev]
+    return statistics
+
+
 def report(exp_json: str = "", report: str = "reports/sweep.md", plot: str = "plots/sweep.png",
-           include_workspace: bool = False, rev: str = "", only: str = ""):
+           include_workspace: bool = False, rev: str = "", only: str = "", paired: bool = True):
     """reports/sweep.md and its plot from `dvc exp show --json` (run here, or read from `exp_json`).
     `rev`: the commit the experiments were queued from, once later commits moved HEAD on (`dvc exp show --rev`).
     `only`: just the experiments whose names start with this, from every commit (a recipe not committed yet,
-    queued under its own names: no commit row, no other experiment)."""
+    queued under its own names: no commit row, no other experiment). `paired`: the dose steps as paired
+    differences on the runs' per-item predictions (read from DVC's cache; evaluate's bootstrap params)."""
     if exp_json:
         text = Path(exp_json).read_text(encoding="utf-8")
     else:
@@ -92,7 +117,13 @@ def report(exp_json: str = "", report: str = "reports/sweep.md", plot: str = "pl
     metrics = list(HEADLINE)
     drawn = sweep.draw(plot, data, metrics)
     figure = os.path.relpath(plot, Path(report).parent) if drawn else None
-    side = sweep.render_side_studies(sweep.teacher_seeds(shown), sweep.dose(shown), metrics)
+    doses = sweep.dose(shown)
+    steps = []
+    if doses and paired:
+        ev = io.load_params()["evaluate"]
+        steps = sweep.dose_steps(doses, _predictions("baseline"), metrics, int(ev["bootstrap_samples"]),
+                                 int(ev["bootstrap_seed"]), float(ev["ci_level"]))
+    side = sweep.render_side_studies(sweep.teacher_seeds(shown), doses, metrics, steps=steps)
     io.write_text(report, sweep.render(data, metrics, figure) + ("\n" + side if side else ""))
     seeds = [[r.seed for r in g] for g in sweep.groups(data)]
     print(f"sweep: {len(data.replicates)} replicates, seeds {seeds}, {len(data.skipped)} not used -> {report}")

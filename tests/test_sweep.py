@@ -31,7 +31,8 @@ def test_replicates_from_exp_show_json():
 def test_report_command_writes_markdown_and_plot(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", ["sweep.py", "report", "--exp_json", str(DATA / "exp_show_handmade.json"),
-                                      "--report", "reports/sweep.md", "--plot", "plots/sweep.png"])
+                                      "--report", "reports/sweep.md", "--plot", "plots/sweep.png",
+                                      "--paired", "False"])  # a JSON file alone: no predictions to pair
     runpy.run_path(str(Path(__file__).resolve().parents[1] / "stages/sweep.py"), run_name="__main__")
     md = (tmp_path / "reports/sweep.md").read_text()
     assert "Seeds: 0, 1, 2 (3 replicates" in md and "## Params group 2" in md
@@ -155,3 +156,41 @@ def test_only_keeps_one_recipes_experiments_from_every_commit():
     assert [r.name for r in sweep.read(kept).replicates] == ["seed1", "seed0"]  # nothing unfinished; no dose run
     assert [r["name"] for r in sweep.teacher_seeds(kept)] == ["seed0", "seed1"]   # a dose run trains no teacher
     assert [(r["captions"], list(r["seeds"])) for r in sweep.dose(kept)] == [(300, [1]), (4000, [0, 1, 2])]
+
+
+def test_dose_steps_pair_each_seed_and_pool_the_seeds():
+    """A planted step is called (pooled and on each seed); an identical run is not; the pooled value is
+    the mean of the per-seed paired differences."""
+    import numpy as np
+
+    from vlmlab.evaluate.bootstrap import Mean
+
+    def params(seed=0, raw_size=4000):
+        return {"seed": seed, "world": {"raw_size": raw_size, "noise_rate": 0.35}}
+
+    states = [_state(f"dose-{size}-seed{s}", params(s, size), {"metrics/eval/baseline.json": _eval(0.4, 0.05)})
+              for size in (300, 1000, 4000) for s in (0, 1)]
+    commit = {**states[0], "experiments": [{"revs": states[1:], "executor": None}]}
+    doses = sweep.dose([commit])
+    rng = np.random.default_rng(0)
+    keys = [(str(i), "p", 0) for i in range(300)]
+    base = {s: (rng.random(300) < 0.3).astype(float) for s in (0, 1)}
+    planted = {0: 60, 1: 40}  # questions turned right from 300 to 1000 captions: +0.2, +0.133
+
+    def statistics(rev):
+        size, seed = int(rev.split("-")[1]), int(rev.split("seed")[1][0])
+        scores = base[seed].copy()
+        if size >= 1000:
+            wrong = np.flatnonzero(scores == 0)[:planted[seed]]
+            scores[wrong] = 1.0
+        return {"textvqa_acc": Mean(keys, scores)}
+
+    steps = sweep.dose_steps(doses, statistics, ["textvqa_acc"], samples=500, seed=0, level=0.95)
+    assert [(s["reference"]["captions"], s["row"]["captions"]) for s in steps] == [(300, 1000), (1000, 4000)]
+    up, same = (s["metrics"]["textvqa_acc"] for s in steps)
+    assert up["value"] == pytest.approx((60 + 40) / 300 / 2) and up["ci_low"] > 0
+    assert all(i.ci_low > 0 for _, i in up["seeds"])
+    assert same["value"] == 0 and same["ci_low"] == same["ci_high"] == 0
+    md = sweep.render_side_studies([], doses, ["textvqa_acc"], steps=steps)
+    assert "| 300 @ 0.35 → 1000 @ 0.35 | **+0.1667 [" in md and "↑2/↓0 of 2 |" in md
+    assert "| 1000 @ 0.35 → 4000 @ 0.35 | +0.0000 [+0.0000, +0.0000] ↑0/↓0 of 2 |" in md

@@ -14,7 +14,10 @@ import math
 import statistics
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from vlmlab import io
+from vlmlab.evaluate import bootstrap, items
 
 COMPARE = "metrics/compare.json"
 TEACHER = "metrics/teacher.json"
@@ -261,9 +264,43 @@ def dose(shown: list[dict], model: str = "baseline") -> list[dict]:
                             sort_keys=True)
         ref = ref or recipe
         if recipe == ref:
-            runs.setdefault((size, noise), {}).setdefault(int(params["seed"]), {"name": name, "metrics": metrics})
+            runs.setdefault((size, noise), {}).setdefault(int(params["seed"]), {"name": name, "rev": state.get("rev"),
+                                                                                 "metrics": metrics})
     return [{"captions": size, "noise_rate": noise, "seeds": dict(sorted(by_seed.items()))}
             for (size, noise), by_seed in sorted(runs.items(), key=lambda kv: (kv[0][0], -kv[0][1]))]
+
+
+def dose_steps(doses: list[dict], statistics, metrics: list[str], samples: int, seed: int, level: float) -> list[dict]:
+    """Each dose row against its reference (`_reference`) as paired differences on the same eval items:
+    `statistics(rev)` gives a run's per-item statistics (items.load_statistics of its predictions). Per seed
+    the row's and the reference's metric are resampled with the same counts (their eval sets are the same
+    world's); over seeds, the mean of the per-seed differences, each seed's items resampled on their own
+    (a stratified bootstrap), so the interval narrows with every seed. -> one dict per stepped row:
+    {"row", "reference", "metrics": {metric: {"value", "ci_low", "ci_high", "seeds": [(seed, Interval)]}}}."""
+    out = []
+    for i, row in enumerate(doses):
+        ref = _reference(doses, i)
+        shared = [s for s in row["seeds"] if ref and s in ref["seeds"]]
+        if not shared:
+            continue
+        steps = {}
+        for metric in metrics:
+            full, boot, per_seed = [], [], []
+            for s in shared:
+                stats = items.align({"row": statistics(row["seeds"][s]["rev"]),
+                                     "reference": statistics(ref["seeds"][s]["rev"])}, metric)
+                if len(stats) < 2:
+                    break
+                counts = items.resample_counts_for(stats, samples, seed + s)
+                diff = bootstrap.contrast(stats, {"row": 1.0, "reference": -1.0}, counts, level)
+                per_seed.append((s, diff))
+                full.append(diff.value)
+                boot.append(stats["row"].values(counts) - stats["reference"].values(counts))
+            else:
+                low, high = bootstrap.percentile_interval(np.mean(boot, axis=0), level)
+                steps[metric] = {"value": float(np.mean(full)), "ci_low": low, "ci_high": high, "seeds": per_seed}
+        out.append({"row": row, "reference": ref, "metrics": steps})
+    return out
 
 
 def _ci(m: dict, metric: str) -> str:
@@ -291,7 +328,8 @@ def _beyond(a: dict, b: dict, metric: str) -> str:
     return " ≈"
 
 
-def render_side_studies(teacher: list[dict], doses: list[dict], metrics: list[str], model: str = "baseline") -> str:
+def render_side_studies(teacher: list[dict], doses: list[dict], metrics: list[str], model: str = "baseline",
+                        steps: list[dict] | None = None) -> str:
     out = []
     if teacher:
         best, worst = max(r["sampled_cider"] for r in teacher), min(r["sampled_cider"] for r in teacher)
@@ -305,7 +343,32 @@ def render_side_studies(teacher: list[dict], doses: list[dict], metrics: list[st
         out += [""]
     if doses:
         out += _render_dose(doses, metrics, model)
+    if steps:
+        out += _render_steps(steps, metrics)
     return "\n".join(out)
+
+
+def _render_steps(steps: list[dict], metrics: list[str]) -> list[str]:
+    out = ["Each step as a paired difference (row − reference, on the same eval items of each seed): the mean over "
+           "seeds [95% stratified bootstrap interval], **bold** where it excludes 0; ↑k/↓k: the seed's own paired "
+           "interval excludes 0 upward/downward in k seeds.", "",
+           "| step | " + " | ".join(metrics) + " |", "|" + "---|" * (len(metrics) + 1)]
+    for st in steps:
+        cells = []
+        for metric in metrics:
+            d = st["metrics"].get(metric)
+            if not d:
+                cells.append("")
+                continue
+            text = f"{_num(d['value'], '+')} [{_num(d['ci_low'], '+')}, {_num(d['ci_high'], '+')}]"
+            up = sum(i.ci_low > 0 for _, i in d["seeds"])
+            down = sum(i.ci_high < 0 for _, i in d["seeds"])
+            cells.append((f"**{text}**" if d["ci_low"] > 0 or d["ci_high"] < 0 else text) +
+                         f" ↑{up}/↓{down} of {len(d['seeds'])}")
+        step = (f"{st['reference']['captions']} @ {st['reference']['noise_rate']} → "
+                f"{st['row']['captions']} @ {st['row']['noise_rate']}")
+        out.append(f"| {step} | " + " | ".join(cells) + " |")
+    return out + [""]
 
 
 def _render_dose(doses: list[dict], metrics: list[str], model: str) -> list[str]:
