@@ -33,18 +33,19 @@ p["runs"]["raw_lora"].update(lr=2e-4, lora_r=128, lora_alpha=256)   # MGM's LoRA
 yaml.safe_dump(p, open("params.yaml", "w"), sort_keys=False)
 EOF
 t0=$SECONDS
-timeout "${REPRO_TIMEOUT:-400}" python3 -m dvc repro --no-commit train@baseline train@raw_lora > "$out/repro.log" 2>&1
+runs=${RUNS:-baseline raw_lora}   # RUNS=baseline: one of them
+timeout "${REPRO_TIMEOUT:-400}" python3 -m dvc repro --no-commit $(printf 'train@%s ' $runs) > "$out/repro.log" 2>&1
 rc=$?; echo "dvc repro: rc=$rc $((SECONDS-t0)) s"; grep -E "^(zoo|train@)|Error|error" "$out/repro.log" | tail -20
 got=$(mktemp -d)  # this run's metrics and per-step rows only (a time-out while DVC hashes the outputs keeps them)
-for run in baseline raw_lora; do
+for run in $runs; do
   [[ metrics/train/$run.json -nt "$out/gpu.txt" ]] || continue
   cp "metrics/train/$run.json" "$got/metrics_$run.json"
   mkdir "$got/$run" && cp plots/train/$run/plots/metrics/{stage,step_s,samples_per_s,tokens_per_s}.tsv "$got/$run/"
 done
-[[ -f $got/metrics_baseline.json ]] || exit 1
+first=$(ls "$got"/metrics_*.json 2>/dev/null | head -1); [[ -n $first ]] || exit 1
 # the bench at the mean (padded) tokens per sample each stage saw, so both time the same work
 read -r s1 s2 < <(python3 -c '
-import json; m = json.load(open("'"$got"'/metrics_baseline.json"))
+import json; m = json.load(open("'"$first"'"))
 print(*(round(m[s]["tokens"] / m[s]["samples"]) for s in ("stage1", "stage2")))') || exit 1
 bench() {  # bench MODES SEQ NAME LIMIT_S
   timeout "$4" python3 bench/train_throughput.py --preset "${PRESET:-mgm-2b}" --batch 16 --lora_r 128 --rows ours \
@@ -82,5 +83,5 @@ runs = [r for r in ("baseline", "raw_lora") if (got / f"metrics_{r}.json").is_fi
     "steps": {r: steps(r) for r in runs}}, indent=1) + "\n")
 EOF
 }
-bench full,lora "$s2" stage2 "${BENCH2_TIMEOUT:-150}"; summarise
+bench "${BENCH2_MODES:-full,lora}" "$s2" stage2 "${BENCH2_TIMEOUT:-150}"; summarise
 (( ${BENCH1_TIMEOUT:-90} > 0 )) && { bench stage1 "$s1" stage1 "${BENCH1_TIMEOUT:-90}"; summarise; }

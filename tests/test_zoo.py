@@ -139,6 +139,20 @@ def test_zoo_stage_end_to_end(tmp_path):
     assert bad.returncode != 0 and "zoo.source" in bad.stderr.strip().splitlines()[-1]
 
 
+def test_the_lm_pretrained_beside_the_towers_gives_the_same_bits(tmp_path):
+    """zoo.parallel: the LM in a spawned process while the towers train: every saved file as in one process."""
+    small = dict(lm_texts=300, lm_heldout_texts=40, lm_steps=4, vit_images=48, vit_steps=2,
+                 convnext_images=48, convnext_steps=2, heldout_images=16, tower_batch_size=16)
+    runs = {parallel: run_zoo(tmp_path, dict(small, parallel=parallel), f"zoo_{parallel}") for parallel in (True, False)}
+    for run, _, _ in runs.values():
+        assert run.returncode == 0, run.stderr[-2000:]
+    (_, par, par_metrics), (_, one, one_metrics) = runs[True], runs[False]
+    names = sorted(f.name for f in par.iterdir())
+    assert names == sorted(f.name for f in one.iterdir()) and "model.safetensors" in names
+    assert all((par / n).read_bytes() == (one / n).read_bytes() for n in names)
+    assert json.loads(par_metrics.read_text())["lm"] == json.loads(one_metrics.read_text())["lm"]
+
+
 def test_random_source_is_the_preset_untrained(tmp_path):
     # zoo.source=random: the preset's shapes at random init with the world tokenizer (GPU speed runs of
     # mgm-2b on the tiny world); the tiny preset checks it here: nothing pretrained, everything loadable

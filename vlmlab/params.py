@@ -137,7 +137,7 @@ SECTIONS: dict[str, Check] = {
         "convnext_images": POS, "convnext_steps": POS, "convnext_lr": LR, "convnext_word_weight": number(0),
         "tower_batch_size": POS, "heldout_images": POS, "local_mgm": PATH, "local_llm": PATH, "local_vision": PATH,
         "local_vision_aux": PATH, "local_image_size_aux": POS, "local_mm_projector": PATH, "threads": POS,
-        "monitor_interval": SECONDS,
+        "parallel": flag(), "monitor_interval": SECONDS,
     }),
     "teacher": record({
         "image_size": POS, "patch_size": POS, "vision_hidden": POS, "vision_layers": POS, "qformer_hidden": POS,

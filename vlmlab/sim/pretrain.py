@@ -11,6 +11,7 @@ the select layer; ConvNeXt: every stage), so what it learns is what the MGM uses
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from dataclasses import dataclass
@@ -312,25 +313,73 @@ def build_tiny(p: dict, preset: str, attn_implementation: str, seed: int, high_r
         sub._attn_implementation = attn_implementation
     # the LM's init scale; the checkpoint's config keeps it (it says how the weights began)
     config.text_config.initializer_range = float(p["lm_init_std"])
-    lm, lm_metrics = pretrain_lm(config.text_config, tokenizer, texts, heldout, loop("lm", 1),
-                                 answer_weight=float(p["lm_answer_weight"]))
-    n_val = int(p["heldout_images"])
-    # scenes are drawn at the stored (high-res) size; each tower sees them as MgmProcessor's view
-    # for it (the ViT: the bilinear downsample of the normalised high-res image)
-    targets, render = tower_targets(), config.image_size_aux
-    heldout_scenes = labelled_scenes(n_val, seed + 1, render, render)
-    vit, vit_metrics = pretrain_tower(
-        config.vision_config, config, targets, labelled_scenes(int(p["vit_images"]), seed, render, render),
-        heldout_scenes, loop("vit", 2), "zoo: ViT (low-res)")
-    cnx, cnx_metrics = pretrain_tower(
-        config.vision_aux_config, config, targets,
-        labelled_scenes(int(p["convnext_images"]), seed + 2, render, render),
-        heldout_scenes, loop("convnext", 3), "zoo: ConvNeXt (high-res)",
-        weights={"word": float(p["convnext_word_weight"])})
+    lm_args = (config.text_config, tokenizer, texts, heldout, loop("lm", 1), float(p["lm_answer_weight"]))
+    with _Beside(lm_args) if p["parallel"] else contextlib.nullcontext() as lm_job:
+        if lm_job is None:
+            lm, lm_metrics = pretrain_lm(*lm_args[:5], answer_weight=lm_args[5])
+        # scenes are drawn at the stored (high-res) size; each tower sees them as MgmProcessor's view
+        # for it (the ViT: the bilinear downsample of the normalised high-res image)
+        targets, render = tower_targets(), config.image_size_aux
+        heldout_scenes = labelled_scenes(int(p["heldout_images"]), seed + 1, render, render)
+        vit, vit_metrics = pretrain_tower(
+            config.vision_config, config, targets, labelled_scenes(int(p["vit_images"]), seed, render, render),
+            heldout_scenes, loop("vit", 2), "zoo: ViT (low-res)")
+        cnx, cnx_metrics = pretrain_tower(
+            config.vision_aux_config, config, targets,
+            labelled_scenes(int(p["convnext_images"]), seed + 2, render, render),
+            heldout_scenes, loop("convnext", 3), "zoo: ConvNeXt (high-res)",
+            weights={"word": float(p["convnext_word_weight"])})
+        if lm_job is not None:
+            lm, lm_metrics = lm_job.result()
     model = assemble(config, lm, vit, cnx)
     metrics = {"tokenizer": {"vocab_size": config.text_config.vocab_size}, "lm": lm_metrics, "vit": vit_metrics,
                "convnext": cnx_metrics, "params": param_counts(model)}
     return model, lm_tokenizer, metrics
+
+
+class _Beside:
+    """pretrain_lm in a second process while this one trains the towers (zoo.parallel): each part seeds
+    its own generators (torch.manual_seed(loop.seed)) and both processes run the same pinned kernels at
+    this process's thread count, so the LM comes out bit for bit as in one process, in less wall time
+    on two cores. Started by spawn (a fresh interpreter: no forked OpenMP state); the LM comes back
+    pickled through a temporary file, never constructed here (that would draw from this process's
+    generator, which the assembly after the towers still uses). Leaving the block stops the process."""
+
+    def __init__(self, args: tuple):
+        import multiprocessing
+        import tempfile
+
+        self.tmp = tempfile.TemporaryDirectory(prefix="vlmlab-zoo-lm.")
+        self.path = f"{self.tmp.name}/lm.pt"
+        self.proc = multiprocessing.get_context("spawn").Process(
+            target=_pretrain_lm_job, args=(torch.get_num_threads(), args, self.path), daemon=True)
+        self.proc.start()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.proc.is_alive():  # the towers failed (or were interrupted) first
+            self.proc.terminate()
+        self.proc.join()
+        self.tmp.cleanup()
+
+    def result(self):
+        self.proc.join()
+        if self.proc.exitcode != 0:
+            raise fail(f"zoo: the LM's pretraining process failed (exit code {self.proc.exitcode}; its error is above)")
+        out = torch.load(self.path, weights_only=False)
+        return out["lm"], out["metrics"]
+
+
+def _pretrain_lm_job(threads: int, args: tuple, path: str) -> str:
+    """The spawned process's work: the same pins as the stage (its environment is inherited), then the LM."""
+    from vlmlab.determinism import pin
+
+    pin(threads)
+    lm, metrics = pretrain_lm(*args[:5], answer_weight=args[5])
+    torch.save({"lm": lm, "metrics": metrics}, path)
+    return path
 
 
 def build_random(p: dict, preset: str, attn_implementation: str, seed: int):
