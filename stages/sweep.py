@@ -28,6 +28,7 @@ import fire  # noqa: E402
 
 from vlmlab import io  # noqa: E402
 from vlmlab.evaluate import sweep  # noqa: E402
+from vlmlab.evaluate import items  # noqa: E402
 from vlmlab.evaluate.items import HEADLINE  # noqa: E402
 
 
@@ -77,8 +78,6 @@ def _predictions(model: str):
     import tempfile
 
     from dvc.api import DVCFileSystem
-
-    from vlmlab.evaluate import items
 
     cache: dict = {}
 
