@@ -1,6 +1,7 @@
 """What the LM is given to read: linear probes on a model's image tokens (CPU, tiny world, issue #10).
 
     python bench/image_token_probe.py models/zoo models/runs/baseline [--scenes 3000] [--out probe.json]
+        [--captions data/raw/llava.json]
 
 For held-out scenes of the label stream (rendered as the world stores them), the tokens at three
 points of `get_image_features` are probed for the sign's word, the colour of the object in the left
@@ -9,6 +10,14 @@ projector's output (what is spliced into the LM's input). Each probe is a multin
 regression on the flattened, standardised tokens, fit on the first two thirds and scored on the rest.
 Set against the model's TextVQA answers by question kind (metrics/eval/<model>.json, textvqa_by_type),
 it separates "the tokens do not carry it" from "the LM does not read what the tokens carry".
+
+Three checks of the reading itself, per model:
+- planted_word: the sign's word's own LM embedding in one image slot, zeros in the other 15, and the
+  TextVQA question "what word is on the sign?": the share of scenes whose greedy answer is that word (can
+  the LM read a word from an image slot at all?);
+- nearest: the LM vocabulary token nearest (cosine) to each image token of the first scenes;
+- with --captions (a LLaVA json, e.g. data/raw/llava.json): the model's loss on its first 1,024 captions
+  with their own images and with each batch's images shifted by one (does the model use its images?).
 """
 from __future__ import annotations
 
@@ -25,6 +34,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from vlmlab.data.collate import ConversationDataset, PadCollator  # noqa: E402
+from vlmlab.evaluate.textvqa import PROMPT_SUFFIX  # noqa: E402
 from vlmlab.models.load import load_model  # noqa: E402
 from vlmlab.models.processor import clip_normalise, low_res_view  # noqa: E402
 from vlmlab.sim.labels import label_stream_scenes, picture  # noqa: E402
@@ -66,22 +77,65 @@ def token_views(model, images: np.ndarray) -> dict[str, torch.Tensor]:
     return {"vit": vit.flatten(1), "mined": mined.flatten(1), "lm_input": model.mm_projector(mined).flatten(1)}
 
 
-def main(*models: str, scenes: int = 3000, out: str = "") -> None:
+@torch.no_grad()
+def planted_word(model, processor, scenes, slot: int = 7) -> float:
+    """Share of scenes answered with the sign's word when its embedding alone fills image slot `slot`."""
+    table = model.get_input_embeddings().weight
+    prompt = processor.prompt_ids(f"what word is on the sign?\n{PROMPT_SUFFIX}", with_image=True)[None]
+    hits = 0
+    for scene in scenes:
+        word = processor.tokenizer(scene.word, add_special_tokens=False)["input_ids"][0]
+        features = torch.zeros(1, model.config.num_image_tokens, table.shape[1])
+        features[0, slot] = table[word]
+        logits = model.language_model(inputs_embeds=model.embed_inputs(prompt, features)).logits
+        hits += int(logits[0, -1].argmax()) == word
+    return round(hits / len(scenes), 4)
+
+
+def nearest_tokens(model, processor, lm_input: torch.Tensor, n: int = 3) -> list[str]:
+    """Per scene (the first n), the vocabulary token nearest to each of its image tokens."""
+    table = F.normalize(model.get_input_embeddings().weight.detach(), dim=-1)
+    tokens = lm_input[:n].view(n, model.config.num_image_tokens, -1)
+    nearest = (F.normalize(tokens, dim=-1) @ table.T).argmax(-1)
+    return [" ".join(processor.tokenizer.convert_ids_to_tokens(row.tolist())) for row in nearest]
+
+
+@torch.no_grad()
+def shuffled_image_loss(model, processor, captions: str, n: int = 1024, batch: int = 64) -> dict[str, float]:
+    """Mean loss on the first n records of `captions`, with their own images and with each batch's images
+    shifted by one row."""
+    data = ConversationDataset(captions, processor)
+    collate = PadCollator(processor.tokenizer.pad_token_id)
+    own = shifted = 0.0
+    batches = range(0, min(n, len(data)) // batch * batch, batch)
+    for start in batches:
+        rows = collate([data[i] for i in range(start, start + batch)])
+        own += float(model(**rows).loss)
+        for key in ("pixel_values", "pixel_values_aux"):
+            rows[key] = rows[key].roll(1, dims=0)
+        shifted += float(model(**rows).loss)
+    return {"own_images": round(own / len(batches), 4), "shifted_images": round(shifted / len(batches), 4)}
+
+
+def main(*models: str, scenes: int = 3000, out: str = "", captions: str = "") -> None:
     if not models:
         raise SystemExit("give one or more model folders, e.g. models/zoo models/runs/baseline")
     drawn = list(label_stream_scenes(scenes, PROBE_SEED))
     n_fit = 2 * scenes // 3
     y = targets(drawn)
+    chance = {k: round(float((t[n_fit:] == t[:n_fit].mode().values).float().mean()), 4) for k, t in y.items()}
     report = {}
     for folder in models:
-        model, _ = load_model(folder)
+        model, processor = load_model(folder)
         size = model.config.image_size_aux
-        images = np.stack([picture(s, size, size) for s in drawn])
-        views = token_views(model, images)
-        report[folder] = {view: {k: probe_accuracy(x, t, n_fit) for k, t in y.items()} for view, x in views.items()}
-        chance = {k: round(float((t[n_fit:] == t[:n_fit].mode().values).float().mean()), 4) for k, t in y.items()}
-        report[folder]["chance"] = chance
-        print(folder, json.dumps(report[folder]), flush=True)
+        views = token_views(model, np.stack([picture(s, size, size) for s in drawn]))
+        got = {view: {k: probe_accuracy(x, t, n_fit) for k, t in y.items()} for view, x in views.items()}
+        got.update(chance=chance, planted_word=planted_word(model, processor, drawn[:200]),
+                   nearest=nearest_tokens(model, processor, views["lm_input"]))
+        if captions:
+            got["caption_loss"] = shuffled_image_loss(model, processor, captions)
+        report[folder] = got
+        print(folder, json.dumps(got), flush=True)
     if out:
         Path(out).write_text(json.dumps(report, indent=1) + "\n")
 

@@ -27,9 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import fire  # noqa: E402
 
 from vlmlab import io  # noqa: E402
-from vlmlab.evaluate import sweep  # noqa: E402
-from vlmlab.evaluate import items  # noqa: E402
-from vlmlab.evaluate.items import HEADLINE  # noqa: E402
+from vlmlab.evaluate import items, sweep  # noqa: E402
 
 
 def queue(seeds: str = "1,2", jobs: int = 1):
@@ -113,7 +111,7 @@ def report(exp_json: str = "", report: str = "reports/sweep.md", plot: str = "pl
     if only:
         shown = sweep.only(shown, str(only))
     data = sweep.read(shown, include_workspace)
-    metrics = list(HEADLINE)
+    metrics = list(items.HEADLINE)
     drawn = sweep.draw(plot, data, metrics)
     figure = os.path.relpath(plot, Path(report).parent) if drawn else None
     doses = sweep.dose(shown)

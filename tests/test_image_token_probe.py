@@ -1,4 +1,5 @@
-"""bench/image_token_probe.py's probe: it finds a label the features carry and not one they don't."""
+"""bench/image_token_probe.py: its probe finds a label the features carry and not one they don't; its
+planted-word check passes an LM that copies the planted word and fails one that ignores its image slots."""
 import importlib.util
 from pathlib import Path
 
@@ -19,3 +20,44 @@ def test_the_probe_reads_a_carried_label_and_not_an_absent_one():
     carried[:, :4] += 3.0 * torch.nn.functional.one_hot(y, 4)    # the label, linearly, in 4 of 32 features
     assert probe.probe_accuracy(carried, y, n_fit=400) > 0.95
     assert probe.probe_accuracy(noise, y, n_fit=400) < 0.40        # chance is 0.25
+
+
+class _Tokenizer:
+    def __call__(self, word, add_special_tokens=False):
+        return {"input_ids": [{"gym": 3, "bank": 5}[word]]}
+
+
+class _Processor:
+    tokenizer = _Tokenizer()
+
+    def prompt_ids(self, question, with_image=False):
+        return torch.tensor([1, 9, 9, 9, 2])   # 9: the image placeholder
+
+
+class _Model(torch.nn.Module):
+    """An MGM-shaped stand-in: 3 image slots; its LM's next-token logits are the embedding table's rows
+    matched against the last image slot's input (`reads`) or against nothing (an LM blind to its slots)."""
+
+    def __init__(self, reads: bool):
+        super().__init__()
+        self.embedding = torch.nn.Embedding(8, 8)
+        torch.nn.init.eye_(self.embedding.weight)
+        self.config = type("C", (), {"num_image_tokens": 3})()
+        self.reads = reads
+        self.language_model = lambda inputs_embeds: type("O", (), {"logits": self._logits(inputs_embeds)})()
+
+    def get_input_embeddings(self):
+        return self.embedding
+
+    def embed_inputs(self, ids, features):
+        return features
+
+    def _logits(self, x):
+        seen = x.sum(1, keepdim=True) if self.reads else torch.zeros_like(x[:, :1])
+        return (seen @ self.embedding.weight.T) + torch.arange(8.0) * 1e-3   # ties go to the last row
+
+
+def test_the_planted_word_check_tells_a_reading_lm_from_a_blind_one():
+    scenes = [type("S", (), {"word": w})() for w in ("gym", "bank", "gym")]
+    assert probe.planted_word(_Model(reads=True), _Processor(), scenes, slot=1) == 1.0
+    assert probe.planted_word(_Model(reads=False), _Processor(), scenes, slot=1) == 0.0

@@ -9,9 +9,9 @@ The filled length is read on the GPU (transformers' StaticLayer.cumulative_lengt
 update advances), so one captured CUDA graph serves every step of a decode.
 Rows sampled from one prompt (the caption_num candidates of an image) hold the same keys and values in
 the prompt's slots: slots < `shared` are read from the group's first row, so the other rows' reads of
-the prompt come from L2 rather than HBM. The grouped kernel goes further: one program per (image, head)
-reads the prompt's slots once for all the image's rows and streams their own slots side by side (more
-bytes in flight per program); `pick_config` times both kernels' block shapes and keeps the fastest.
+the prompt come from L2 rather than HBM. (A grouped kernel, one program per image and head reading the
+prompt once for the image's rows, was slower on an H100: 1.04 vs 0.59 ms on 1,536 rows,
+bench/results/synth_captioner_h100_d.log. It was removed.)
 """
 from __future__ import annotations
 
@@ -25,13 +25,6 @@ except ImportError:  # pragma: no cover - depends on the install
 
 CONFIGS = ((16, 1), (16, 2), (32, 1), (32, 2), (32, 4), (64, 4), (128, 4))  # (BLOCK_N, num_warps) tried by pick_config:
 # one query per program leaves little work per slot block, so small blocks (more programs in flight) won on an H100
-GROUPED = ((16, 2), (16, 4), (32, 4), (32, 8), (64, 8))  # the grouped kernel's (BLOCK_N, num_warps): a group's rows
-# per program make each block BLOCK_G times larger
-
-
-def configs(group: int) -> list[tuple]:
-    """Every (BLOCK_N, num_warps[, "grouped"]) pick_config tries for rows in groups of `group`."""
-    return list(CONFIGS) + ([(n, w, "grouped") for n, w in GROUPED] if group > 1 else [])
 
 
 def available(device: torch.device) -> bool:
@@ -72,61 +65,8 @@ if triton is not None:
         tl.store(O + r * so_r + h * so_h + d, (acc / l_i).to(O.dtype.element_ty), mask=dm)
 
 
-    @triton.jit
-    def _decode_group_kernel(Q, K, V, O, LEN, scale, H, R, group, shared,
-                             sq_r, sq_h, sk_r, sk_h, sk_l, sv_r, sv_h, sv_l, so_r, so_h,
-                             D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr):
-        pid = tl.program_id(0)
-        base = (pid // H).to(tl.int64) * group
-        h = (pid % H).to(tl.int64)
-        g = tl.arange(0, BLOCK_G)
-        rows = base + g                                                   # (G,) the image's rows
-        rm = (g < group) & (rows < R)
-        n = tl.load(LEN).to(tl.int32)
-        d = tl.arange(0, BLOCK_D)
-        dm = d < D
-        q = tl.load(Q + rows[:, None] * sq_r + h * sq_h + d[None, :], mask=rm[:, None] & dm[None, :],
-                    other=0.0).to(tl.float32) * scale                     # (G, D)
-        m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
-        l_i = tl.zeros([BLOCK_G], tl.float32)
-        acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
-        prompt = tl.minimum(shared, n)
-        for start in range(0, prompt, BLOCK_N):  # the prompt's slots: one (N, D) block serves every row
-            offs = start + tl.arange(0, BLOCK_N)
-            nm = offs < prompt
-            m2 = nm[:, None] & dm[None, :]
-            k = tl.load(K + base * sk_r + h * sk_h + offs[:, None] * sk_l + d[None, :], mask=m2, other=0.0)
-            s = tl.sum(q[:, None, :] * k.to(tl.float32)[None, :, :], axis=2)            # (G, N)
-            s = tl.where(nm[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            alpha = tl.exp(m_i - m_new)
-            p = tl.exp(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            v = tl.load(V + base * sv_r + h * sv_h + offs[:, None] * sv_l + d[None, :], mask=m2, other=0.0)
-            acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], axis=1)
-            m_i = m_new
-        for start in range(prompt, n, BLOCK_N):  # each row's own slots: a (G, N, D) block
-            offs = start + tl.arange(0, BLOCK_N)
-            nm = offs < n
-            m3 = rm[:, None, None] & nm[None, :, None] & dm[None, None, :]
-            k = tl.load(K + rows[:, None, None] * sk_r + h * sk_h + offs[None, :, None] * sk_l + d[None, None, :],
-                        mask=m3, other=0.0)
-            s = tl.sum(k.to(tl.float32) * q[:, None, :], axis=2)                        # (G, N)
-            s = tl.where(nm[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            alpha = tl.exp(m_i - m_new)
-            p = tl.exp(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            v = tl.load(V + rows[:, None, None] * sv_r + h * sv_h + offs[None, :, None] * sv_l + d[None, None, :],
-                        mask=m3, other=0.0)
-            acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v.to(tl.float32), axis=1)
-            m_i = m_new
-        tl.store(O + rows[:, None] * so_r + h * so_h + d[None, :], (acc / l_i[:, None]).to(O.dtype.element_ty),
-                 mask=rm[:, None] & dm[None, :])
-
-
 def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, length: torch.Tensor,
-                     scale: float, group: int = 1, shared: int = 0, config: tuple = (64, 4)) -> torch.Tensor:
+                     scale: float, group: int = 1, shared: int = 0, config: tuple[int, int] = (64, 4)) -> torch.Tensor:
     """query (R, H, 1, d), key/value (R, H, L, d) with `length` (a 0-dim integer tensor on the GPU) filled
     slots -> (R, 1, H, d), as transformers' attention functions return. `group`/`shared`: rows
     [g*group, (g+1)*group) hold the same keys/values in slots < shared (read from row g*group)."""
@@ -134,17 +74,11 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     if q_len != 1:
         raise ValueError(f"decode_attention: one query per row, got {q_len}")
     out = torch.empty(R, 1, H, D, dtype=query.dtype, device=query.device)
-    block_n, warps = config[:2]
-    strides = (query.stride(0), query.stride(1), key.stride(0), key.stride(1), key.stride(2),
-               value.stride(0), value.stride(1), value.stride(2), out.stride(0), out.stride(2))
-    if config[2:] == ("grouped",):
-        _decode_group_kernel[(triton.cdiv(R, group) * H,)](
-            query, key, value, out, length, float(scale), H, R, int(group), int(shared), *strides,
-            D=D, BLOCK_D=triton.next_power_of_2(D), BLOCK_N=block_n, BLOCK_G=triton.next_power_of_2(group),
-            num_warps=warps)
-    else:
-        _decode_kernel[(R * H,)](query, key, value, out, length, float(scale), H, int(group), int(shared), *strides,
-                                 D=D, BLOCK_D=triton.next_power_of_2(D), BLOCK_N=block_n, num_warps=warps)
+    block_n, warps = config
+    _decode_kernel[(R * H,)](query, key, value, out, length, float(scale), H, int(group), int(shared),
+                             query.stride(0), query.stride(1), key.stride(0), key.stride(1), key.stride(2),
+                             value.stride(0), value.stride(1), value.stride(2), out.stride(0), out.stride(2),
+                             D=D, BLOCK_D=triton.next_power_of_2(D), BLOCK_N=block_n, num_warps=warps)
     return out
 
 
@@ -159,10 +93,10 @@ def reference(query, key, value, n: int, scale: float, group: int = 1, shared: i
     return (weights @ value).transpose(1, 2).to(query.dtype)
 
 
-def pick_config(query, key, value, length, scale, group, shared, repeats: int = 5) -> tuple:
-    """The fastest of configs(group) on these tensors (CUDA events; compiles each once). Runs outside graph capture."""
+def pick_config(query, key, value, length, scale, group, shared, repeats: int = 5) -> tuple[int, int]:
+    """The fastest of CONFIGS on these tensors (CUDA events; compiles each once). Runs outside graph capture."""
     best, best_ms = CONFIGS[0], float("inf")
-    for config in configs(group):
+    for config in CONFIGS:
         decode_attention(query, key, value, length, scale, group, shared, config)  # compile + warm
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
