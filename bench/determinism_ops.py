@@ -2,6 +2,10 @@
 
     python bench/determinism_ops.py > a.txt; ATEN_CPU_CAPABILITY=default python bench/determinism_ops.py > b.txt
     diff a.txt b.txt     # the ops whose kernels depend on that setting
+
+MKL_CBWR=COMPATIBLE vs AVX2 on an Intel CPU shows MKL's VML (exp, log, erf, tanh, sqrt, pow 0.5, the per-tensor
+AdamW): VML follows the CPU vendor, so the stages avoid it (vlmlab/determinism.py). Run the same command on two
+machines and diff the files to compare them (the first line names the CPU).
 """
 import hashlib
 
@@ -29,8 +33,13 @@ ops = {
     "mm (MKL sgemm)": lambda: x @ w,
     "sum": lambda: x.sum(1),
     "mean": lambda: x.mean(),
-    "exp": lambda: x.exp(),
-    "tanh": lambda: x.tanh(),
+    "exp (VML)": lambda: x.exp(),
+    "log (VML)": lambda: (x.abs() + 1e-3).log(),
+    "erf (VML)": lambda: x.erf(),
+    "sqrt (VML)": lambda: x.abs().sqrt(),
+    "pow 0.5 (VML sqrt)": lambda: x.abs().pow(0.5),
+    "cos (VML, same bits on every path measured)": lambda: x.cos(),
+    "tanh (VML)": lambda: x.tanh(),
     "softmax": lambda: x.softmax(-1),
     "log_softmax": lambda: x.log_softmax(-1),
     "layer_norm": lambda: F.layer_norm(x, (300,)),
@@ -42,14 +51,15 @@ ops = {
     "sdpa": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True),
     "conv2d 3->24 k8 s8 (patch embed)": lambda: F.conv2d(img, t(24, 3, 8, 8), stride=8),
     "conv2d depthwise 7x7": lambda: F.conv2d(t(8, 24, 12, 12), t(24, 1, 7, 7), padding=3, groups=24),
-    "adamw step": lambda: _adamw(),
+    "adamw step (per tensor: VML sqrt)": lambda: _adamw(),
+    "adamw step (fused, as the stages)": lambda: _adamw(fused=True),
     "clip_grad_norm": lambda: _clip(),
 }
 
 
-def _adamw():
+def _adamw(fused=None):
     p = torch.nn.Parameter(t(300, 200))
-    opt = torch.optim.AdamW([p], lr=1e-3)
+    opt = torch.optim.AdamW([p], lr=1e-3, fused=fused)
     for _ in range(3):
         p.grad = t(300, 200)
         opt.step()
@@ -63,6 +73,8 @@ def _clip():
     return p.grad
 
 
+print("cpu", next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?"),
+      "| torch", torch.__version__)
 for name, f in ops.items():
     rng = np.random.default_rng(0)
     print(f"{name:36s} {h(f())}")

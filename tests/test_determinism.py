@@ -148,3 +148,52 @@ def test_relax_cuda_leaves_a_cpu_host_pinned():
                        env={**os.environ, "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": ""})
     assert r.returncode == 0, r.stderr[-1000:]
     assert r.stdout.split() == ["False", "True", ":4096:8"], r.stdout
+
+
+def test_no_vml_catches_what_follows_the_cpu_vendor_and_lets_the_stages_ops_through():
+    """MKL's VML (exp, sqrt, pow 0.5, the per-tensor AdamW) picks its code path by CPU vendor, which no pin
+    reaches: the guard the pipeline test runs every stage under must catch those and pass what the stages use."""
+    from vlmlab.determinism import no_vml
+    from vlmlab.models import presets
+    from vlmlab.models.mgm import aten_gelu
+    from transformers import AutoModelForCausalLM
+
+    x = torch.rand(8) + 0.5
+    p = torch.nn.Parameter(torch.ones(8))
+    p.grad = torch.ones(8)
+    with no_vml():
+        for op in (torch.exp, torch.sqrt, torch.erf, lambda v: v.pow(0.5), lambda v: torch._foreach_sqrt([v])):
+            with pytest.raises(RuntimeError, match="VML"):
+                op(x)
+        with pytest.raises(RuntimeError, match="VML"):
+            torch.optim.AdamW([p], lr=1e-3, foreach=False).step()
+        torch.optim.AdamW([p], lr=1e-3, fused=True).step()          # the stages' optimizer
+        torch.nn.functional.gelu(x), x.rsqrt(), x.softmax(0)
+        cfg = presets.build_config("tiny", vocab_size=32, image_token_id=4)
+        lm = AutoModelForCausalLM.from_config(cfg.text_config)
+        with pytest.raises(RuntimeError, match="VML"):              # gelu_python's torch.erf
+            lm(input_ids=torch.tensor([[1, 2, 3]])).logits.sum().backward()
+        aten_gelu(lm)(input_ids=torch.tensor([[1, 2, 3]])).logits.sum().backward()
+
+
+def test_aten_gelu_is_the_same_exact_gelu():
+    from vlmlab.models import presets
+    from vlmlab.models.mgm import aten_gelu
+    from transformers import AutoModelForCausalLM
+
+    cfg = presets.build_config("tiny", vocab_size=32, image_token_id=4)
+    torch.manual_seed(0)
+    lm = AutoModelForCausalLM.from_config(cfg.text_config)
+    ids = torch.tensor([[1, 2, 3, 4]])
+    before = lm(input_ids=ids).logits
+    after = aten_gelu(lm)(input_ids=ids).logits
+    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
+
+
+def test_pin_turns_the_guard_on_from_the_environment():
+    code = "from vlmlab.determinism import pin; pin(); import torch; torch.ones(3).exp()"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "VLMLAB_NO_VML": "1"}
+    p = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert p.returncode != 0 and "VML" in p.stderr
+    env["VLMLAB_NO_VML"] = "0"
+    assert subprocess.run([sys.executable, "-c", code], env=env).returncode == 0

@@ -27,6 +27,13 @@ running the same wheels, and what is pinned here (measured with bench/determinis
 - Thread counts: ATen splits reductions and MKL its GEMMs by thread count, and MKL may lower its
   count at run time (dynamic threads). The count is the stage's own (pin's argument or its
   params), never the core count; MKL's dynamic adjustment is off.
+- MKL's VML, which ATen calls for these float ops on a CPU (aten/src/ATen/cpu/vml.h): exp, log, erf, tanh,
+  sqrt (and pow(x, 0.5), and the per-tensor AdamW's sqrt), ... Its code path follows the CPU: on an AVX-512
+  Intel Xeon, COMPATIBLE, AVX2 and AVX-512 give three results for each (bench/vendor_ops.py), and MKL_CBWR
+  moves VML on Intel but not on AMD, so no pin makes two vendors agree. Not pinned, avoided: the stages use
+  the fused AdamW (the CPU's own sqrt), F.gelu for the exact GELU (models.mgm.aten_gelu), numpy for metric
+  logs; `VLMLAB_NO_VML=1` makes pin() raise at any such op (the pipeline test runs every stage so). cos and
+  sin (the Gemma RoPE's, in transformers) gave the same bits on every path of that CPU: allowed.
 - torch.use_deterministic_algorithms(warn_only): CPU kernels here are deterministic at a fixed
   thread count; on GPU hosts it flags the ops that are not.
 Not pinned: glibc's libm (scalar std::exp/log/cos in ATen's non-vectorised paths, Python's math in
@@ -72,7 +79,34 @@ def pin(threads: int = 1) -> dict:
     # kernel, and training there is not bitwise across GPUs anyway: warn, don't stop the run
     torch.use_deterministic_algorithms(True, warn_only=True)
     set_threads(threads)
+    if os.environ.get("VLMLAB_NO_VML") == "1":
+        no_vml().__enter__()  # for the rest of the process
     return check()
+
+
+# float ops ATen computes with MKL's VML on a CPU (vml.h's IMPLEMENT_VML_MKL list; cos/sin left out, see above)
+VML_OPS = frozenset({"acos", "asin", "atan", "erf", "erfc", "erfinv", "exp", "log", "log10", "log2", "sqrt", "tan",
+                     "tanh"})
+
+
+def no_vml():
+    """A dispatch mode that raises at a VML-backed op on a CPU float tensor (pow(x, 0.5) is VML's sqrt)."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class NoVml(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.__name__.split(".")[0].removeprefix("_foreach_").rstrip("_")
+            if name == "pow" and len(args) > 1 and not isinstance(args[1], torch.Tensor) and args[1] == 0.5:
+                name = "sqrt"
+            first = args[0][0] if args and isinstance(args[0], (list, tuple)) and args[0] else args[0] if args else None
+            if (name in VML_OPS and isinstance(first, torch.Tensor) and first.device.type == "cpu"
+                    and first.is_floating_point()):
+                raise RuntimeError(f"{func.__name__} on a CPU float tensor goes through MKL's VML, whose bits "
+                                   "depend on the CPU vendor (vlmlab/determinism.py): compute it another way")
+            return func(*args, **(kwargs or {}))
+
+    return NoVml()
 
 
 def relax_cuda() -> bool:

@@ -134,6 +134,18 @@ class MgmCausalLMOutputWithPast(ModelOutput):
     image_hidden_states: torch.Tensor | None = None
 
 
+def aten_gelu(model: nn.Module) -> nn.Module:
+    """`gelu_python` activations (presets.EXACT_GELU) computed by F.gelu: the same exact GELU (what transformers
+    4.38's "gelu" ran for MGM-2B), through ATen's own kernel. The python formula's torch.erf and its backward's
+    torch.exp go through MKL's VML on a CPU, whose bits follow the CPU's vendor and ISA (vlmlab/determinism.py)."""
+    from transformers.activations import GELUActivation
+
+    for m in model.modules():
+        if isinstance(m, GELUActivation) and getattr(m.act, "__func__", None) is GELUActivation._gelu_python:
+            m.act = F.gelu
+    return model
+
+
 def build_projector(kind: str, d_in: int, d_out: int) -> nn.Module:
     """MGM's `build_vision_projector`: `linear` or `mlp{N}x_gelu` (Sequential, so keys are `0.`, `2.`, ...)."""
     if kind == "linear":
@@ -286,7 +298,7 @@ class MgmForConditionalGeneration(MgmPreTrainedModel, GenerationMixin):
         self.vlm_uni_aux_projector = norm_linear(d_aux, d_vis)
         self.vlm_uni_val_projector = norm_linear(d_aux, d_vis)
         self.mm_projector = build_projector(config.mm_projector_type, d_vis, d_lm)
-        self.language_model = AutoModelForCausalLM.from_config(config.text_config)
+        self.language_model = aten_gelu(AutoModelForCausalLM.from_config(config.text_config))
         self.fast = FastPaths()  # all off: the reference path (vlmlab/train/fast.py sets them for CUDA training)
         self.post_init()
 

@@ -52,7 +52,8 @@ def train(params: list[torch.nn.Parameter], loss_fn: Callable[[torch.Tensor], to
           batches: Iterable[torch.Tensor], schedule: Callable[[int], float], lr: float, desc: str,
           total: int | None = None, weight_decay: float = 0.01) -> list[float]:
     """AdamW over `params`: one step per index batch, loss_fn(indices) -> scalar loss. Returns the losses."""
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    # fused: its sqrt is the CPU's own (exact); the per-tensor AdamW's goes through MKL's VML (vlmlab/determinism.py)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
     losses: list[float] = []
     bar = tqdm(batches, total=total, desc=desc, mininterval=2.0)

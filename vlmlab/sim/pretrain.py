@@ -26,7 +26,7 @@ from vlmlab.batching import IGNORE_INDEX, pad
 from vlmlab.io import fail
 from vlmlab.models import presets
 from vlmlab.models.local import param_counts
-from vlmlab.models.mgm import MgmConfig, MgmForConditionalGeneration
+from vlmlab.models.mgm import MgmConfig, MgmForConditionalGeneration, aten_gelu
 from vlmlab.models.processor import MgmProcessor, clip_normalise, low_res_view
 from vlmlab.sim import labels, text, vocab, world
 from vlmlab.sim import loop as sim_loop
@@ -98,7 +98,7 @@ def pretrain_lm(text_config, tokenizer, train_texts: list[str], val_texts: list[
     the few tokens read from the context are not drowned by the many description tokens no context
     predicts (final_train_loss is this weighted loss; heldout_ppl is unweighted)."""
     torch.manual_seed(loop.seed)
-    model = AutoModelForCausalLM.from_config(text_config)
+    model = aten_gelu(AutoModelForCausalLM.from_config(text_config))
     pad = tokenizer.pad_token_id
     train, val = encode_texts(tokenizer, train_texts, max_len), encode_texts(tokenizer, val_texts, max_len)
     weight = 1.0 + (answer_weight - 1.0) * answer_mask(train, tokenizer).float()
@@ -118,8 +118,8 @@ def pretrain_lm(text_config, tokenizer, train_texts: list[str], val_texts: list[
                                          ignore_index=IGNORE_INDEX, reduction="sum"))
             n_tok += int((tgt != IGNORE_INDEX).sum())
     counts = torch.bincount(train[:, 1:][train[:, 1:] != pad], minlength=len(tokenizer)).float() + 1.0
-    logp = (counts / counts.sum()).log()
-    val_tgt = val[:, 1:][val[:, 1:] != pad]
+    logp = np.log(counts.double().numpy() / float(counts.sum()))  # numpy, not torch.log (MKL VML: vlmlab/determinism.py)
+    val_tgt = val[:, 1:][val[:, 1:] != pad].numpy()
     return model, {
         "heldout_ppl": round(math.exp(nll / n_tok), 3),
         **context_answer_accuracy(model, tokenizer, val_texts),
