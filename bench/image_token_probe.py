@@ -15,6 +15,9 @@ Three checks of the reading itself, per model:
 - planted_word: the sign's word's own LM embedding in one image slot, zeros in the other 15, and the
   TextVQA question "what word is on the sign?": the share of scenes whose greedy answer is that word (can
   the LM read a word from an image slot at all?);
+- planted_caption_nll: the frozen LM's loss on noise-free web captions of 600 scenes (a stage-1 caption
+  prompt before each) with zeros in the image slots, the sign's word in one, or another scene's word there,
+  split by whether the caption names the word (what a word-like image token gains and costs in stage 1);
 - nearest: the LM vocabulary token nearest (cosine) to each image token of the first scenes;
 - with --captions (a LLaVA json, e.g. data/raw/llava.json): the model's loss on its first 1,024 captions
   with their own images and with each batch's images shifted by one (does the model use its images?).
@@ -35,10 +38,12 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from vlmlab.data.collate import ConversationDataset, PadCollator  # noqa: E402
+from vlmlab.data.formats import CAPTION_PROMPTS  # noqa: E402
 from vlmlab.evaluate.textvqa import PROMPT_SUFFIX  # noqa: E402
 from vlmlab.models.load import load_model  # noqa: E402
 from vlmlab.models.processor import clip_normalise, low_res_view  # noqa: E402
 from vlmlab.sim.labels import label_stream_scenes, picture  # noqa: E402
+from vlmlab.sim.text import web_caption  # noqa: E402
 from vlmlab.sim.vocab import COLORS, SIGN_WORDS  # noqa: E402
 
 PROBE_SEED = 12345  # a label-stream seed no zoo tower trains on (the zoo uses the master seed + 0..2)
@@ -92,6 +97,32 @@ def planted_word(model, processor, scenes, slot: int = 7) -> float:
     return round(hits / len(scenes), 4)
 
 
+@torch.no_grad()
+def planted_caption_nll(model, processor, scenes, captions: list[str], slot: int = 7) -> dict[str, dict[str, float]]:
+    """The frozen LM's summed loss on each scene's caption (a stage-1 caption prompt before it) with zeros in every
+    image slot, with the sign's word's embedding in slot `slot`, and with another scene's word there; split
+    by whether the caption names the word. Does a word-like image token pay on the caption objective, and
+    what does a wrong one cost? (A right word lowers the loss of captions naming it; if it raised the others'
+    more, stage 1 would have a reason to keep its tokens inert.)"""
+    tok = processor.tokenizer
+    table = model.get_input_embeddings().weight
+    sums: dict[str, dict[str, list[float]]] = {}
+    for i, (scene, caption) in enumerate(zip(scenes, captions)):
+        prompt = processor.prompt_ids(CAPTION_PROMPTS[i % len(CAPTION_PROMPTS)], with_image=True)
+        cap = tok(caption, add_special_tokens=False)["input_ids"]
+        ids = torch.cat([prompt, torch.tensor(cap)])[None]
+        group = "names_word" if scene.word in caption.split() else "no_word"
+        for context, word in (("zeros", None), ("word", scene.word), ("other_word", scenes[(i + 1) % len(scenes)].word)):
+            features = torch.zeros(1, model.config.num_image_tokens, table.shape[1])
+            if word is not None:
+                features[0, slot] = table[tok(word, add_special_tokens=False)["input_ids"][0]]
+            logits = model.language_model(inputs_embeds=model.embed_inputs(ids, features)).logits[0, -len(cap) - 1:-1]
+            nll = -F.log_softmax(logits, -1)[torch.arange(len(cap)), torch.tensor(cap)].sum()
+            sums.setdefault(context, {}).setdefault(group, []).append(float(nll))
+    return {c: {g: round(float(np.mean(v)), 3) for g, v in groups.items()} | {"n_" + g: len(v) for g, v in groups.items()}
+            for c, groups in sums.items()}
+
+
 def nearest_tokens(model, processor, lm_input: torch.Tensor, n: int = 3) -> list[str]:
     """Per scene (the first n), the vocabulary token nearest to each of its image tokens."""
     table = F.normalize(model.get_input_embeddings().weight.detach(), dim=-1)
@@ -130,7 +161,10 @@ def main(*models: str, scenes: int = 3000, out: str = "", captions: str = "") ->
         size = model.config.image_size_aux
         views = token_views(model, np.stack([picture(s, size, size) for s in drawn]))
         got = {view: {k: probe_accuracy(x, t, n_fit) for k, t in y.items()} for view, x in views.items()}
+        rng = np.random.default_rng(PROBE_SEED)
         got.update(chance=chance, planted_word=planted_word(model, processor, drawn[:200]),
+                   planted_caption_nll=planted_caption_nll(model, processor, drawn[:600],
+                                                           [web_caption(s, rng, 0.0) for s in drawn[:600]]),
                    nearest=nearest_tokens(model, processor, views["lm_input"]))
         if captions:
             got["caption_loss"] = shuffled_image_loss(model, processor, captions)

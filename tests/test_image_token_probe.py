@@ -23,8 +23,8 @@ def test_the_probe_reads_a_carried_label_and_not_an_absent_one():
 
 
 class _Tokenizer:
-    def __call__(self, word, add_special_tokens=False):
-        return {"input_ids": [{"gym": 3, "bank": 5}[word]]}
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [{"gym": 3, "bank": 5, "sign": 6}[w] for w in text.split()]}
 
 
 class _Processor:
@@ -52,12 +52,21 @@ class _Model(torch.nn.Module):
     def embed_inputs(self, ids, features):
         return features
 
-    def _logits(self, x):
+    def _logits(self, x):  # (B, T, 8): every position sees the sum of the inputs
         seen = x.sum(1, keepdim=True) if self.reads else torch.zeros_like(x[:, :1])
-        return (seen @ self.embedding.weight.T) + torch.arange(8.0) * 1e-3   # ties go to the last row
+        return (seen @ self.embedding.weight.T).expand(-1, x.shape[1], -1) + torch.arange(8.0) * 1e-3  # ties: last row
 
 
 def test_the_planted_word_check_tells_a_reading_lm_from_a_blind_one():
     scenes = [type("S", (), {"word": w})() for w in ("gym", "bank", "gym")]
     assert probe.planted_word(_Model(reads=True), _Processor(), scenes, slot=1) == 1.0
     assert probe.planted_word(_Model(reads=False), _Processor(), scenes, slot=1) == 0.0
+
+
+def test_planted_caption_nll_rewards_the_right_word_and_punishes_a_wrong_one():
+    scenes = [type("S", (), {"word": w})() for w in ("gym", "bank")]
+    got = probe.planted_caption_nll(_Model(reads=True), _Processor(), scenes, ["gym sign", "sign"], slot=1)
+    assert got["word"]["names_word"] < got["zeros"]["names_word"] < got["other_word"]["names_word"]
+    assert got["zeros"]["n_names_word"] == 1 and got["zeros"]["n_no_word"] == 1
+    blind = probe.planted_caption_nll(_Model(reads=False), _Processor(), scenes, ["gym sign", "sign"], slot=1)
+    assert blind["word"] == blind["zeros"] == blind["other_word"]
