@@ -29,7 +29,7 @@ running the same wheels, and what is pinned here (measured with bench/determinis
   params), never the core count; MKL's dynamic adjustment is off.
 - MKL's VML, which ATen calls for these float ops on a CPU (aten/src/ATen/cpu/vml.h): exp, log, erf, tanh,
   sqrt (and pow(x, 0.5), and the per-tensor AdamW's sqrt), ... Its code path follows the CPU: on an AVX-512
-  Intel Xeon, COMPATIBLE, AVX2 and AVX-512 give three results for each (bench/vendor_ops.py), and MKL_CBWR
+  Intel Xeon, COMPATIBLE, AVX2 and AVX-512 give three results for each (bench/determinism_ops.py), and MKL_CBWR
   moves VML on Intel but not on AMD, so no pin makes two vendors agree. Not pinned, avoided: the stages use
   the fused AdamW (the CPU's own sqrt), F.gelu for the exact GELU (models.mgm.aten_gelu), numpy for metric
   logs; `VLMLAB_NO_VML=1` makes pin() raise at any such op (the pipeline test runs every stage so). cos and
