@@ -6,7 +6,9 @@
 For held-out scenes of the label stream (rendered as the world stores them), the tokens at three
 points of `get_image_features` are probed for the sign's word, the colour of the object in the left
 column (or none) and the object count: the ViT's tokens, the tokens after patch-info mining, and the
-projector's output (what is spliced into the LM's input). Each probe is a multinomial logistic
+projector's output (what is spliced into the LM's input), and the best single slot of that output
+(`lm_input_best_slot`: the projector maps each token on its own, so a word the LM is to copy must sit in
+one slot). Each probe is a multinomial logistic
 regression on the flattened, standardised tokens, fit on the first two thirds and scored on the rest.
 Set against the model's TextVQA answers by question kind (metrics/eval/<model>.json, textvqa_by_type),
 it separates "the tokens do not carry it" from "the LM does not read what the tokens carry".
@@ -64,7 +66,7 @@ def probe_accuracy(x: torch.Tensor, y: torch.Tensor, n_fit: int, steps: int = 30
     torch.manual_seed(0)
     w = torch.zeros(x.shape[1], int(y.max()) + 1, requires_grad=True)
     b = torch.zeros(w.shape[1], requires_grad=True)
-    opt = torch.optim.Adam([w, b], lr=1e-2)
+    opt = torch.optim.Adam([w, b], lr=1e-2, fused=True)  # fused: no MKL VML sqrt (vlmlab/determinism.py)
     for _ in range(steps):
         opt.zero_grad()
         (F.cross_entropy(x[:n_fit] @ w + b, y[:n_fit]) + 1e-3 * w.square().sum()).backward()
@@ -161,6 +163,10 @@ def main(*models: str, scenes: int = 3000, out: str = "", captions: str = "") ->
         size = model.config.image_size_aux
         views = token_views(model, np.stack([picture(s, size, size) for s in drawn]))
         got = {view: {k: probe_accuracy(x, t, n_fit) for k, t in y.items()} for view, x in views.items()}
+        # the projector maps each token on its own: what the best single LM-input slot carries
+        slots = views["lm_input"].reshape(len(drawn), model.config.num_image_tokens, -1)
+        got["lm_input_best_slot"] = {k: max(probe_accuracy(slots[:, i], t, n_fit) for i in range(slots.shape[1]))
+                                     for k, t in y.items()}
         rng = np.random.default_rng(PROBE_SEED)
         got.update(chance=chance, planted_word=planted_word(model, processor, drawn[:200]),
                    planted_caption_nll=planted_caption_nll(model, processor, drawn[:600],
