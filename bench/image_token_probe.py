@@ -13,7 +13,7 @@ regression on the flattened, standardised tokens, fit on the first two thirds an
 Set against the model's TextVQA answers by question kind (metrics/eval/<model>.json, textvqa_by_type),
 it separates "the tokens do not carry it" from "the LM does not read what the tokens carry".
 
-Three checks of the reading itself, per model:
+Checks of the reading itself, per model:
 - planted_word: the sign's word's own LM embedding in one image slot, zeros in the other 15, and the
   TextVQA question "what word is on the sign?": the share of scenes whose greedy answer is that word (can
   the LM read a word from an image slot at all?);
@@ -87,16 +87,24 @@ def token_views(model, images: np.ndarray) -> dict[str, torch.Tensor]:
 @torch.no_grad()
 def planted_word(model, processor, scenes, slot: int = 7) -> float:
     """Share of scenes answered with the sign's word when its embedding alone fills image slot `slot`."""
-    table = model.get_input_embeddings().weight
     prompt = processor.prompt_ids(f"what word is on the sign?\n{PROMPT_SUFFIX}", with_image=True)[None]
     hits = 0
     for scene in scenes:
-        word = processor.tokenizer(scene.word, add_special_tokens=False)["input_ids"][0]
-        features = torch.zeros(1, model.config.num_image_tokens, table.shape[1])
-        features[0, slot] = table[word]
+        features, word = planted(model, processor, scene.word, slot)
         logits = model.language_model(inputs_embeds=model.embed_inputs(prompt, features)).logits
         hits += int(logits[0, -1].argmax()) == word
     return round(hits / len(scenes), 4)
+
+
+def planted(model, processor, word: str | None, slot: int) -> tuple[torch.Tensor, int | None]:
+    """(1, N, D) image features: zeros, with `word`'s own LM embedding in slot `slot`; and the word's id."""
+    table = model.get_input_embeddings().weight
+    features = torch.zeros(1, model.config.num_image_tokens, table.shape[1])
+    if word is None:
+        return features, None
+    word_id = processor.tokenizer(word, add_special_tokens=False)["input_ids"][0]
+    features[0, slot] = table[word_id]
+    return features, word_id
 
 
 @torch.no_grad()
@@ -106,20 +114,16 @@ def planted_caption_nll(model, processor, scenes, captions: list[str], slot: int
     by whether the caption names the word. Does a word-like image token pay on the caption objective, and
     what does a wrong one cost? (A right word lowers the loss of captions naming it; if it raised the others'
     more, stage 1 would have a reason to keep its tokens inert.)"""
-    tok = processor.tokenizer
-    table = model.get_input_embeddings().weight
     sums: dict[str, dict[str, list[float]]] = {}
     for i, (scene, caption) in enumerate(zip(scenes, captions)):
         prompt = processor.prompt_ids(CAPTION_PROMPTS[i % len(CAPTION_PROMPTS)], with_image=True)
-        cap = tok(caption, add_special_tokens=False)["input_ids"]
-        ids = torch.cat([prompt, torch.tensor(cap)])[None]
+        cap = torch.tensor(processor.tokenizer(caption, add_special_tokens=False)["input_ids"])
+        ids = torch.cat([prompt, cap])[None]
         group = "names_word" if scene.word in caption.split() else "no_word"
         for context, word in (("zeros", None), ("word", scene.word), ("other_word", scenes[(i + 1) % len(scenes)].word)):
-            features = torch.zeros(1, model.config.num_image_tokens, table.shape[1])
-            if word is not None:
-                features[0, slot] = table[tok(word, add_special_tokens=False)["input_ids"][0]]
+            features, _ = planted(model, processor, word, slot)
             logits = model.language_model(inputs_embeds=model.embed_inputs(ids, features)).logits[0, -len(cap) - 1:-1]
-            nll = -F.log_softmax(logits, -1)[torch.arange(len(cap)), torch.tensor(cap)].sum()
+            nll = -F.log_softmax(logits, -1)[torch.arange(len(cap)), cap].sum()
             sums.setdefault(context, {}).setdefault(group, []).append(float(nll))
     return {c: {g: round(float(np.mean(v)), 3) for g, v in groups.items()} | {"n_" + g: len(v) for g, v in groups.items()}
             for c, groups in sums.items()}

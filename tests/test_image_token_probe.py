@@ -35,8 +35,8 @@ class _Processor:
 
 
 class _Model(torch.nn.Module):
-    """An MGM-shaped stand-in: 3 image slots; its LM's next-token logits are the embedding table's rows
-    matched against the last image slot's input (`reads`) or against nothing (an LM blind to its slots)."""
+    """An MGM-shaped stand-in: 3 image slots; at every position its LM's logits are the embedding table's
+    rows matched against the sum of its inputs (`reads`) or against nothing (an LM blind to its slots)."""
 
     def __init__(self, reads: bool):
         super().__init__()

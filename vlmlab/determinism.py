@@ -99,7 +99,9 @@ def no_vml():
             name = func.__name__.split(".")[0].removeprefix("_foreach_").rstrip("_")
             if name == "pow" and len(args) > 1 and not isinstance(args[1], torch.Tensor) and args[1] == 0.5:
                 name = "sqrt"
-            first = args[0][0] if args and isinstance(args[0], (list, tuple)) and args[0] else args[0] if args else None
+            first = args[0] if args else None
+            if isinstance(first, (list, tuple)):  # the _foreach_ ops take a list of tensors
+                first = first[0] if first else None
             if (name in VML_OPS and isinstance(first, torch.Tensor) and first.device.type == "cpu"
                     and first.is_floating_point()):
                 raise RuntimeError(f"{func.__name__} on a CPU float tensor goes through MKL's VML, whose bits "
