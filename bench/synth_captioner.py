@@ -285,7 +285,7 @@ def attention_check(rows: int = 1536, heads: int = 32, slots: int = 161, filled:
         out[f"triton_{config[0]}x{config[1]}"] = {
             "ms": ms(lambda: DA.decode_attention(q, k, v, length, scale, group, prompt, config)),
             "max_abs_err": float((got.float() - ref.float()).abs().max())}
-    out["triton_unshared_64x4_ms"] = ms(lambda: DA.decode_attention(q, k, v, length, scale, 1, 0, (64, 4)))
+    out["triton_unshared_ms"] = ms(lambda: DA.decode_attention(q, k, v, length, scale, 1, 0))
     for name, backend in (("sdpa_default", None), ("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION),
                           ("sdpa_flash", SDPBackend.FLASH_ATTENTION), ("sdpa_efficient", SDPBackend.EFFICIENT_ATTENTION)):
         def call():

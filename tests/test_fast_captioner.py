@@ -60,11 +60,15 @@ def set_generation(op, **kw):
         setattr(model.generation_config, k, v)
 
 
-@pytest.mark.parametrize("mode,keep", [("all", False), ("random_any", True)])
-def test_same_output_as_the_stock_op_when_sampling_is_deterministic(folder, mode, keep):
+@pytest.mark.parametrize("mode,keep,prompt,per_image", [("all", False, None, False), ("random_any", True, None, False),
+                                                       ("all", False, "a", False), ("all", False, "a", True),
+                                                       ("all", False, None, True)])
+def test_same_output_as_the_stock_op_when_sampling_is_deterministic(folder, mode, keep, prompt, per_image, monkeypatch):
     """top_k=1 makes sampling an argmax: then both ops must write the very same samples (texts with the DJ
-    special tokens, image lists, other fields, order, keep modes), so only the sampler's draws differ."""
-    stock, fast = ops(folder, keep_candidate_mode=mode, keep_original_sample=keep)
+    special tokens, image lists, other fields, order, keep modes, a prompt's ids; images preprocessed in one
+    call or image by image, as on CUDA), so only the sampler's draws differ."""
+    stock, fast = ops(folder, keep_candidate_mode=mode, keep_original_sample=keep, prompt=prompt)
+    monkeypatch.setattr(type(fast), "PER_IMAGE", per_image)
     set_generation(stock, top_k=1)
     set_generation(fast, top_k=1)
     random.seed(0)

@@ -47,7 +47,7 @@ SLICED = "vlmlab_sliced_sdpa"
 # the decode under way (one at a time per process): `length` filled slots (SDPA path); `lengths` the cache
 # layers' filled-length tensors, `group`/`shared` the rows per image and prompt slots, `config` the
 # kernel's block shape (Triton path, None: SDPA)
-_FILLED = {"length": 0, "lengths": None, "group": 1, "shared": 0, "config": (64, 4)}
+_FILLED = {"length": 0, "lengths": None, "group": 1, "shared": 0, "config": (16, 1)}
 
 
 def sliced_sdpa(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
