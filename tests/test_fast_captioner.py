@@ -60,15 +60,19 @@ def set_generation(op, **kw):
         setattr(model.generation_config, k, v)
 
 
-@pytest.mark.parametrize("mode,keep,prompt,per_image", [("all", False, None, False), ("random_any", True, None, False),
+@pytest.mark.parametrize("mode,keep,prompt,cuda_ways", [("all", False, None, False), ("random_any", True, None, False),
                                                        ("all", False, "a", False), ("all", False, "a", True),
                                                        ("all", False, None, True)])
-def test_same_output_as_the_stock_op_when_sampling_is_deterministic(folder, mode, keep, prompt, per_image, monkeypatch):
+def test_same_output_as_the_stock_op_when_sampling_is_deterministic(folder, mode, keep, prompt, cuda_ways, monkeypatch):
     """top_k=1 makes sampling an argmax: then both ops must write the very same samples (texts with the DJ
-    special tokens, image lists, other fields, order, keep modes, a prompt's ids; images preprocessed in one
-    call or image by image, as on CUDA), so only the sampler's draws differ."""
+    special tokens, image lists, other fields, order, keep modes, a prompt's ids; with `cuda_ways`, images
+    preprocessed image by image and steps sampled among candidates, as on CUDA), so only the sampler's draws
+    differ."""
+    from vlmlab.synth.fast_captioner import FastCaptioner
+
     stock, fast = ops(folder, keep_candidate_mode=mode, keep_original_sample=keep, prompt=prompt)
-    monkeypatch.setattr(type(fast), "PER_IMAGE", per_image)
+    monkeypatch.setattr(type(fast), "PER_IMAGE", cuda_ways)
+    monkeypatch.setattr(FastCaptioner, "CANDIDATES", cuda_ways)
     set_generation(stock, top_k=1)
     set_generation(fast, top_k=1)
     random.seed(0)
@@ -79,6 +83,64 @@ def test_same_output_as_the_stock_op_when_sampling_is_deterministic(folder, mode
     n = 3 if mode == "all" else 1
     assert len(got["text"]) == (n + keep) * 4 + keep  # + the imageless sample, kept as it is when keep
     assert all(t.endswith("<|__dj__eoc|>") for t in got["text"])
+
+
+def captioner(folder, **kw):
+    """A FastCaptioner on the op's model (Data-Juicer's cached copy) and its processor."""
+    from data_juicer.utils.model_utils import get_model
+
+    from vlmlab.synth.fast_captioner import FastCaptioner
+
+    stock, _ = ops(folder)
+    model, processor = get_model(stock.model_key, None, False)
+    model.config.image_token_index = 50265
+    return FastCaptioner(model, processor, **kw), processor
+
+
+@pytest.mark.parametrize("temperature,top_p", [(1.0, None), (0.7, 0.8)])
+def test_candidates_give_the_whole_vocabulary_distribution_ties_included(folder, temperature, top_p, monkeypatch):
+    """On CUDA a step samples among the top_k + TIE_MARGIN highest logits: the same probabilities as the whole
+    vocabulary's (transformers keeps every token tied with the k-th); ties reaching the last candidate are flagged."""
+    import torch.nn.functional as F
+
+    from vlmlab.synth.fast_captioner import FastCaptioner
+
+    monkeypatch.setattr(FastCaptioner, "CANDIDATES", True)
+    cap, _ = captioner(folder)
+    cap.gc.temperature, cap.gc.top_p = temperature, top_p
+    cap.candidates = cap._candidate_count()
+    assert cap.candidates == cap.gc.top_k + cap.TIE_MARGIN < len(cap.head)
+    torch.manual_seed(0)
+    hidden = torch.randn(6, cap.head.shape[1])
+    order = F.linear(hidden[:1], cap.head, cap.bias)[0].argsort(descending=True)
+    kth, below = order[cap.gc.top_k - 1], order[cap.gc.top_k + 20:cap.gc.top_k + 30]
+    cap.head = cap.head.clone()
+    if top_p is None:  # (top-p cutting through a tie keeps whichever tied tokens its sort puts last, here as in
+        # transformers: the order of equal logits is not defined, so that case is left out)
+        cap.head[below] = cap.head[kth].clone()  # ten tokens tie with row 0's k-th
+        if cap.bias is not None:
+            cap.bias = cap.bias.clone()
+            cap.bias[below] = cap.bias[kth].clone()
+    want = cap._warped(hidden).softmax(-1)
+    probs, columns, overflow = cap._sample(hidden)
+    torch.testing.assert_close(torch.zeros_like(want).scatter_(1, columns, probs), want)
+    assert not overflow.any()
+    if top_p is None:
+        assert int((want[0] > 0).sum()) == cap.gc.top_k + 10
+    cap.head[:] = cap.head[kth].clone()  # every token ties
+    assert cap._sample(hidden)[2].all()
+
+
+def test_a_sub_batch_whose_ties_pass_the_candidates_is_redone_on_the_whole_vocabulary(folder, monkeypatch):
+    from vlmlab.synth.fast_captioner import FastCaptioner
+
+    monkeypatch.setattr(FastCaptioner, "CANDIDATES", True)
+    cap, processor = captioner(folder, caption_num=2, max_new_tokens=6)
+    inputs = processor(images=[Image.open(folder / "0.jpg")], return_tensors="pt")
+    cap.generate(**inputs)
+    assert cap.overflowed == 0
+    cap.head = torch.zeros_like(cap.head)  # every logit ties
+    assert cap.generate(**inputs).shape[0] == 2 and cap.overflowed == 1
 
 
 def test_same_seed_same_captions_and_every_candidate_sampled(folder):

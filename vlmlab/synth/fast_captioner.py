@@ -170,25 +170,51 @@ class FastCaptioner:
         else:
             self.allowed, self.head, self.bias = None, out.weight, out.bias
         self.base = self.lm.base_model
+        self.candidates = 0  # set per sub-batch from the generation config (_candidate_count)
+        self.overflowed = 0  # sub-batches redone on the whole vocabulary (ties past the candidates)
         self.compiled = compile is True and cuda
         self.triton = self.graphs = compile == "auto" and DA.available(self.device)  # the kernel + CUDA graphs
         self.mode = "compiled" if self.compiled else "triton, graphs" if self.graphs else "eager"
         self.pad_rows = pad_rows if self.compiled else None
         self._step = torch.compile(self._probs, mode="reduce-overhead", dynamic=False) if self.compiled else self._probs
         self._caches: dict[tuple[int, int], StaticCache] = {}
-        self._graphs: dict[tuple[int, int], dict] = {}
+        self._graphs: dict[tuple[int, int, int], dict] = {}
         self._pool = None
         self.attention_config = None  # the Triton kernel's (BLOCK_N, num_warps), picked on the first decode
         self.last_steps = 0  # decoding steps of the last sub-batch (the bench checks 128 were forced)
 
+    TIE_MARGIN = 64  # candidates kept past top_k, for logits tied with the k-th (bf16 logits tie often)
+    CANDIDATES = None  # sample among top_k + TIE_MARGIN candidates (None: on CUDA; the tests set it on a CPU)
+
+    def _candidate_count(self) -> int:
+        """How many of the highest logits a step samples among (0: the whole vocabulary). transformers' top-k
+        keeps every token whose logit is at least the k-th, ties included, and top-p only removes from that
+        set: so where no tie with the k-th reaches the last candidate the two draw from one distribution,
+        and the steps skip the softmax and multinomial over 50k tokens (~7 % of an OPT-2.7b step, H100)."""
+        on = self.device.type == "cuda" if self.CANDIDATES is None else self.CANDIDATES
+        k = self.gc.top_k or 0
+        return k + self.TIE_MARGIN if on and self.gc.do_sample and 0 < k and k + self.TIE_MARGIN < len(self.head) else 0
+
     def _warped(self, hidden) -> torch.Tensor:
         return _warp(F.linear(hidden, self.head, self.bias).float(), self.gc)
 
-    def _probs(self, ids, positions, mask, cache) -> torch.Tensor:
-        """One decoding step: ids (R, 1), positions (R, 1), mask (R, L) -> next-token probabilities (R, V') float32."""
+    def _probs(self, ids, positions, mask, cache) -> tuple:
+        """One decoding step: ids (R, 1), positions (R, 1), mask (R, L) -> (probabilities (R, C) float32,
+        their columns of the head (R, C) or None for all V', tie overflow (R,) bool or None): see _sample."""
         hidden = self.base(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
                            use_cache=True).last_hidden_state[:, -1]                 # (R, H)
-        return self._warped(hidden).softmax(-1)
+        return self._sample(hidden)
+
+    def _sample(self, hidden) -> tuple:
+        if not self.candidates:
+            return self._warped(hidden).softmax(-1), None, None
+        values, columns = F.linear(hidden, self.head, self.bias).float().topk(self.candidates, dim=-1)  # (R, C)
+        warped = _warp(values, self.gc)
+        # ties with the k-th after the temperature (a monotone division: no token outside the candidates lies
+        # above the last one) reaching the last candidate: tokens outside may tie too
+        scaled = values if self.gc.temperature in (None, 1.0) else values / self.gc.temperature
+        overflow = scaled[:, -1] >= scaled[:, self.gc.top_k - 1]
+        return warped.softmax(-1), columns, overflow
 
     def _cache(self, rows: int, length: int, zero: bool) -> StaticCache:
         key = (rows, length)
@@ -202,8 +228,10 @@ class FastCaptioner:
             layer.cumulative_length.zero_()
         return cache
 
-    def _draw(self, probs: torch.Tensor) -> torch.Tensor:
+    def _draw(self, probs: torch.Tensor, columns: torch.Tensor | None = None) -> torch.Tensor:
         idx = torch.multinomial(probs, 1).squeeze(1) if self.gc.do_sample else probs.argmax(-1)
+        if columns is not None:
+            idx = columns.gather(1, idx[:, None]).squeeze(1)
         return idx if self.allowed is None else self.allowed[idx]
 
     @torch.inference_mode()
@@ -236,7 +264,16 @@ class FastCaptioner:
         config, attention = self.lm.config, self.lm.config._attn_implementation
         config._attn_implementation = SLICED if sliced else "sdpa"
         try:
-            return self._decode(embeds, input_ids, attention_mask, sliced)[: real * self.caption_num]
+            self.candidates = self._candidate_count()
+            ids, overflow = self._decode(embeds, input_ids, attention_mask, sliced)
+            if overflow:  # a tie with the k-th logit reached the last candidate: redo it on the whole vocabulary
+                self.overflowed += 1
+                candidates, self.candidates = self.candidates, 0
+                try:
+                    ids, _ = self._decode(embeds, input_ids, attention_mask, sliced)
+                finally:
+                    self.candidates = candidates
+            return ids[: real * self.caption_num]
         finally:
             config._attn_implementation = attention
             _FILLED["lengths"] = None
@@ -261,6 +298,7 @@ class FastCaptioner:
         cache = self._cache(R, L, zero=not sliced)
         logits, positions = self._prefill(embeds, ids, mask, cache)
         token = self._draw(logits.softmax(-1))                                     # (R,)
+        overflow = torch.zeros(R, dtype=torch.bool, device=dev)
         ids, mask = ids.repeat_interleave(n, dim=0), mask.repeat_interleave(n, dim=0)
         full = torch.ones(R, L, dtype=mask.dtype, device=dev)                     # (R, L): prompt mask, then 1s
         full[:, :T] = mask
@@ -277,25 +315,28 @@ class FastCaptioner:
         while steps < self.max_new_tokens and not ended.known():
             _FILLED["length"] = T + steps  # after this step's update: the prompt and `steps` tokens
             if graphs:
-                probs = self._replay(token, position, full, cache, T + steps - 1)
-                if probs is None:  # capture failed: eager steps (still with the kernel) from here on
+                step = self._replay(token, position, full, cache, T + steps - 1)
+                if step is None:  # capture failed: eager steps (still with the kernel) from here on
                     graphs = self.graphs = False
                     self.mode = "triton, eager (graph capture failed)"
             if not graphs:
-                probs = self._step(token[:, None], position, full, cache)
-            token = torch.where(done, torch.full_like(token, self.pad), self._draw(probs))
+                step = self._step(token[:, None], position, full, cache)
+            probs, columns, tied = step
+            if tied is not None:
+                overflow |= tied & ~done
+            token = torch.where(done, torch.full_like(token, self.pad), self._draw(probs, columns))
             out.append(token)
             done = done | torch.isin(token, self.eos)
             ended.push(done)
             position = position + 1
             steps += 1
         self.last_steps = steps = ended.steps()
-        return torch.cat([ids, torch.stack(out[:steps], dim=1)], dim=1)
+        return torch.cat([ids, torch.stack(out[:steps], dim=1)], dim=1), bool(overflow.any())
 
-    def _replay(self, token, position, full, cache, filled: int) -> torch.Tensor | None:
-        """One step as a CUDA graph replay (captured on the first step of this shape) -> probs (R, V'),
-        a buffer the next replay overwrites; None where the capture failed (the cache is left as it was)."""
-        key = (full.shape[0], full.shape[1])
+    def _replay(self, token, position, full, cache, filled: int) -> tuple | None:
+        """One step as a CUDA graph replay (captured on the first step of this shape) -> what _probs returns,
+        buffers the next replay overwrites; None where the capture failed (the cache is left as it was)."""
+        key = (full.shape[0], full.shape[1], self.candidates)
         entry = self._graphs.get(key)
         if entry is None:
             try:
@@ -309,7 +350,7 @@ class FastCaptioner:
         entry["ids"].copy_(token[:, None])
         entry["positions"].copy_(position)
         entry["graph"].replay()
-        return entry["probs"]
+        return entry["out"]
 
     def _pick_attention_config(self, cache, R: int, L: int) -> bool:
         """The Triton kernel's block shape, timed once on this cache at its full length; False (and SDPA
@@ -344,7 +385,7 @@ class FastCaptioner:
         graph = torch.cuda.CUDAGraph()
         # thread_local: the op's preprocessing threads pin host memory while this thread captures
         with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
-            entry["probs"] = self._probs(entry["ids"], entry["positions"], entry["full"], cache)
+            entry["out"] = self._probs(entry["ids"], entry["positions"], entry["full"], cache)
         entry["graph"] = graph
         return entry
 
