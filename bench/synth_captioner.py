@@ -177,7 +177,8 @@ def through_op(name: str, folder: Path, paths: list[str], bs: int, caption_num: 
     row = {"seconds": seconds, "captions": len(out["text"]), "peak_gib": peak, "dtype": str(model.dtype)}
     if name == FAST:
         captioner = next(iter(sys.modules[type(op).__module__]._CAPTIONERS.values()))
-        row.update(steps=captioner.last_steps, mode=captioner.mode, attention_config=captioner.attention_config)
+        row.update(steps=captioner.last_steps, mode=captioner.mode, attention_config=captioner.attention_config,
+                   candidates=captioner.candidates, redone_sub_batches=captioner.overflowed)
     return row
 
 
