@@ -27,7 +27,8 @@ is re-concatenated at every step and each step is ~40 kernel launches per layer 
 Sampling follows transformers' generate for do_sample=True: the generation config is resolved the way
 generate resolves it (model's generation_config, then transformers' global defaults, e.g. top_k=50), then
 suppress -> temperature -> top-k -> top-p -> softmax -> torch.multinomial on the global torch generator
-(outside any graph), so `torch.manual_seed` fixes the captions. Options generate would apply and this loop
+(outside any graph), so `torch.manual_seed` fixes the captions. On CUDA a step does this on its top_k + 64
+highest logits only, the same distribution (FastCaptioner._candidate_count). Options generate would apply and this loop
 does not (repetition penalty, beams, min length, ...) are refused with a clear error rather than ignored.
 The output is what the stock op decodes: prompt ids + new ids (finished rows padded with pad_token_id),
 `batch_decode(skip_special_tokens=True)`.
