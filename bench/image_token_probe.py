@@ -8,7 +8,8 @@ points of `get_image_features` are probed for the sign's word, the colour of the
 column (or none) and the object count: the ViT's tokens, the tokens after patch-info mining, and the
 projector's output (what is spliced into the LM's input), and the best single slot of that output
 (`lm_input_best_slot`: the projector maps each token on its own, so a word the LM is to copy must sit in
-one slot). Each probe is a multinomial logistic
+one slot), and the slot under the sign's centre in each scene (`lm_input_sign_slot`: the sign moves, top
+or bottom and along x, so a fixed slot understates what the token at the sign carries). Each probe is a multinomial logistic
 regression on the flattened, standardised tokens, fit on the first two thirds and scored on the rest.
 Set against the model's TextVQA answers by question kind (metrics/eval/<model>.json, textvqa_by_type),
 it separates "the tokens do not carry it" from "the LM does not read what the tokens carry".
@@ -45,6 +46,7 @@ from vlmlab.evaluate.textvqa import PROMPT_SUFFIX  # noqa: E402
 from vlmlab.models.load import load_model  # noqa: E402
 from vlmlab.models.processor import clip_normalise, low_res_view  # noqa: E402
 from vlmlab.sim.labels import label_stream_scenes, picture  # noqa: E402
+from vlmlab.sim.scene import SIGN_BAND  # noqa: E402
 from vlmlab.sim.text import web_caption  # noqa: E402
 from vlmlab.sim.vocab import COLORS, SIGN_WORDS  # noqa: E402
 
@@ -57,6 +59,13 @@ def targets(scenes) -> dict[str, torch.Tensor]:
     return {"word": torch.tensor([SIGN_WORDS.index(s.word) for s in scenes]),
             "color_left": torch.tensor([left_colour(s) for s in scenes]),
             "count": torch.tensor([s.count - 1 for s in scenes])}
+
+
+def sign_slots(scenes, grid: int) -> torch.Tensor:
+    """Index of the image token (a grid x grid patch grid, row-major) under each scene's sign centre."""
+    rows = [int((SIGN_BAND / 2 if s.sign_side == "top" else 1 - SIGN_BAND / 2) * grid) for s in scenes]
+    cols = [min(grid - 1, int(s.sign_x * grid)) for s in scenes]
+    return torch.tensor([r * grid + c for r, c in zip(rows, cols)])
 
 
 def probe_accuracy(x: torch.Tensor, y: torch.Tensor, n_fit: int, steps: int = 300) -> float:
@@ -171,6 +180,9 @@ def main(*models: str, scenes: int = 3000, out: str = "", captions: str = "") ->
         slots = views["lm_input"].reshape(len(drawn), model.config.num_image_tokens, -1)
         got["lm_input_best_slot"] = {k: max(probe_accuracy(slots[:, i], t, n_fit) for i in range(slots.shape[1]))
                                      for k, t in y.items()}
+        # the sign moves (top or bottom, any x): the slot under its centre, scene by scene
+        at_sign = slots[torch.arange(len(drawn)), sign_slots(drawn, int(round(slots.shape[1] ** 0.5)))]
+        got["lm_input_sign_slot"] = {"word": probe_accuracy(at_sign, y["word"], n_fit)}
         rng = np.random.default_rng(PROBE_SEED)
         got.update(chance=chance, planted_word=planted_word(model, processor, drawn[:200]),
                    planted_caption_nll=planted_caption_nll(model, processor, drawn[:600],
