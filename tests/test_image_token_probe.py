@@ -3,6 +3,7 @@ planted-word check passes an LM that copies the planted word and fails one that 
 import importlib.util
 from pathlib import Path
 
+import numpy as np
 import torch
 
 spec = importlib.util.spec_from_file_location("image_token_probe", Path(__file__).parents[1] / "bench/image_token_probe.py")
@@ -70,3 +71,21 @@ def test_planted_caption_nll_rewards_the_right_word_and_punishes_a_wrong_one():
     assert got["zeros"]["n_names_word"] == 1 and got["zeros"]["n_no_word"] == 1
     blind = probe.planted_caption_nll(_Model(reads=False), _Processor(), scenes, ["gym sign", "sign"], slot=1)
     assert blind["word"] == blind["zeros"] == blind["other_word"]
+
+
+def test_sign_slot_is_the_patch_under_the_rendered_sign():
+    """The slot the sign probe reads (4 x 4 patches, row-major) lies in the row of the sign's rendered text and
+    holds part of it in every scene, most of it on average (a word often straddles two patches)."""
+    from dataclasses import replace
+
+    from vlmlab.sim.labels import label_stream_scenes
+    from vlmlab.sim.scene import render
+
+    scenes = list(label_stream_scenes(100, 7))
+    shares = []
+    for scene, slot in zip(scenes, probe.sign_slots(scenes, 4).tolist()):
+        ink = np.argwhere((np.asarray(render(replace(scene, objects=()), 96)) < 40).all(-1)) // 24  # text: (15, 15, 15)
+        assert (ink[:, 0] == slot // 4).all()
+        shares.append(float((ink[:, 1] == slot % 4).mean()))
+    assert min(shares) > 0 and np.mean(shares) > 0.7
+    assert {s.sign_side for s in scenes} == {"top", "bottom"}
