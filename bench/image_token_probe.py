@@ -9,8 +9,8 @@ column (or none) and the object count: the ViT's tokens, the tokens after patch-
 projector's output (what is spliced into the LM's input), and the best single slot of that output
 (`lm_input_best_slot`: the projector maps each token on its own, so a word the LM is to copy must sit in
 one slot), and the slot under the sign's centre in each scene (`lm_input_sign_slot`: the sign moves, top
-or bottom and along x, so a fixed slot understates what the token at the sign carries). Each probe is a multinomial logistic
-regression on the flattened, standardised tokens, fit on the first two thirds and scored on the rest.
+or bottom and along x, so a fixed slot understates what the token at the sign carries). Each probe is a
+multinomial logistic regression on the flattened, standardised tokens, fit on the first two thirds and scored on the rest.
 Set against the model's TextVQA answers by question kind (metrics/eval/<model>.json, textvqa_by_type),
 it separates "the tokens do not carry it" from "the LM does not read what the tokens carry".
 

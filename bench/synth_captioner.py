@@ -19,7 +19,8 @@ GPU: a randomly initialised model with blip2-opt-2.7b's shapes (ViT-g 39 layers,
 `Salesforce/blip2-opt-2.7b` (AutoProcessor + config.architectures[0]). Images are JPEG files on disk.
 Each measurement is timed after a warm-up call of the same shapes (compilation and CUDA graph capture
 are in the warm-up); `peak_gib` is torch's peak allocated memory during the timed call. The checks run
-after the rows (before them, one H100 run timed our op at 217 captions/s, 267 without them).
+after the rows (one H100 run with them first timed our op at 217 captions/s, later runs without them
+266-267; whether the checks or the host caused it was not found).
 `--checks` adds two GPU checks: the decode-attention kernel against float32 attention and its time next to
 SDPA's backends on one 2.7b layer's shapes (`attention`), and greedy (top_k=1) captions of the graph path
 against the eager SDPA path on the same images (`greedy_agreement`: bf16 kernels round differently, so
