@@ -9,7 +9,7 @@ column (or none) and the object count: the ViT's tokens, the tokens after patch-
 projector's output (what is spliced into the LM's input), and the best single slot of that output
 (`lm_input_best_slot`: the projector maps each token on its own, so a word the LM is to copy must sit in
 one slot), and the slot under the sign's centre in each scene (`lm_input_sign_slot`: the sign moves, top
-or bottom and along x, so a fixed slot understates what the token at the sign carries). Each probe is a
+or bottom, left or right of the middle, so a fixed slot understates what the token at the sign carries). Each probe is a
 multinomial logistic regression on the flattened, standardised tokens, fit on the first two thirds and scored on the rest.
 Set against the model's TextVQA answers by question kind (metrics/eval/<model>.json, textvqa_by_type),
 it separates "the tokens do not carry it" from "the LM does not read what the tokens carry".
@@ -46,7 +46,6 @@ from vlmlab.evaluate.textvqa import PROMPT_SUFFIX  # noqa: E402
 from vlmlab.models.load import load_model  # noqa: E402
 from vlmlab.models.processor import clip_normalise, low_res_view  # noqa: E402
 from vlmlab.sim.labels import label_stream_scenes, picture  # noqa: E402
-from vlmlab.sim.scene import SIGN_BAND  # noqa: E402
 from vlmlab.sim.text import web_caption  # noqa: E402
 from vlmlab.sim.vocab import COLORS, SIGN_WORDS  # noqa: E402
 
@@ -63,9 +62,8 @@ def targets(scenes) -> dict[str, torch.Tensor]:
 
 def sign_slots(scenes, grid: int) -> torch.Tensor:
     """Index of the image token (a grid x grid patch grid, row-major) under each scene's sign centre."""
-    rows = [int((SIGN_BAND / 2 if s.sign_side == "top" else 1 - SIGN_BAND / 2) * grid) for s in scenes]
-    cols = [min(grid - 1, int(s.sign_x * grid)) for s in scenes]
-    return torch.tensor([r * grid + c for r, c in zip(rows, cols)])
+    cells = [(min(grid - 1, int(y * grid)), min(grid - 1, int(x * grid))) for x, y in (s.sign_centre for s in scenes)]
+    return torch.tensor([r * grid + c for r, c in cells])
 
 
 def probe_accuracy(x: torch.Tensor, y: torch.Tensor, n_fit: int, steps: int = 300) -> float:

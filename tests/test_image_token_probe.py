@@ -75,7 +75,8 @@ def test_planted_caption_nll_rewards_the_right_word_and_punishes_a_wrong_one():
 
 def test_sign_slot_is_the_patch_under_the_rendered_sign():
     """The slot the sign probe reads (4 x 4 patches, row-major) lies in the row of the sign's rendered text and
-    holds part of it in every scene, most of it on average (a word often straddles two patches)."""
+    holds more of it than any other patch in every scene, 93 % on average: the world centres the sign on one
+    image token (vlmlab/sim/scene.py); the longest words (33 px at 96 px) spill a few px into the next ones."""
     from dataclasses import replace
 
     from vlmlab.sim.labels import label_stream_scenes
@@ -86,6 +87,7 @@ def test_sign_slot_is_the_patch_under_the_rendered_sign():
     for scene, slot in zip(scenes, probe.sign_slots(scenes, 4).tolist()):
         ink = np.argwhere((np.asarray(render(replace(scene, objects=()), 96)) < 40).all(-1)) // 24  # text: (15, 15, 15)
         assert (ink[:, 0] == slot // 4).all()
+        assert np.bincount(ink[:, 1], minlength=4).argmax() == slot % 4, (scene, slot)
         shares.append(float((ink[:, 1] == slot % 4).mean()))
-    assert min(shares) > 0 and np.mean(shares) > 0.7
-    assert {s.sign_side for s in scenes} == {"top", "bottom"}
+    assert np.mean(shares) > 0.9
+    assert {s.sign_side for s in scenes} == {"top", "bottom"} and len({s.sign_x for s in scenes}) == 2

@@ -3,6 +3,12 @@
 `sample_scene(rng)` draws one from a numpy Generator; `render(scene, size)` paints it with
 PIL. Geometry is stored as fractions of the side, so one scene renders at any size; the
 sign's font is FONT_FRACTION = 0.11 of the side (an 11 px font at 96 px, 4 px at 32 px).
+The sign sits centred on one cell of a SIGN_GRID x SIGN_GRID grid, the tiny model's image-token
+grid: a word the LM is to copy must lie in one image token, because the projector maps tokens one
+by one. With the centre drawn freely across a cell boundary the text straddled two tokens in 74 %
+of scenes and no token carried the word (probe 0.26, bench/image_token_probe.py); centred, the
+token under the sign carries it (1.0) and the tiny study sees its stage-1 data
+(bench/results/world_sign_on_patch_exploration.json).
 Measured over 50 scenes (rng seeds 0-49): at 96 px the letters are near-black and span 6-10
 rows (median 8), legible; at 32 px, rendered directly or resized from 96 px as the low-res
 tower sees it, no letter pixel is darker than about 100/255 grey: a blur.
@@ -20,6 +26,7 @@ from vlmlab.sim.vocab import COLOR_RGB, COLORS, MAX_OBJECTS, POSITIONS, SHAPES, 
 RADIUS = {"small": 0.075, "large": 0.13}   # shape half-extent, fraction of the side
 FONT_FRACTION = 0.11                       # letter size / image side
 SIGN_BAND = 0.22                           # height of the sign's band (top or bottom)
+SIGN_GRID = 4                              # image tokens a side: the tiny ViT's 32 px / 8 px patches
 
 
 @dataclass(frozen=True)
@@ -52,6 +59,11 @@ class Scene:
     def main(self) -> Shape:
         return self.objects[0]
 
+    @property
+    def sign_centre(self) -> tuple[float, float]:
+        """(x, y) of the sign's centre, fractions of the side."""
+        return self.sign_x, (SIGN_BAND / 2 if self.sign_side == "top" else 1 - SIGN_BAND / 2)
+
 
 def sample_scene(rng: np.random.Generator) -> Scene:
     n = int(rng.integers(1, MAX_OBJECTS + 1))
@@ -71,7 +83,13 @@ def sample_scene(rng: np.random.Generator) -> Scene:
     tint = rng.integers(-12, 13, size=3)
     background = tuple(int(np.clip(grey + t, 0, 255)) for t in tint)
     return Scene(tuple(objects), SIGN_WORDS[int(rng.integers(len(SIGN_WORDS)))], sign_side,
-                 float(rng.uniform(0.35, 0.65)), background)
+                 _cell_centre(float(rng.uniform(0.35, 0.65))), background)
+
+
+def _cell_centre(x: float) -> float:
+    """The centre of the grid column that holds x: 0.375 or 0.625 for x in [0.35, 0.65]."""
+    column = min(SIGN_GRID - 1, int(x * SIGN_GRID))
+    return (column + 0.5) / SIGN_GRID
 
 
 @functools.lru_cache(maxsize=8)
@@ -106,8 +124,7 @@ def render(scene: Scene, size: int) -> Image.Image:
     left, top, right, bottom = draw.textbbox((0, 0), scene.word, font=font)
     tw, th = right - left, bottom - top
     pad = max(1, size // 32)
-    cx = scene.sign_x * size
-    cy = (SIGN_BAND / 2 if scene.sign_side == "top" else 1 - SIGN_BAND / 2) * size
+    cx, cy = (v * size for v in scene.sign_centre)
     box = (cx - tw / 2 - 2 * pad, cy - th / 2 - pad, cx + tw / 2 + 2 * pad, cy + th / 2 + pad)
     draw.rectangle(box, fill=(250, 250, 245), outline=(60, 60, 60))
     draw.text((cx - tw / 2 - left, cy - th / 2 - top), scene.word, fill=(15, 15, 15), font=font)
