@@ -292,7 +292,7 @@ class FastCaptioner:
             dst.update(src.keys.repeat_interleave(n, dim=0), src.values.repeat_interleave(n, dim=0))
         return self._warped(hidden).repeat_interleave(n, dim=0), positions
 
-    def _decode(self, embeds, ids, mask, sliced) -> torch.Tensor:
+    def _decode(self, embeds, ids, mask, sliced) -> tuple[torch.Tensor, bool]:
         n, dev = self.caption_num, self.device
         B, T = ids.shape
         R, L = B * n, T + self.max_new_tokens
