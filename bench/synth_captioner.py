@@ -12,7 +12,6 @@ early, so every path decodes its full 128 steps, as the stock op's worst case; `
   attention over the filled cache slots and one CUDA graph replay per step (`mode` says what ran);
   `fast_eager`: the same op with compile=false (eager steps, SDPA over the filled slots: the previous
   default); `fast_compiled`: compile=true (masked attention over the whole static cache, torch.compile);
-  `fast_cpu_prep`: the same op with preprocess_device=cpu (resize and normalise on the CPU, as the stock op);
 - `generate`: plain transformers `generate(num_return_sequences=3, max_new_tokens=128, do_sample=True)` on
   sub-batches of `gpu_batch_size` images (processor on the main thread): what batching alone gives.
 GPU: a randomly initialised model with blip2-opt-2.7b's shapes (ViT-g 39 layers, Q-Former 12, OPT-2.7b,
@@ -345,26 +344,6 @@ def greedy_agreement(folder: Path, paths: list[str], images: int = 32, caption_n
             "mean_steps_before_first_difference": float(first_diff.float().mean())}
 
 
-def preprocess_on_gpu(folder: Path, paths: list[str], images: int = 256) -> dict:
-    """The processor's pixel values on the GPU (decoded uint8 tensors, as the op passes them) vs on the CPU
-    (PIL images, as the stock op passes them), and the time of each on one sub-batch of `images`."""
-    from transformers import AutoProcessor
-
-    processor = AutoProcessor.from_pretrained(folder)
-    loaded = [load_image(p) for p in paths[:images]]
-    tensors = [torch.from_numpy(np.asarray(im)).permute(2, 0, 1) for im in loaded]
-    name = type(processor.image_processor).__name__
-    cpu, cpu_s, _ = timed(lambda: processor(images=loaded, return_tensors="pt")["pixel_values"])
-    try:
-        gpu, gpu_s, _ = timed(lambda: processor(images=tensors, return_tensors="pt", device="cuda")["pixel_values"])
-    except (TypeError, ValueError) as e:  # a PIL-backed processor takes no device
-        return {"image_processor": name, "error": f"{type(e).__name__}: {e}"[:200]}
-    diff = (gpu.float().cpu() - cpu.float()).abs()
-    return {"image_processor": name, "images": len(loaded), "device": str(gpu.device),
-            "max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean()),
-            "cpu_s": round(cpu_s, 4), "gpu_s": round(gpu_s, 4)}
-
-
 def free():
     import gc
 
@@ -385,7 +364,6 @@ def main() -> None:
     ap.add_argument("--generate", default="64,128,256", help="images per plain generate call")
     ap.add_argument("--fast", default="64,256,512", help="gpu_batch_size values for our op")
     ap.add_argument("--fast-eager", default="256", help="gpu_batch_size values for our op with compile=false (eager SDPA steps)")
-    ap.add_argument("--fast-cpu-prep", default="", help="gpu_batch_size values for our op with preprocess_device=cpu")
     ap.add_argument("--fast-compiled", default="",
                     help="gpu_batch_size values for our op with compile=true (whole-cache masked attention, torch.compile)")
     ap.add_argument("--direct", default="", help="gpu_batch_size values for our FastCaptioner without Data-Juicer "
@@ -407,8 +385,7 @@ def main() -> None:
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     plan = [(path, int(bs)) for path, sizes in (("stock", a.stock), ("generate", a.generate), ("fast", a.fast),
-                                                ("fast_eager", a.fast_eager), ("fast_cpu_prep", a.fast_cpu_prep),
-                                                ("fast_compiled", a.fast_compiled),
+                                                ("fast_eager", a.fast_eager), ("fast_compiled", a.fast_compiled),
                                                 ("direct", a.direct), ("direct_eager", a.direct_eager))
             for bs in sizes.split(",") if bs]
     with tempfile.TemporaryDirectory() as tmp:
@@ -426,8 +403,7 @@ def main() -> None:
                 elif path.startswith("direct"):
                     row = through_direct(folder, paths[:n], bs, a.caption_num, False if path == "direct_eager" else "auto")
                 else:
-                    extra = {"fast_compiled": {"compile": True}, "fast_eager": {"compile": False},
-                             "fast_cpu_prep": {"preprocess_device": "cpu"}}.get(path, {})
+                    extra = {"fast_compiled": {"compile": True}, "fast_eager": {"compile": False}}.get(path, {})
                     row = through_op(STOCK if path == "stock" else FAST, folder, paths[:n], bs, a.caption_num, **extra)
             except Exception as e:  # one failing row must not cost the others (one GPU call measures all)
                 import traceback
@@ -455,11 +431,6 @@ def main() -> None:
             out.write_text(json.dumps(result, indent=2) + "\n")
             free()
             try:
-                result["preprocess_on_gpu"] = preprocess_on_gpu(folder, paths)
-            except Exception as e:  # noqa: BLE001 - a check must not cost the measurements
-                result["preprocess_on_gpu"] = {"error": f"{type(e).__name__}: {e}"[:500]}
-            print("preprocess on the GPU:", json.dumps(result["preprocess_on_gpu"]), flush=True)
-            try:
                 result["greedy_agreement"] = greedy_agreement(folder, paths)
             except Exception as e:  # noqa: BLE001 - a check must not cost the measurements
                 result["greedy_agreement"] = {"error": f"{type(e).__name__}: {e}"[:500]}
@@ -473,7 +444,7 @@ def main() -> None:
 
                 traceback.print_exc()
     best = {p: max((r["captions_per_s"] for r in result["rows"] if r["path"] == p and "error" not in r), default=None)
-            for p in ("stock", "generate", "fast", "fast_eager", "fast_cpu_prep", "direct", "direct_eager")}
+            for p in ("stock", "generate", "fast", "fast_eager", "direct", "direct_eager")}
     result["best_captions_per_s"] = best
     if best["fast"] and best["stock"] and best["generate"]:
         result["fast_vs_stock"] = round(best["fast"] / best["stock"], 1)

@@ -11,9 +11,7 @@ distribution (the captioner's generation_config, as transformers' generate resol
 how the candidates are generated (vlmlab.synth.fast_captioner): all caption_num candidates of a sub-batch
 in one decode over a static KV cache, the prompt prefilled once per image, attention over the filled slots
 only (on CUDA a Triton decode kernel, every step one CUDA graph replay), bf16 on CUDA, stopping once every
-row has emitted EOS; images are decoded and preprocessed in worker threads ahead of the model, and where the
-processor is torchvision-backed (what AutoProcessor loads for a BLIP-2 folder where torchvision is installed)
-resized and normalised on the model's GPU: the first sub-batch of a call waits for its JPEG decoding only. Measured
+row has emitted EOS; images are decoded and preprocessed in worker threads ahead of the model. Measured
 with blip2-opt-2.7b shapes: bench/results/synth.json (README "Benchmarks").
 The stock op's captions come from `torch`'s global generator in another order, so the two ops draw
 different (equally distributed) captions for the same seed; each is the same from run to run.
@@ -23,9 +21,6 @@ from __future__ import annotations
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-
-import numpy as np
-import torch
 
 # Data-Juicer loads this file by path (`dj-process --custom-operator-paths`), where vlmlab may not be
 # importable: the op uses the checkout it lies in, as the stage scripts do
@@ -39,15 +34,6 @@ from data_juicer.utils.mm_utils import SpecialTokens, load_image
 from data_juicer.utils.model_utils import get_model
 
 OP_NAME = "fast_image_captioning_mapper"
-
-
-def _torchvision_backed(processor) -> bool:
-    """Whether the processor's image part runs on torch tensors (and so on any device)."""
-    try:
-        from transformers.image_processing_backends import TorchvisionBackend
-    except ImportError:  # transformers before 5: no backend classes
-        return False
-    return isinstance(getattr(processor, "image_processor", None), TorchvisionBackend)
 
 # built once per process and model: compiled graphs and static caches are neither picklable nor cheap
 _CAPTIONERS: dict = {}
@@ -64,20 +50,14 @@ class FastImageCaptioningMapper(ImageCaptioningMapper):
         true: torch.compile "reduce-overhead" of a masked whole-cache step (slower on an H200: kept to compare)
     :param bf16: run the captioner in bfloat16 on CUDA
     :param preprocess_threads: threads that decode and preprocess images ahead of the model
-    :param preprocess_device: "auto": a torchvision-backed processor resizes and normalises on the model's
-        device (the same processor, the same operations; on a GPU float rounding differs from a CPU's in the
-        last bits); "cpu": always on the CPU, as the stock op
     Other arguments: see `image_captioning_mapper`.
     """
 
     def __init__(self, *args, max_new_tokens: int = 128, compile: bool | str = "auto", bf16: bool = True,
-                 preprocess_threads: int = 8, preprocess_device: str = "auto", **kwargs):
+                 preprocess_threads: int = 8, **kwargs):
         super().__init__(*args, **kwargs)
         if compile not in ("auto", True, False):
             raise ValueError(f"{OP_NAME}: compile must be auto, true or false, not {compile!r}")
-        if preprocess_device not in ("auto", "cpu"):
-            raise ValueError(f"{OP_NAME}: preprocess_device must be auto or cpu, not {preprocess_device!r}")
-        self.preprocess_device = preprocess_device
         self.max_new_tokens = int(max_new_tokens)
         self.compile = compile
         self.bf16 = bool(bf16)
@@ -99,22 +79,14 @@ class FastImageCaptioningMapper(ImageCaptioningMapper):
             return []
         captioner = self._captioner(model, processor)
         pin = captioner.device.type == "cuda"
-        on_device = pin and self.preprocess_device == "auto" and _torchvision_backed(processor)
         starts = range(0, len(images), self.gpu_batch_size)
-
-        def load(x):
-            image = x if hasattr(x, "convert") else load_image(x)
-            # for the GPU: the decoded pixels as a (C, H, W) uint8 tensor, what the processor converts them to
-            return torch.from_numpy(np.asarray(image.convert("RGB"))).permute(2, 0, 1) if on_device else image
 
         def prepare(start):
             chunk = images[start:start + self.gpu_batch_size]
-            loaded = list(loaders.map(load, chunk))
+            loaded = list(loaders.map(lambda x: x if hasattr(x, "convert") else load_image(x), chunk))
             texts = None if prompts is None else prompts[start:start + len(chunk)]
             if texts is not None and all(p is None for p in texts):
                 texts = None  # as the stock op: no prompt unless one image of the sub-batch has one
-            if on_device:  # the processor runs on the caller's thread: no GPU work from a thread beside a capture
-                return loaded, texts
             inputs = processor(images=loaded, text=texts, return_tensors="pt")
             return {k: v.pin_memory() if pin else v for k, v in inputs.items()}
 
@@ -125,9 +97,6 @@ class FastImageCaptioningMapper(ImageCaptioningMapper):
                 inputs = pending.pop(0).result()
                 if k + 2 < len(starts):
                     pending.append(feeder.submit(prepare, starts[k + 2]))
-                if on_device:
-                    loaded, texts = inputs
-                    inputs = processor(images=loaded, text=texts, return_tensors="pt", device=captioner.device)
                 out += captioner.captions(inputs)
         return out
 
