@@ -12,6 +12,9 @@ early, so every path decodes its full 128 steps, as the stock op's worst case; `
   attention over the filled cache slots and one CUDA graph replay per step (`mode` says what ran);
   `fast_eager`: the same op with compile=false (eager steps, SDPA over the filled slots: the previous
   default); `fast_compiled`: compile=true (masked attention over the whole static cache, torch.compile);
+  `fast_one_call`: the op with every sub-batch prepared in one processor call (before 2026-12-06 the first
+  one too, which each op call waits for; now that one is processed in slices, one per preprocessing
+  thread); a `fast` row records both preparations of one sub-batch, timed alone (`prepare_s`);
 - `generate`: plain transformers `generate(num_return_sequences=3, max_new_tokens=128, do_sample=True)` on
   sub-batches of `gpu_batch_size` images (processor on the main thread): what batching alone gives.
 GPU: a randomly initialised model with blip2-opt-2.7b's shapes (ViT-g 39 layers, Q-Former 12, OPT-2.7b,
@@ -170,13 +173,18 @@ def timed(fn):
     return result, seconds, peak
 
 
-def through_op(name: str, folder: Path, paths: list[str], bs: int, caption_num: int, **extra) -> dict:
-    """One measurement of a Data-Juicer op (stock or ours) on `paths`, after a warm-up sub-batch."""
+def through_op(name: str, folder: Path, paths: list[str], bs: int, caption_num: int, one_call: bool = False,
+               **extra) -> dict:
+    """One measurement of a Data-Juicer op (stock or ours) on `paths`, after a warm-up sub-batch;
+    `one_call`: ours with every sub-batch prepared in one processor call."""
     from data_juicer.utils.model_utils import get_model
 
     cuda = torch.cuda.is_available()
     op = load_ops()[name](hf_img2seq=str(folder), caption_num=caption_num, keep_candidate_mode="all",
                           keep_original_sample=False, gpu_batch_size=bs, accelerator="cuda" if cuda else "cpu", **extra)
+    if one_call:
+        sliced = op._prepare
+        op._prepare = lambda *args, slices=1: sliced(*args, slices=1)
     samples = {"text": ["<__dj__image>\nx <|__dj__eoc|>"] * len(paths), "images": [[p] for p in paths]}
     op.process_batched({k: v[:bs] for k, v in samples.items()})  # load; compile and capture the sub-batch shape
     torch.manual_seed(0)
@@ -187,7 +195,25 @@ def through_op(name: str, folder: Path, paths: list[str], bs: int, caption_num: 
         captioner = next(iter(sys.modules[type(op).__module__]._CAPTIONERS.values()))
         row.update(steps=captioner.last_steps, mode=captioner.mode, attention_config=captioner.attention_config,
                    candidates=captioner.candidates, redone_sub_batches=captioner.overflowed)
+        if not one_call:
+            row["prepare_s"] = time_prepare(op, paths[:bs], get_model(op.model_key, None, cuda)[1], cuda)
     return row
+
+
+def time_prepare(op, paths: list[str], processor, pin: bool) -> dict:
+    """Seconds to prepare one sub-batch in one processor call and in slices (one per thread), best of 3."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    times = {}
+    with ThreadPoolExecutor(op.preprocess_threads) as pool:
+        for name, slices in (("one_call", 1), ("slices", op.preprocess_threads)):
+            best = float("inf")
+            for _ in range(3):
+                t0 = time.perf_counter()
+                op._prepare(paths, None, processor, pool, pin, slices=slices)
+                best = min(best, time.perf_counter() - t0)
+            times[name] = round(best, 3)
+    return times
 
 
 def load_image(path: str) -> Image.Image:
@@ -364,6 +390,8 @@ def main() -> None:
     ap.add_argument("--generate", default="64,128,256", help="images per plain generate call")
     ap.add_argument("--fast", default="64,256,512", help="gpu_batch_size values for our op")
     ap.add_argument("--fast-eager", default="256", help="gpu_batch_size values for our op with compile=false (eager SDPA steps)")
+    ap.add_argument("--fast-one-call", default="", help="gpu_batch_size values for our op with every sub-batch "
+                    "prepared in one processor call")
     ap.add_argument("--fast-compiled", default="",
                     help="gpu_batch_size values for our op with compile=true (whole-cache masked attention, torch.compile)")
     ap.add_argument("--direct", default="", help="gpu_batch_size values for our FastCaptioner without Data-Juicer "
@@ -385,7 +413,8 @@ def main() -> None:
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     plan = [(path, int(bs)) for path, sizes in (("stock", a.stock), ("generate", a.generate), ("fast", a.fast),
-                                                ("fast_eager", a.fast_eager), ("fast_compiled", a.fast_compiled),
+                                                ("fast_eager", a.fast_eager), ("fast_one_call", a.fast_one_call),
+                                                ("fast_compiled", a.fast_compiled),
                                                 ("direct", a.direct), ("direct_eager", a.direct_eager))
             for bs in sizes.split(",") if bs]
     with tempfile.TemporaryDirectory() as tmp:
@@ -403,7 +432,8 @@ def main() -> None:
                 elif path.startswith("direct"):
                     row = through_direct(folder, paths[:n], bs, a.caption_num, False if path == "direct_eager" else "auto")
                 else:
-                    extra = {"fast_compiled": {"compile": True}, "fast_eager": {"compile": False}}.get(path, {})
+                    extra = {"fast_compiled": {"compile": True}, "fast_eager": {"compile": False},
+                             "fast_one_call": {"one_call": True}}.get(path, {})
                     row = through_op(STOCK if path == "stock" else FAST, folder, paths[:n], bs, a.caption_num, **extra)
             except Exception as e:  # one failing row must not cost the others (one GPU call measures all)
                 import traceback
@@ -444,7 +474,7 @@ def main() -> None:
 
                 traceback.print_exc()
     best = {p: max((r["captions_per_s"] for r in result["rows"] if r["path"] == p and "error" not in r), default=None)
-            for p in ("stock", "generate", "fast", "fast_eager", "direct", "direct_eager")}
+            for p in ("stock", "generate", "fast", "fast_eager", "fast_one_call", "direct", "direct_eager")}
     result["best_captions_per_s"] = best
     if best["fast"] and best["stock"] and best["generate"]:
         result["fast_vs_stock"] = round(best["fast"] / best["stock"], 1)

@@ -82,6 +82,27 @@ def test_same_output_as_the_stock_op_when_sampling_is_deterministic(folder, mode
     assert all(t.endswith("<|__dj__eoc|>") for t in got["text"])
 
 
+@pytest.mark.parametrize("slices,prompt", [(3, None), (3, "a photo of"), (1, None), (16, "a photo of")])
+def test_a_sub_batch_prepared_in_slices_is_the_one_processor_call(folder, slices, prompt):
+    """Threads process slices of a sub-batch (7 images in slices of ceil(7 / slices)): the joined tensors
+    must be those of one processor call on all of them, bit for bit."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from data_juicer.utils.mm_utils import load_image
+    from data_juicer.utils.model_utils import get_model
+
+    _, fast = ops(folder)
+    _, processor = get_model(fast.model_key, None, False)
+    paths = [str(folder / f"{i}.jpg") for i in range(7)]
+    texts = None if prompt is None else [prompt] * 7
+    want = processor(images=[load_image(p) for p in paths], text=texts, return_tensors="pt")
+    with ThreadPoolExecutor(4) as pool:
+        got = fast._prepare(paths, texts, processor, pool, pin=False, slices=slices)
+    assert sorted(got) == sorted(want) and ("input_ids" in got) == (prompt is not None)
+    for key in want:
+        assert got[key].dtype == want[key].dtype and torch.equal(got[key], want[key]), key
+
+
 def captioner(folder, **kw):
     """A FastCaptioner on the op's model (Data-Juicer's cached copy) and its processor."""
     from data_juicer.utils.model_utils import get_model

@@ -32,6 +32,7 @@ from data_juicer.ops.base_op import OPERATORS
 from data_juicer.ops.mapper.image_captioning_mapper import ImageCaptioningMapper
 from data_juicer.utils.mm_utils import SpecialTokens, load_image
 from data_juicer.utils.model_utils import get_model
+import torch
 
 OP_NAME = "fast_image_captioning_mapper"
 
@@ -82,13 +83,9 @@ class FastImageCaptioningMapper(ImageCaptioningMapper):
         starts = range(0, len(images), self.gpu_batch_size)
 
         def prepare(start):
-            chunk = images[start:start + self.gpu_batch_size]
-            loaded = list(loaders.map(lambda x: x if hasattr(x, "convert") else load_image(x), chunk))
-            texts = None if prompts is None else prompts[start:start + len(chunk)]
-            if texts is not None and all(p is None for p in texts):
-                texts = None  # as the stock op: no prompt unless one image of the sub-batch has one
-            inputs = processor(images=loaded, text=texts, return_tensors="pt")
-            return {k: v.pin_memory() if pin else v for k, v in inputs.items()}
+            chunk = slice(start, start + self.gpu_batch_size)
+            return self._prepare(images[chunk], None if prompts is None else prompts[chunk], processor, loaders, pin,
+                                 slices=self.preprocess_threads if start == 0 else 1)
 
         out = []
         with ThreadPoolExecutor(self.preprocess_threads) as loaders, ThreadPoolExecutor(1) as feeder:
@@ -99,6 +96,31 @@ class FastImageCaptioningMapper(ImageCaptioningMapper):
                     pending.append(feeder.submit(prepare, starts[k + 2]))
                 out += captioner.captions(inputs)
         return out
+
+    def _prepare(self, images, texts, processor, pool, pin: bool, slices: int = 1) -> dict:
+        """One sub-batch's processor outputs, in (pinned, on CUDA) host memory; images decoded by `pool`.
+        The first sub-batch of an op call is prepared while the GPU waits (the op sees one Data-Juicer batch
+        at a time): it is processed in `slices`, one per thread (PIL and torch release the GIL). The later
+        ones are prepared while the GPU decodes, where one processor call is better: more threads there
+        compete with the decoding thread for the GIL (measured: bench/results/synth_host_h100.json). Each
+        image is processed alone either way: the same bits. Prompts are tokenised per slice and joined (as in
+        the stock op, a sub-batch's prompts must be of one length)."""
+        if texts is not None and all(p is None for p in texts):
+            texts = None  # as the stock op: no prompt unless one image of the sub-batch has one
+        loaded = list(pool.map(lambda x: x if hasattr(x, "convert") else load_image(x), images))
+        step = -(-len(images) // slices)
+
+        def process(a):
+            return processor(images=loaded[a:a + step], text=None if texts is None else texts[a:a + step],
+                             return_tensors="pt")
+
+        parts = list(pool.map(process, range(0, len(images), step)))
+        joined = {}
+        for key in parts[0]:
+            pieces = [part[key] for part in parts]
+            shape = (sum(len(x) for x in pieces), *pieces[0].shape[1:])
+            joined[key] = torch.cat(pieces, out=torch.empty(shape, dtype=pieces[0].dtype, pin_memory=pin))
+        return joined
 
     def process_batched(self, samples, rank=None):
         """The stock op's process_batched with image paths in place of loaded images (loaded in threads)."""
