@@ -12,7 +12,7 @@ early, so every path decodes its full 128 steps, as the stock op's worst case; `
   attention over the filled cache slots and one CUDA graph replay per step (`mode` says what ran);
   `fast_eager`: the same op with compile=false (eager steps, SDPA over the filled slots: the previous
   default); `fast_compiled`: compile=true (masked attention over the whole static cache, torch.compile);
-  `fast_one_call`: the op with every sub-batch prepared in one processor call (before 2026-12-06 the first
+  `fast_one_call`: the op with every sub-batch prepared in one processor call (before commit 088ca6f the first
   one too, which each op call waits for; now that one is processed in slices, one per preprocessing
   thread); a `fast` row records both preparations of one sub-batch, timed alone (`prepare_s`);
 - `generate`: plain transformers `generate(num_return_sequences=3, max_new_tokens=128, do_sample=True)` on

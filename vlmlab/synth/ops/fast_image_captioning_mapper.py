@@ -101,8 +101,9 @@ class FastImageCaptioningMapper(ImageCaptioningMapper):
         """One sub-batch's processor outputs, in (pinned, on CUDA) host memory; images decoded by `pool`.
         The first sub-batch of an op call is prepared while the GPU waits (the op sees one Data-Juicer batch
         at a time): it is processed in `slices`, one per thread (PIL and torch release the GIL). The later
-        ones are prepared while the GPU decodes, where one processor call is better: more threads there
-        compete with the decoding thread for the GIL (measured: bench/results/synth_host_h100.json). Each
+        ones are prepared while the GPU decodes, where one processor call is better (images prepared one by
+        one in threads were slower end to end there, bench/results/synth_host_h100.json; suspected: the
+        threads take the GIL from the decoding thread). Each
         image is processed alone either way: the same bits. Prompts are tokenised per slice and joined (as in
         the stock op, a sub-batch's prompts must be of one length)."""
         if texts is not None and all(p is None for p in texts):
