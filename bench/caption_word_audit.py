@@ -45,9 +45,9 @@ def audit(records: list[dict], truth: dict[str, str]) -> dict:
             "chance_of_a_random_sign_word": round(1 / len(signs), 4)}
 
 
-def true_word(seed: int, image_id: str) -> str:
-    """The sign's word of raw seed image `image_id`, from the draws prepare rendered it from."""
-    return sample_scene(split_rng(seed, "raw", int(image_id) - SPLITS["raw"][1])).word
+def true_word(seed: int, image_id: str, split: str = "raw") -> str:
+    """The sign's word of `split`'s image `image_id`, from the draws prepare rendered it from."""
+    return sample_scene(split_rng(seed, split, int(image_id) - SPLITS[split][1])).word
 
 
 def main() -> None:

@@ -28,12 +28,12 @@ import torch.nn.functional as F  # noqa: E402
 from vlmlab import io  # noqa: E402
 from vlmlab.seeding import seed_everything  # noqa: E402
 from vlmlab.sim import pretrain, teacher  # noqa: E402
-from vlmlab.sim.scene import sample_scene  # noqa: E402
-from vlmlab.sim.streams import SPLITS, split_rng  # noqa: E402
-from vlmlab.sim.text import world_words  # noqa: E402
+from vlmlab.sim.text import SIGN_WORDS, world_words  # noqa: E402
 from vlmlab.synth import captioner as captioners  # noqa: E402
 from vlmlab.synth import scoring  # noqa: E402
 from vlmlab.sim.world import WorldConfig  # noqa: E402
+
+from bench.caption_word_audit import true_word  # noqa: E402
 
 
 def word_accuracy(model, processor, images, truth: list[str]) -> tuple[float, list[str]]:
@@ -74,10 +74,10 @@ def main() -> None:
     p = io.load_params()
     rows, images = scoring.read_eval_captions("data/world/eval/captions.jsonl", p["teacher"]["eval_limit"])
     world_seed = WorldConfig.from_params(p).seed
-    truth = [sample_scene(split_rng(world_seed, "eval_caption", int(r["id"]) - SPLITS["eval_caption"][1])).word for r in rows]
+    truth = [true_word(world_seed, r["id"], "eval_caption") for r in rows]
     if not all(w in r["captions"][0] for w, r in zip(truth, rows)):
         raise SystemExit("teacher_reading: data/world/eval/captions.jsonl: its scenes do not come back from their ids (another world seed?)")
-    result = {"eval_images": len(rows), "chance": round(1 / 32, 4), "variants": {}}
+    result = {"eval_images": len(rows), "chance": round(1 / len(SIGN_WORDS), 4), "variants": {}}
     model, processor = captioners.load_captioner(a.teacher)
     acc, examples = word_accuracy(model, processor, images, truth)
     result["variants"]["committed"] = {"word_accuracy": acc, "examples": examples}
