@@ -84,7 +84,7 @@ def teacher_part(steps: int):
         scene = sample_scene(rng)
         images.append(render(scene, 96))
         captions.append(text.dense_caption(scene, rng))
-    cfg = teacher.TeacherConfig(epochs=max(1, steps // 2), batch_size=32, max_words=60)
+    cfg = teacher.TeacherConfig(epochs=max(1, steps // 2), batch_size=32, max_words=60, encoder_images=0)
     torch.manual_seed(350)
     model, processor = teacher.build_teacher(cfg, world_words())
     teacher.train_teacher(model, processor, images, captions, cfg, seed=350)

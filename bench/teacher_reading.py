@@ -27,7 +27,8 @@ import torch.nn.functional as F  # noqa: E402
 
 from vlmlab import io  # noqa: E402
 from vlmlab.seeding import seed_everything  # noqa: E402
-from vlmlab.sim import pretrain, teacher  # noqa: E402
+from vlmlab.sim import teacher  # noqa: E402
+from vlmlab.sim.labels import labelled_scenes  # noqa: E402
 from vlmlab.sim.text import SIGN_WORDS, world_words  # noqa: E402
 from vlmlab.synth import captioner as captioners  # noqa: E402
 from vlmlab.synth import scoring  # noqa: E402
@@ -45,7 +46,7 @@ def word_accuracy(model, processor, images, truth: list[str]) -> tuple[float, li
 def pretrain_vision(model, processor, n: int, steps: int, seed: int) -> float:
     """The teacher's vision tower + a linear head on its flattened tokens, trained to name the sign's word;
     returns the word accuracy on 500 held-out scenes."""
-    images, labels = pretrain.labelled_scenes(n + 500, seed, model.config.vision_config.image_size)
+    images, labels = labelled_scenes(n + 500, seed, model.config.vision_config.image_size)
     x = processor.image_processor(list(images), return_tensors="pt")["pixel_values"]
     y = torch.from_numpy(labels["word"])
     vision = model.vision_model

@@ -3,7 +3,8 @@
     python stages/teacher.py --curated data/world/curated --eval data/world/eval/captions.jsonl \
         --out models/teacher --metrics metrics/teacher.json --monitor plots/monitor/teacher
 
-Tiny world (synth.captioner: ""): train a tiny BLIP-2 on the curated dense captions, save it as a
+Tiny world (synth.captioner: ""): pretrain a tiny BLIP-2's image side on labelled scenes and freeze it,
+train its language side on the curated dense captions, save it as a
 normal HF folder, score its held-out captions (BLEU-4, CIDEr) next to the seed's noisy alt-text.
 Real runs (synth.captioner: a local folder, e.g. blip2-opt-2.7b): only check it loads as Data-Juicer
 loads it, and record which folder it was in models/teacher/captioner.json.
@@ -52,6 +53,7 @@ def main(curated: str = "data/world/curated", eval: str = "data/world/eval/capti
             images, captions, _ = captioners.read_caption_set(curated)
             seed_everything(seed)
             model, processor = teacher.build_teacher(cfg, world_words())
+            encoders = teacher.pretrain_encoders(model, processor, cfg, seed, p["world"]["image_size"])
             stats = teacher.train_teacher(model, processor, images, captions, cfg, seed)
             with io.atomic_path(out) as tmp:
                 teacher.save_teacher(model, processor, tmp)
@@ -64,7 +66,8 @@ def main(curated: str = "data/world/curated", eval: str = "data/world/eval/capti
                                                tp["eval_samples"])
             gain = scores["teacher_sampled"]["cider"] - scores["raw_captions"]["cider"]
             result = {"external": 0, "params_m": sum(x.numel() for x in model.parameters()) / 1e6,
-                      "train": {k: v for k, v in stats.items() if k != "losses"}, "eval_images": len(rows),
+                      "encoders": encoders, "train": {k: v for k, v in stats.items() if k != "losses"},
+                      "eval_images": len(rows),
                       **scores, "cider_gain_over_raw": gain}
     io.write_metrics(metrics, {**result, "monitor": mon.peaks})
     print(f"teacher: {io.flatten(result)}")

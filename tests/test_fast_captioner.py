@@ -14,7 +14,7 @@ from vlmlab.sim import teacher as T
 from vlmlab.sim.text import world_words
 
 TINY = dict(image_size=32, patch_size=8, vision_hidden=32, vision_layers=1, qformer_hidden=32, qformer_layers=1,
-            num_query_tokens=4, hidden=32, layers=1, heads=2, epochs=1, max_words=16)
+            num_query_tokens=4, hidden=32, layers=1, heads=2, epochs=1, max_words=16, encoder_images=0)
 OP_FILE = R.FAST_OP_FILE
 
 

@@ -19,7 +19,7 @@ from conftest import simulate_raw
 
 N_RAW = 48
 TINY = dict(image_size=32, patch_size=8, vision_hidden=32, vision_layers=1, qformer_hidden=32, qformer_layers=1,
-            num_query_tokens=4, hidden=32, layers=1, heads=2, batch_size=16, lr=3e-3, epochs=3, max_words=40)
+            num_query_tokens=4, hidden=32, layers=1, heads=2, batch_size=16, lr=3e-3, epochs=3, max_words=40, encoder_images=0)
 
 
 @pytest.fixture(scope="module")

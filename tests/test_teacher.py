@@ -35,7 +35,7 @@ def standin(n: int, seed: int = 0, size: int = 32):
 
 
 TINY = dict(image_size=32, patch_size=8, vision_hidden=32, vision_layers=1, qformer_hidden=32, qformer_layers=1,
-            num_query_tokens=4, hidden=32, layers=1, heads=2, batch_size=16, lr=3e-3, max_words=40)
+            num_query_tokens=4, hidden=32, layers=1, heads=2, batch_size=16, lr=3e-3, max_words=40, encoder_images=0)
 
 
 @pytest.fixture(scope="module")
@@ -92,6 +92,38 @@ def test_caption_loss_over_all_rows_equals_forward_loss():
         masked = out.logits.masked_fill(~keep, float("-inf"))
         ref = F.cross_entropy(masked[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(), ignore_index=-100)
         assert T.caption_loss(model, batch, allowed).item() == pytest.approx(ref.item(), rel=1e-5)
+
+
+def test_frozen_encoders_cached_output_is_what_generation_sees():
+    """Pretraining feeds the Q-Former the tower's cached output, caption training the Q-Former's cached
+    output: both must be exactly what get_image_features (used by generate) computes from pixels."""
+    torch.manual_seed(0)
+    images, captions = standin(6)
+    model, processor = T.build_teacher(T.TeacherConfig(epochs=1, **TINY), caption_words(captions))
+    pixels = processor.image_processor(images, return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        ref = model.get_image_features(pixels, return_dict=True).pooler_output
+        queries = T.query_output(model, pixels)
+        assert torch.equal(model.language_projection(queries), ref)
+        embeds = model.vision_model(pixel_values=pixels).last_hidden_state
+        assert torch.equal(T.qformer_output(model, embeds), queries)
+        assert not torch.equal(T.qformer_output(model, embeds.flip(0)), queries)
+        batch = T.encode_captions(processor, captions, 20)
+        with_pixels = T.caption_loss(model, {**batch, "pixel_values": pixels})
+        assert torch.equal(T.caption_loss(model, {**batch, "query_output": queries}), with_pixels)
+
+
+def test_pretrained_encoders_learn_the_labels_and_freeze():
+    torch.manual_seed(0)
+    cfg = T.TeacherConfig(epochs=1, **{**TINY, "image_size": 96, "patch_size": 16, "encoder_images": 256}, encoder_steps=30)
+    model, processor = T.build_teacher(cfg, world_words())
+    before = [p.detach().clone() for p in T.encoder_parameters(model)]
+    stats = T.pretrain_encoders(model, processor, cfg, seed=3, render_size=96)
+    assert not any(p.requires_grad for p in T.encoder_parameters(model))
+    assert all(not torch.equal(a, b) for a, b in zip(before, T.encoder_parameters(model)))  # every part trained
+    assert set(stats["vision"]) == set(stats["qformer"]) >= {"word", "count", "sign_side"}
+    assert stats["vision"]["sign_side"] > 0.7  # two sides: it learnt something in 30 steps
+    assert all(p.requires_grad for p in model.language_projection.parameters())
 
 
 def test_teacher_learns_the_images_and_stops(trained):
@@ -162,19 +194,30 @@ def test_sampled_score_is_the_mean_over_draws_and_the_first_draw_is_returned(mon
     from vlmlab.evaluate.captions import caption_scores
     from vlmlab.synth import scoring
 
-    rows = [{"id": "a", "captions": ["a red circle on the left.", "a red circle."]},
-            {"id": "b", "captions": ["a blue square on the right.", "a blue square."]}]
-    draws = iter([["a red circle.", "a green circle."], ["a blue circle.", "a blue square."],
-                  ["a red circle on the left.", "a red square."]])
-    greedy = ["a red circle.", "a blue square."]
+    rows = [{"id": "a", "captions": ["a red circle on the left. a sign reads taxi.", "a red circle. the sign says taxi."]},
+            {"id": "b", "captions": ["a blue square on the right. a sign reads tea.", "a blue square. tea is on the sign."]}]
+    d = (["a red circle. a sign reads taxi.", "a green circle. a sign reads cake."],
+         ["a blue circle. a sign reads gate.", "a blue square. a sign reads tea."],
+         ["a red circle on the left. a sign reads taxi.", "a red square. a sign reads tea."])
+    draws = iter(d)
+    greedy = ["a red circle. a sign reads taxi.", "a blue square. a sign reads cake."]
     monkeypatch.setattr(scoring, "caption_images",
                         lambda m, p, ims, bs, do_sample: next(draws) if do_sample else greedy)
     refs = {r["id"]: r["captions"] for r in rows}
-    expect = [caption_scores(dict(zip("ab", d)), refs)["cider"] for d in
-              (["a red circle.", "a green circle."], ["a blue circle.", "a blue square."],
-               ["a red circle on the left.", "a red square."])]
+    expect = [caption_scores(dict(zip("ab", x)), refs)["cider"] for x in d]
     assert len(set(expect)) == 3  # the draws score differently, so a mean is distinguishable from any one
     metrics, sampled = scoring.score_teacher(None, None, rows, [None, None], None, 2, samples=3)
     assert metrics["teacher_sampled"]["cider"] == pytest.approx(sum(expect) / 3)
-    assert sampled == {"a": "a red circle.", "b": "a green circle."}
-    assert metrics["teacher_greedy"] == caption_scores(dict(zip("ab", greedy)), refs)
+    assert metrics["teacher_sampled"]["sign_word_acc"] == pytest.approx((0.5 + 0.5 + 1) / 3)
+    assert sampled == dict(zip("ab", d[0]))
+    assert metrics["teacher_greedy"] == {**caption_scores(dict(zip("ab", greedy)), refs), "sign_word_acc": 0.5}
+
+
+def test_sign_word_accuracy_needs_one_sign_word_in_every_reference():
+    from vlmlab.synth import scoring
+
+    refs = {"a": ["a sign reads taxi.", "taxi is written on a sign."], "b": ["a sign reads tea.", "a red circle."]}
+    assert scoring.sign_word_accuracy({"a": "the sign says taxi."}, refs) == 1.0
+    assert scoring.sign_word_accuracy({"a": "the sign says tea."}, refs) == 0.0
+    with pytest.raises(StageError, match="references of b"):
+        scoring.sign_word_accuracy({"b": "a sign reads tea."}, refs)

@@ -204,12 +204,12 @@ def test_local_source_assembles_llm_clip_and_openclip_convnext(tmp_path):
 
 
 def test_column_targets_describe_the_rendered_scenes():
-    images, y = pretrain.labelled_scenes(40, 3, 32)
+    images, y = labels.labelled_scenes(40, 3, 32)
     ref_images, ref = labels.labelled_images(40, 3, 32)
     assert (images == ref_images).all() and (y["word"] == ref["word"]).all()
     present = sum((y[f"shape_{c}"] > 0).astype(int) for c in vocab.POSITIONS)
     assert (present == ref["count"] + 1).all()  # one object per occupied column
-    assert set(y) == set(pretrain.tower_targets())
+    assert set(y) == set(labels.tower_targets())
 
 
 def test_answer_accuracies_with_and_without_the_description(world_tokenizer):

@@ -141,7 +141,7 @@ SECTIONS: dict[str, Check] = {
     }),
     "teacher": record({
         "image_size": POS, "patch_size": POS, "vision_hidden": POS, "vision_layers": POS, "qformer_hidden": POS,
-        "qformer_layers": POS, "num_query_tokens": POS, "hidden": POS, "layers": POS, "heads": POS, "epochs": POS,
+        "qformer_layers": POS, "num_query_tokens": POS, "encoder_images": COUNT, "encoder_steps": POS, "encoder_lr": LR, "hidden": POS, "layers": POS, "heads": POS, "epochs": POS,
         "batch_size": POS, "lr": LR, "max_words": POS, "temperature": number(0, low_open=True), "top_k": POS,
         "threads": POS, "eval_limit": COUNT, "eval_batch_size": POS, "eval_samples": POS, "monitor_interval": SECONDS,
     }),

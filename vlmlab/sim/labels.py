@@ -2,8 +2,8 @@
 
 `scene_labels` gives the sign's word, the object count, the sign's side and the shape/colour/
 size/column of objects[0] (the "main" object captions lead with). Tower pretraining
-(`vlmlab.sim.pretrain.tower_targets`) uses only word, count and sign_side from here: nothing in
-a picture marks objects[0], so zoo adds its own per-column shape/colour/size targets instead.
+(`tower_targets`) uses only word, count and sign_side from those: nothing in a picture marks
+objects[0], so it adds per-column shape/colour/size targets instead.
 """
 from __future__ import annotations
 
@@ -62,3 +62,34 @@ def picture(scene: Scene, size: int, render_size: int) -> np.ndarray:
     """uint8 (size, size, 3): rendered at `render_size`, then resized (bicubic) as a smaller view would be."""
     img = render(scene, render_size)
     return np.asarray(img if size == render_size else img.resize((size, size), Image.BICUBIC))
+
+
+def tower_targets() -> dict[str, int]:
+    """Classes per target of the tiny vision towers (the zoo's, the teacher's): the world's scene labels plus,
+    for each picture column, the shape / colour / size of the object standing there (or "none"). Column
+    targets name every object a caption mentions; `scene_labels` describes only objects[0], which no
+    picture marks as main (its column is random), so its shape/colour cannot be read off the image."""
+    targets = {k: n for k, n in NUM_CLASSES.items() if k in ("word", "count", "sign_side")}
+    for col in POSITIONS:
+        targets.update({f"shape_{col}": len(SHAPES) + 1, f"color_{col}": len(COLORS) + 1, f"size_{col}": len(SIZES) + 1})
+    return targets
+
+
+def labelled_scenes(n: int, seed: int, size: int, render_size: int = 96) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """n scenes as (uint8 (n, size, size, 3), {target: int64 (n,)}), targets as `tower_targets`.
+
+    The same scenes and pixels as `labelled_images(n, seed, size, render_size)` (same RNG stream, same
+    rendering), with the column targets added."""
+    images = np.empty((n, size, size, 3), dtype=np.uint8)
+    out = {k: np.zeros(n, dtype=np.int64) for k in tower_targets()}  # 0 = "none" for the column targets
+    for i, scene in enumerate(label_stream_scenes(n, seed)):
+        images[i] = picture(scene, size, render_size)
+        base = scene_labels(scene)
+        for k in ("word", "count", "sign_side"):
+            out[k][i] = base[k]
+        for obj in scene.objects:
+            col = obj.position
+            out[f"shape_{col}"][i] = 1 + SHAPES.index(obj.shape)
+            out[f"color_{col}"][i] = 1 + COLORS.index(obj.color)
+            out[f"size_{col}"][i] = 1 + SIZES.index(obj.size)
+    return images, out

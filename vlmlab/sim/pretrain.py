@@ -28,7 +28,8 @@ from vlmlab.models import presets
 from vlmlab.models.local import param_counts
 from vlmlab.models.mgm import MgmConfig, MgmForConditionalGeneration, aten_gelu
 from vlmlab.models.processor import MgmProcessor, clip_normalise, low_res_view
-from vlmlab.sim import labels, text, vocab, world
+from vlmlab.sim import text, world
+from vlmlab.sim.labels import labelled_scenes, tower_targets
 from vlmlab.sim import loop as sim_loop
 from vlmlab.sim.lm_tokenizer import train_world_tokenizer
 
@@ -228,40 +229,6 @@ def pretrain_tower(tower_config, mgm: MgmConfig, num_classes: dict[str, int], tr
         # chance = always answering the most frequent training class
         metrics[f"chance_{k}"] = round(float((y == np.bincount(train[1][k], minlength=n).argmax()).mean()), 4)
     return clf.tower, metrics
-
-
-# -- targets -------------------------------------------------------------------------------
-def tower_targets() -> dict[str, int]:
-    """Classes per target: the world's scene labels plus, for each picture column, the shape /
-    colour / size of the object standing there (or "none"). Column targets name every object a
-    caption mentions; `labels.scene_labels` describes only objects[0], which no picture marks as
-    main (its column is random), so its shape/colour cannot be read off the image."""
-    targets = {k: n for k, n in labels.NUM_CLASSES.items() if k in ("word", "count", "sign_side")}
-    for col in vocab.POSITIONS:
-        targets.update({f"shape_{col}": len(vocab.SHAPES) + 1, f"color_{col}": len(vocab.COLORS) + 1,
-                        f"size_{col}": len(vocab.SIZES) + 1})
-    return targets
-
-
-def labelled_scenes(n: int, seed: int, size: int, render_size: int = 96) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """n scenes as (uint8 (n, size, size, 3), {target: int64 (n,)}), targets as `tower_targets`.
-
-    The same scenes and pixels as `labels.labelled_images(n, seed, size, render_size)` (same RNG
-    stream, same rendering), with the column targets added."""
-    names = tower_targets()
-    images = np.empty((n, size, size, 3), dtype=np.uint8)
-    out = {k: np.zeros(n, dtype=np.int64) for k in names}  # 0 = "none" for the column targets
-    for i, scene in enumerate(labels.label_stream_scenes(n, seed)):
-        images[i] = labels.picture(scene, size, render_size)
-        base = labels.scene_labels(scene)
-        for k in ("word", "count", "sign_side"):
-            out[k][i] = base[k]
-        for obj in scene.objects:
-            col = obj.position
-            out[f"shape_{col}"][i] = 1 + vocab.SHAPES.index(obj.shape)
-            out[f"color_{col}"][i] = 1 + vocab.COLORS.index(obj.color)
-            out[f"size_{col}"][i] = 1 + vocab.SIZES.index(obj.size)
-    return images, out
 
 
 # -- assembly ------------------------------------------------------------------------------
