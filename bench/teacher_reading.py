@@ -8,7 +8,9 @@ rendered them from), so each one's sign word is known; a caption reads the sign 
 - `trainable_vit` / `frozen_vit`: the teacher recipe of params.yaml retrained here, its vision tower first
   pretrained to classify the sign's word of labelled scenes (the zoo's label stream, at the teacher's
   image size), then trained on with the rest, or frozen as BLIP-2 freezes its ViT-g.
-`bench/results/teacher_reading.json` holds one run's figures.
+`bench/results/teacher_reading.json` holds one run's figures, from before the teacher stage adopted what
+they pointed to: `teacher.pretrain_encoders` pretrains the ViT and then the Q-Former on all scene labels and
+freezes both, and `metrics/teacher.json` reports `sign_word_acc` itself.
 """
 from __future__ import annotations
 

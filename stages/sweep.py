@@ -61,6 +61,18 @@ def queue_dose(sizes: str = "300,1000", accurate: int = 4000, seeds: str = "", j
     _start(jobs)
 
 
+def _shown(exp_json: str, where: list[str]) -> list:
+    """`dvc exp show --json` output: read from `exp_json`, or run with `where` (--rev / --all-commits)."""
+    if exp_json:
+        text = Path(exp_json).read_text(encoding="utf-8")
+    else:
+        text = subprocess.run(["dvc", "exp", "show", "--json", *where], check=True, capture_output=True, text=True).stdout
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise io.fail(f"{exp_json or 'dvc exp show --json'}: not JSON ({e.msg})") from None
+
+
 def _start(jobs: int) -> None:
     subprocess.run(["dvc", "queue", "start", "-j", str(jobs)], check=True)
     print("queued; `dvc queue status` until done, then `python stages/sweep.py report`")
@@ -93,21 +105,15 @@ def _predictions(model: str):
 
 
 def report(exp_json: str = "", report: str = "reports/sweep.md", plot: str = "plots/sweep.png",
-           include_workspace: bool = False, rev: str = "", only: str = "", paired: bool = True):
+           include_workspace: bool = False, rev: str = "", only: str = "", paired: bool = True, dose_rev: str = ""):
     """reports/sweep.md and its plot from `dvc exp show --json` (run here, or read from `exp_json`).
     `rev`: the commit the experiments were queued from, once later commits moved HEAD on (`dvc exp show --rev`).
     `only`: just the experiments whose names start with this, from every commit (a recipe not committed yet,
     queued under its own names: no commit row, no other experiment). `paired`: the dose steps as paired
-    differences on the runs' per-item predictions (read from DVC's cache; evaluate's bootstrap params)."""
-    if exp_json:
-        text = Path(exp_json).read_text(encoding="utf-8")
-    else:
-        where = ["--all-commits"] if only else ["--rev", str(rev)] if rev else []
-        text = subprocess.run(["dvc", "exp", "show", "--json", *where], check=True, capture_output=True, text=True).stdout
-    try:
-        shown = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise io.fail(f"{exp_json or 'dvc exp show --json'}: not JSON ({e.msg})") from None
+    differences on the runs' per-item predictions (read from DVC's cache; evaluate's bootstrap params).
+    `dose_rev`: the dose side study queued from that commit, where this one's change leaves its runs alone
+    (checked: this commit's own baseline runs must score exactly as that commit's, seed by seed)."""
+    shown = _shown(exp_json, ["--all-commits"] if only else ["--rev", str(rev)] if rev else [])
     if only:
         shown = sweep.only(shown, str(only))
     data = sweep.read(shown, include_workspace)
@@ -115,6 +121,8 @@ def report(exp_json: str = "", report: str = "reports/sweep.md", plot: str = "pl
     drawn = sweep.draw(plot, data, metrics)
     figure = os.path.relpath(plot, Path(report).parent) if drawn else None
     doses = sweep.dose(shown)
+    if dose_rev:
+        doses = sweep.dose_of_another_commit(sweep.dose(_shown("", ["--rev", str(dose_rev)])), doses)
     steps = []
     if doses and paired:
         ev = io.load_params()["evaluate"]

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from vlmlab.evaluate import sweep
+from vlmlab.io import StageError
 
 DATA = Path(__file__).parent / "data"
 
@@ -134,6 +135,28 @@ def test_dose_over_seeds_pairs_each_seed_with_its_reference():
     assert "| `dose-4000-accurate-seed1` | 4000 | 0.0 | 0.7000 (1 seed) ↑1/↓0 of 1 |" in md
     assert "| `dose-300-seed0`, `dose-300-seed1` | 300 | 0.35 | -0.0400 ± 0.0849, reads 0/2 |" in md
     assert "| `main`, `bold-seed` | 4000 | 0.35 | 0.0500 ± 0.0707, reads 1/2 |" in md
+
+
+def test_dose_of_another_commit_only_where_this_commits_runs_score_the_same():
+    def params(seed=0, raw_size=4000, teacher=1):
+        return {"seed": seed, "world": {"raw_size": raw_size, "noise_rate": 0.35}, "teacher": {"v": teacher}}
+
+    def commit(name, teacher, runs):
+        c = _state(name, params(teacher=teacher), {"metrics/eval/baseline.json": _eval(0.40, 0.05)})
+        c["experiments"] = [{"revs": [_state(n, params(teacher=teacher, **kw), {"metrics/eval/baseline.json": ev})
+                                      for n, kw, ev in runs], "executor": None}]
+        return [c]
+
+    old = sweep.dose(commit("old", 1, [("dose-300", {"raw_size": 300}, _eval(0.20, 0.05)),
+                                       ("old-seed1", {"seed": 1}, _eval(0.45, 0.05))]))
+    same = sweep.dose(commit("new", 2, [("new-seed1", {"seed": 1}, _eval(0.45, 0.05))]))
+    assert sweep.dose_of_another_commit(old, same) is old
+    moved = sweep.dose(commit("new", 2, [("new-seed1", {"seed": 1}, _eval(0.46, 0.05))]))
+    with pytest.raises(StageError, match="`new-seed1` cider 0.46 != `old-seed1` 0.45 there"):
+        sweep.dose_of_another_commit(old, moved)
+    more = sweep.dose(commit("new", 2, [("new-seed2", {"seed": 2}, _eval(0.45, 0.05))]))
+    with pytest.raises(StageError, match="seed 2 there"):
+        sweep.dose_of_another_commit(old, more)
 
 
 def test_only_keeps_one_recipes_experiments_from_every_commit():

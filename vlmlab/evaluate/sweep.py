@@ -270,6 +270,32 @@ def dose(shown: list[dict], model: str = "baseline") -> list[dict]:
             for (size, noise), by_seed in sorted(runs.items(), key=lambda kv: (kv[0][0], -kv[0][1]))]
 
 
+def dose_of_another_commit(doses: list[dict], here: list[dict]) -> list[dict]:
+    """`doses`, another commit's dose side study (`dose` of its experiments), for this commit's report.
+
+    Sound only where this commit's change leaves the dose model's runs alone (a new teacher recipe: the
+    `baseline` trains on raw captions only): then each of this commit's own runs, `here` (`dose` of its
+    states), scores exactly as the other commit's run of its stage-1 set and seed, on every headline
+    metric and interval. Anything else fails: the dose study must be queued again."""
+    rows = {(r["captions"], r["noise_rate"]): r for r in doses}
+    checked = 0
+    for row in here:
+        for seed, run in row["seeds"].items():
+            other = rows.get((row["captions"], row["noise_rate"]), {}).get("seeds", {}).get(seed)
+            if other is None:
+                raise io.fail(f"dose of another commit: no run of {row['captions']} captions "
+                              f"(noise {row['noise_rate']}), seed {seed} there to check `{run['name']}` against")
+            for key in (f"{m}{end}" for m in items.HEADLINE for end in ("", "_ci_low", "_ci_high")):
+                if run["metrics"].get(key) != other["metrics"].get(key):
+                    raise io.fail(f"dose of another commit: `{run['name']}` {key} {run['metrics'].get(key)} != "
+                                  f"`{other['name']}` {other['metrics'].get(key)} there: this commit changed its runs; "
+                                  "queue the dose study again")
+            checked += 1
+    if not checked:
+        raise io.fail("dose of another commit: this commit has no run of the dose model to check it against")
+    return doses
+
+
 def dose_steps(doses: list[dict], statistics, metrics: list[str], samples: int, seed: int, level: float) -> list[dict]:
     """Each dose row against its reference (`_reference`) as paired differences on the same eval items:
     `statistics(rev)` gives a run's per-item statistics (items.load_statistics of its predictions). Per seed
@@ -338,9 +364,11 @@ def render_side_studies(teacher: list[dict], doses: list[dict], metrics: list[st
                 f"The tiny BLIP-2 teacher's held-out CIDEr-D (200 images x 5 references) per `seed` (world and "
                 f"teacher params of the committed study): worst {_num(worst)}, best {_num(best)}, worst/best "
                 f"{worst / best:.3f}.", "",
-                "| seed | experiment | CIDEr-D sampled | BLEU-4 sampled | CIDEr-D greedy |", "|---|---|---|---|---|"]
+                "| seed | experiment | CIDEr-D sampled | BLEU-4 sampled | CIDEr-D greedy | sign's word named, sampled / greedy |",
+                "|---|---|---|---|---|---|"]
         out += [f"| {r['seed']} | `{r['name']}` | {_num(r['sampled_cider'])} | {_num(r['sampled_bleu_4'])} | "
-                f"{_num(r.get('greedy_cider', math.nan))} |" for r in teacher]
+                f"{_num(r.get('greedy_cider', math.nan))} | {_num(r.get('sampled_sign_word_acc', math.nan))} / "
+                f"{_num(r.get('greedy_sign_word_acc', math.nan))} |" for r in teacher]
         out += [""]
     if doses:
         out += _render_dose(doses, metrics, model)
