@@ -123,12 +123,14 @@ def report(exp_json: str = "", report: str = "reports/sweep.md", plot: str = "pl
     doses = sweep.dose(shown)
     if dose_rev:
         doses = sweep.dose_of_another_commit(sweep.dose(_shown("", ["--rev", str(dose_rev)])), doses)
-    steps = []
+    steps, spans = [], []
     if doses and paired:
         ev = io.load_params()["evaluate"]
-        steps = sweep.dose_steps(doses, _predictions("baseline"), metrics, int(ev["bootstrap_samples"]),
-                                 int(ev["bootstrap_seed"]), float(ev["ci_level"]))
-    side = sweep.render_side_studies(sweep.teacher_seeds(shown), doses, metrics, steps=steps)
+        predictions = _predictions("baseline")
+        boot = (int(ev["bootstrap_samples"]), int(ev["bootstrap_seed"]), float(ev["ci_level"]))
+        steps = sweep.dose_steps(doses, predictions, metrics, *boot)
+        spans = sweep.dose_steps(doses, predictions, metrics, *boot, reference=sweep.from_smallest)
+    side = sweep.render_side_studies(sweep.teacher_seeds(shown), doses, metrics, steps=steps, spans=spans)
     io.write_text(report, sweep.render(data, metrics, figure) + ("\n" + side if side else ""))
     seeds = [[r.seed for r in g] for g in sweep.groups(data)]
     print(f"sweep: {len(data.replicates)} replicates, seeds {seeds}, {len(data.skipped)} not used -> {report}")

@@ -217,3 +217,10 @@ def test_dose_steps_pair_each_seed_and_pool_the_seeds():
     md = sweep.render_side_studies([], doses, ["textvqa_acc"], steps=steps)
     assert "| 300 @ 0.35 → 1000 @ 0.35 | **+0.1667 [" in md and "↑2/↓0 of 2 |" in md
     assert "| 1000 @ 0.35 → 4000 @ 0.35 | +0.0000 [+0.0000, +0.0000] ↑0/↓0 of 2 |" in md
+    # over two steps: 4000 against 300 only (1000's smallest set is its adjacent step, already above)
+    spans = sweep.dose_steps(doses, statistics, ["textvqa_acc"], samples=500, seed=0, level=0.95,
+                             reference=sweep.from_smallest)
+    assert [(s["reference"]["captions"], s["row"]["captions"]) for s in spans] == [(300, 4000)]
+    assert spans[0]["metrics"]["textvqa_acc"]["value"] == pytest.approx(up["value"])
+    md = sweep.render_side_studies([], doses, ["textvqa_acc"], steps=steps, spans=spans)
+    assert "From the smallest set" in md and "| 300 @ 0.35 → 4000 @ 0.35 | **+0.1667 [" in md

@@ -296,8 +296,10 @@ def dose_of_another_commit(doses: list[dict], here: list[dict]) -> list[dict]:
     return doses
 
 
-def dose_steps(doses: list[dict], statistics, metrics: list[str], samples: int, seed: int, level: float) -> list[dict]:
-    """Each dose row against its reference (`_reference`) as paired differences on the same eval items:
+def dose_steps(doses: list[dict], statistics, metrics: list[str], samples: int, seed: int, level: float,
+               reference=None) -> list[dict]:
+    """Each dose row against its reference (`reference(doses, i)`, default `_reference`: the adjacent step;
+    `from_smallest`: the smallest set of its noise) as paired differences on the same eval items:
     `statistics(rev)` gives a run's per-item statistics (items.load_statistics of its predictions). Per seed
     the row's and the reference's metric are resampled with the same counts (their eval sets are the same
     world's); over seeds, the mean of the per-seed differences, each seed's items resampled on their own
@@ -305,7 +307,7 @@ def dose_steps(doses: list[dict], statistics, metrics: list[str], samples: int, 
     {"row", "reference", "metrics": {metric: {"value", "ci_low", "ci_high", "seeds": [(seed, Interval)]}}}."""
     out = []
     for i, row in enumerate(doses):
-        ref = _reference(doses, i)
+        ref = (reference or _reference)(doses, i)
         shared = [s for s in row["seeds"] if ref and s in ref["seeds"]]
         if not shared:
             continue
@@ -356,7 +358,7 @@ def _beyond(a: dict, b: dict, metric: str) -> str:
 
 
 def render_side_studies(teacher: list[dict], doses: list[dict], metrics: list[str], model: str = "baseline",
-                        steps: list[dict] | None = None) -> str:
+                        steps: list[dict] | None = None, spans: list[dict] | None = None) -> str:
     out = []
     if teacher:
         best, worst = max(r["sampled_cider"] for r in teacher), min(r["sampled_cider"] for r in teacher)
@@ -374,6 +376,9 @@ def render_side_studies(teacher: list[dict], doses: list[dict], metrics: list[st
         out += _render_dose(doses, metrics, model)
     if steps:
         out += _render_steps(steps, metrics)
+    if spans:
+        out += ["From the smallest set of each noise level over more than one step (`from_smallest`), the same way:", ""]
+        out += _render_steps(spans, metrics)[2:]
     return "\n".join(out)
 
 
@@ -438,6 +443,15 @@ def _reference(doses: list[dict], i: int) -> dict | None:
         return max(noisier, key=lambda d: d["noise_rate"])
     smaller = [d for d in doses[:i] if d["noise_rate"] == r["noise_rate"] and d["captions"] < r["captions"]]
     return smaller[-1] if smaller else None
+
+
+def from_smallest(doses: list[dict], i: int) -> dict | None:
+    """Row i against the smallest set of its noise where that is not already its adjacent step (`_reference`):
+    whether amount moves the metric over more than one step, where one step is too small to resolve."""
+    r = doses[i]
+    smaller = [d for d in doses if d["noise_rate"] == r["noise_rate"] and d["captions"] < r["captions"]]
+    first = min(smaller, key=lambda d: d["captions"]) if smaller else None
+    return first if first is not None and first is not _reference(doses, i) else None
 
 
 def _names(row: dict) -> str:
