@@ -26,6 +26,7 @@ from vlmlab.params import load as load_params
 from vlmlab.seeding import seed_everything
 from vlmlab.sim import teacher, world
 from vlmlab.sim.text import world_words
+from vlmlab.sim.vocab import SIGN_WORDS
 from vlmlab.synth import captioner as captioners
 from vlmlab.synth import scoring
 
@@ -63,7 +64,7 @@ def main(curated: str = "data/world/curated", eval: str = "data/world/eval/capti
             raw = world.web_captions(rows, p["seed"], p["world"]["noise_rate"])
             seed_everything(seed)
             scores, _ = scoring.score_teacher(model, processor, rows, eval_images, raw, tp["eval_batch_size"],
-                                               tp["eval_samples"])
+                                               tp["eval_samples"], SIGN_WORDS)
             gain = scores["teacher_sampled"]["cider"] - scores["raw_captions"]["cider"]
             result = {"external": 0, "params_m": sum(x.numel() for x in model.parameters()) / 1e6,
                       "encoders": encoders, "train": {k: v for k, v in stats.items() if k != "losses"},

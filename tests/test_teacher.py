@@ -13,6 +13,7 @@ from vlmlab.sim import teacher as T
 from vlmlab.synth import captioner as C
 from vlmlab.sim.teacher_tokenizer import IMAGE_TOKEN_ID, LM_VOCAB_SIZE, build_tokenizer, caption_words
 from vlmlab.sim.text import world_words
+from vlmlab.sim.vocab import SIGN_WORDS
 
 COLORS = {"red": (220, 30, 30), "green": (30, 160, 60), "blue": (40, 70, 220)}
 SHAPES = ("circle", "square")
@@ -206,7 +207,7 @@ def test_sampled_score_is_the_mean_over_draws_and_the_first_draw_is_returned(mon
     refs = {r["id"]: r["captions"] for r in rows}
     expect = [caption_scores(dict(zip("ab", x)), refs)["cider"] for x in d]
     assert len(set(expect)) == 3  # the draws score differently, so a mean is distinguishable from any one
-    metrics, sampled = scoring.score_teacher(None, None, rows, [None, None], None, 2, samples=3)
+    metrics, sampled = scoring.score_teacher(None, None, rows, [None, None], None, 2, samples=3, sign_words=SIGN_WORDS)
     assert metrics["teacher_sampled"]["cider"] == pytest.approx(sum(expect) / 3)
     assert metrics["teacher_sampled"]["sign_word_acc"] == pytest.approx((0.5 + 0.5 + 1) / 3)
     assert sampled == dict(zip("ab", d[0]))
@@ -217,7 +218,7 @@ def test_sign_word_accuracy_needs_one_sign_word_in_every_reference():
     from vlmlab.synth import scoring
 
     refs = {"a": ["a sign reads taxi.", "taxi is written on a sign."], "b": ["a sign reads tea.", "a red circle."]}
-    assert scoring.sign_word_accuracy({"a": "the sign says taxi."}, refs) == 1.0
-    assert scoring.sign_word_accuracy({"a": "the sign says tea."}, refs) == 0.0
+    assert scoring.sign_word_accuracy({"a": "the sign says taxi."}, refs, SIGN_WORDS) == 1.0
+    assert scoring.sign_word_accuracy({"a": "the sign says tea."}, refs, SIGN_WORDS) == 0.0
     with pytest.raises(StageError, match="references of b"):
-        scoring.sign_word_accuracy({"b": "a sign reads tea."}, refs)
+        scoring.sign_word_accuracy({"b": "a sign reads tea."}, refs, SIGN_WORDS)
