@@ -130,7 +130,8 @@ def report(exp_json: str = "", report: str = "reports/sweep.md", plot: str = "pl
         boot = (int(ev["bootstrap_samples"]), int(ev["bootstrap_seed"]), float(ev["ci_level"]))
         steps = sweep.dose_steps(doses, predictions, metrics, *boot)
         spans = sweep.dose_steps(doses, predictions, metrics, *boot, reference=sweep.from_smallest)
-    side = sweep.render_side_studies(sweep.teacher_seeds(shown), doses, metrics, steps=steps, spans=spans)
+    side = sweep.render_side_studies(sweep.teacher_seeds(shown), doses, metrics, steps=steps, spans=spans,
+                                     dose_rev=str(dose_rev))
     io.write_text(report, sweep.render(data, metrics, figure) + ("\n" + side if side else ""))
     seeds = [[r.seed for r in g] for g in sweep.groups(data)]
     print(f"sweep: {len(data.replicates)} replicates, seeds {seeds}, {len(data.skipped)} not used -> {report}")

@@ -151,6 +151,7 @@ def test_dose_of_another_commit_only_where_this_commits_runs_score_the_same():
                                        ("old-seed1", {"seed": 1}, _eval(0.45, 0.05))]))
     same = sweep.dose(commit("new", 2, [("new-seed1", {"seed": 1}, _eval(0.45, 0.05))]))
     assert sweep.dose_of_another_commit(old, same) is old
+    assert "queued from commit `abc1234`" in sweep.render_side_studies([], old, ["cider"], dose_rev="abc1234")
     moved = sweep.dose(commit("new", 2, [("new-seed1", {"seed": 1}, _eval(0.46, 0.05))]))
     with pytest.raises(StageError, match="`new-seed1` cider 0.46 != `old-seed1` 0.45 there"):
         sweep.dose_of_another_commit(old, moved)

@@ -358,7 +358,7 @@ def _beyond(a: dict, b: dict, metric: str) -> str:
 
 
 def render_side_studies(teacher: list[dict], doses: list[dict], metrics: list[str], model: str = "baseline",
-                        steps: list[dict] | None = None, spans: list[dict] | None = None) -> str:
+                        steps: list[dict] | None = None, spans: list[dict] | None = None, dose_rev: str = "") -> str:
     out = []
     if teacher:
         best, worst = max(r["sampled_cider"] for r in teacher), min(r["sampled_cider"] for r in teacher)
@@ -373,7 +373,7 @@ def render_side_studies(teacher: list[dict], doses: list[dict], metrics: list[st
                 f"{_num(r.get('greedy_sign_word_acc', math.nan))} |" for r in teacher]
         out += [""]
     if doses:
-        out += _render_dose(doses, metrics, model)
+        out += _render_dose(doses, metrics, model, dose_rev)
     if steps:
         out += _render_steps(steps, metrics)
     if spans:
@@ -405,9 +405,13 @@ def _render_steps(steps: list[dict], metrics: list[str]) -> list[str]:
     return out + [""]
 
 
-def _render_dose(doses: list[dict], metrics: list[str], model: str) -> list[str]:
+def _render_dose(doses: list[dict], metrics: list[str], model: str, dose_rev: str = "") -> list[str]:
     many = any(len(r["seeds"]) > 1 for r in doses)
-    out = ["## Stage-1 data dose-response", "",
+    source = [] if not dose_rev else [
+        f"These experiments were queued from commit `{dose_rev}`. On every seed this commit's own `{model}` run "
+        "scores exactly as that commit's (every headline metric and interval; `dose_of_another_commit` checks it), "
+        "so this commit's change does not touch them.", ""]
+    out = ["## Stage-1 data dose-response", "", *source,
            f"`{model}` (stage 1 on the raw seed captions, stage 2 full) with another stage-1 caption set: "
            "`world.raw_size` captions, `world.noise_rate` of them wrong or off-topic (0: all accurate). " +
            "Each row against its reference: the noisier set of its size (quality), else the last smaller set "
