@@ -156,7 +156,8 @@ def pretrain_encoders(model, processor, cfg: TeacherConfig, seed: int, render_si
     ViT). The tiny teacher does the same on the scene labels the zoo's towers learn from (word, count,
     sign side, each column's shape / colour / size): first the vision tower through all its output tokens,
     then, with the tower frozen, the Q-Former through its query outputs. Its caption training then moves
-    only the projection and OPT. Measured (issue #10, greedy captions of the 200 caption-eval scenes): with
+    only the projection and OPT. Measured in throwaway runs not kept in bench/ (issue #10, one seed each unless
+    said; greedy captions of the 200 caption-eval scenes; the stage's own figures: metrics/teacher.json): with
     everything trained on captions the teacher names the sign's true word at chance (0.04); with a
     pretrained frozen tower and a Q-Former trained on captions, 0.03-0.09 (two seeds): caption training
     never made the Q-Former carry the word (a linear probe on its output: 0.34-0.53), and one pretrained on
