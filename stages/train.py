@@ -1,12 +1,13 @@
-"""Stage `train@<run>`: the MGM two-stage recipe for one entry of `runs:` in params.yaml.
+"""Stage `train@<run>`: MGM's stage 2 for one entry of `runs:` in params.yaml.
 
-    python stages/train.py --name baseline --base models/zoo --captions data/raw/llava.json \
+    python stages/train.py --name baseline --base models/zoo --pretrained models/pretrain/raw \
         --instruct data/world/instruct/llava.json --out models/runs/baseline \
         --metrics metrics/train/baseline.json --plots plots/train/baseline \
         --memory plots/monitor/train_baseline --work work/train/baseline
 
-stage 1: connector on the run's captions; stage 2: the run's strategy (full | lora) on the
-instruction set. Re-run after an interruption, it resumes from the last checkpoint in --work.
+The base model with the connector stage 1 trained on the run's captions (`pretrain@<data>`), then
+the run's strategy (full | lora) on the instruction set; its curves continue stage 1's. Re-run
+after an interruption, it resumes from the last checkpoint in --work.
 Launch with `deepspeed --num_gpus N` or `torchrun` instead of `python` (params train.launcher).
 """
 import sys
@@ -39,7 +40,7 @@ from vlmlab.train import recipe, strategies  # noqa: E402
 SEED_OFFSET = 400  # this stage's share of the master seed
 
 
-def main(name: str, base: str = "models/zoo", captions: str = "data/raw/llava.json",
+def main(name: str, base: str = "models/zoo", pretrained: str = "models/pretrain/raw",
          instruct: str = "data/world/instruct/llava.json", out: str = "", metrics: str = "", plots: str = "",
          memory: str = "", work: str = "", params: str = "params.yaml", local_rank: int = -1) -> None:
     # local_rank: passed by the `deepspeed` launcher; the Trainer reads LOCAL_RANK from the environment.
@@ -59,14 +60,13 @@ def main(name: str, base: str = "models/zoo", captions: str = "data/raw/llava.js
     mon = Monitor(memory or f"plots/monitor/train_{run}", p["train"]["monitor_interval"])
     with mon if main_process else contextlib.nullcontext():
         model, processor = recipe.load_base(base, cfg.attn_implementation)
-        data = [ConversationDataset(path, processor, max_length=cfg.max_length, desc=f"encode {path}")
-                for path in (captions, instruct)]
-        inputs = (Path(captions).parent, Path(instruct).parent, base)  # json + images, base model
-        recipe.prepare_work_dir(work, recipe.fingerprint(cfg, *inputs))
+        stage1 = recipe.load_stage1(model, Path(pretrained))
+        data = ConversationDataset(instruct, processor, max_length=cfg.max_length, desc=f"encode {instruct}")
+        recipe.prepare_work_dir(work, recipe.fingerprint(cfg, pretrained, Path(instruct).parent, base))
         # the curves are redrawn from the checkpoints' history (DVC deletes plots/ before a re-run): no dvclive resume
         live = Live(str(plots), dvcyaml=None, save_dvc_exp=False) if main_process else None
-        model, trainer, figures = recipe.two_stage(model, *data, recipe.make_collator(processor.tokenizer.pad_token_id, cfg),
-                                                   cfg, work, live=live, base_path=base)
+        model, trainer, figures = recipe.stage_two(model, data, recipe.make_collator(processor.tokenizer.pad_token_id, cfg),
+                                                   cfg, work, stage1, live=live, base_path=base)
         recipe.save_trained(model, trainer, out, processor)  # a LoRA adapter names `base` (set by two_stage)
         if live is not None:
             live.end()
@@ -75,11 +75,10 @@ def main(name: str, base: str = "models/zoo", captions: str = "data/raw/llava.js
     if not main_process:
         return
     trainable = strategies.trainable_counts(model)
-    rejects = {f"{name}_{reason}": n for name, d in zip(("captions", "instruct"), data)
-               for reason, n in d.reject_counts().items()}
+    # stage 1's rejects are in pretrain@<data>'s folder and metrics
+    rejects = {f"instruct_{reason}": n for reason, n in data.reject_counts().items()}
     # per-sample rejects (missing image, no answer tokens, too long) travel with the model they concern
-    io.write_jsonl(Path(out) / "rejects.jsonl", [dict(r, file=str(path)) for path, d in zip((captions, instruct), data)
-                                                  for r in d.rejects])
+    io.write_jsonl(Path(out) / "rejects.jsonl", [dict(r, file=str(instruct)) for r in data.rejects])
     io.write_metrics(metrics, recipe.run_metrics(figures, trainable, {**rejects, "total": sum(rejects.values())},
                                                  mon.peaks))
     shutil.rmtree(work)  # finished: the checkpoints were only for resuming

@@ -292,11 +292,11 @@ def load_stage(name: str):
     return module
 
 
-def test_train_and_merge_stages_end_to_end(world, base, tmp_path):
-    """stages/train.py (lora) then stages/merge.py, as dvc runs them, on a params file of tiny sizes."""
+def test_pretrain_train_and_merge_stages_end_to_end(world, base, tmp_path):
+    """stages/pretrain.py, stages/train.py (lora) then stages/merge.py, as dvc runs them, on a params file of tiny sizes."""
     import yaml
 
-    train_stage, merge_stage = load_stage("train"), load_stage("merge")
+    pretrain_stage, train_stage, merge_stage = load_stage("pretrain"), load_stage("train"), load_stage("merge")
 
     params = yaml.safe_load(open("params.yaml"))
     params["train"].update(stage1_global_batch=32, stage1_micro_batch=32, stage2_global_batch=16,
@@ -306,7 +306,17 @@ def test_train_and_merge_stages_end_to_end(world, base, tmp_path):
     params["merge"].update(samples=4, batch_size=2, runs=["tiny_lora"])
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     out = tmp_path / "out"
-    train_stage.main("tiny_lora", base=str(base), captions=str(world / "raw/llava.json"),
+    pretrain_stage.main("raw", base=str(base), captions=str(world / "raw/llava.json"), out=str(out / "pretrain/raw"),
+                        metrics=str(out / "pretrain.json"), plots=str(out / "plots_pretrain"),
+                        memory=str(out / "mon/pretrain"), work=str(out / "work_pretrain"), params=str(tmp_path / "params.yaml"))
+    pre = json.loads((out / "pretrain.json").read_text())
+    assert pre["stage1"]["steps"] == 2 and pre["rejects"]["total"] == 0 and pre["stage1"]["wall_s"] > 0
+    saved = json.loads((out / "pretrain/raw/figures.json").read_text())  # a DVC output: no time or rate in it
+    assert saved["figures"]["steps"] == 2 and "wall_s" not in saved["figures"] and len(saved["rows"]) == 2
+    assert all("step_s" not in r and "loss" in r for r in saved["rows"])
+    assert {p.name for p in (out / "pretrain/raw").iterdir()} == {"connector.safetensors", "figures.json", "rejects.jsonl"}
+    assert not (out / "work_pretrain").exists()
+    train_stage.main("tiny_lora", base=str(base), pretrained=str(out / "pretrain/raw"),
                      instruct=str(world / "world/instruct/llava.json"), out=str(out / "runs/tiny_lora"),
                      metrics=str(out / "metrics.json"), plots=str(out / "plots"), memory=str(out / "mon/train"),
                      work=str(out / "work"), params=str(tmp_path / "params.yaml"))

@@ -3,6 +3,10 @@
 stage 1 (pretrain): connector only (projector + patch-info mining) on caption data;
 stage 2 (instruction tuning): the run's strategy (`full` or `lora`) on conversations.
 
+As in MGM's scripts, stage 1 runs once per caption set (stage `pretrain@<data>`, `stage_one`) and
+every run on that set starts stage 2 from its connector (stage `train@<run>`, `stage_two`):
+it depends on the data alone, not on the run's strategy. `two_stage` does both in one process.
+
 Each stage is one `Trainer.train()` writing checkpoints to its own folder under the run's
 work dir, so an interrupted run re-run with the same config resumes from the last one: a
 finished stage 1 is kept (as its connector weights) and skipped, stage 2 resumes from
@@ -26,7 +30,7 @@ from vlmlab.models.load import load_model, on_gpu, training_dtype
 from vlmlab.seeding import seed_everything
 from vlmlab.train import fast, strategies
 from vlmlab.train.fast import Levers
-from vlmlab.train.live import LiveCallback, curve_row
+from vlmlab.train.live import RATES, LiveCallback, curve_row
 from vlmlab.train.strategies import LoraParams
 
 
@@ -49,8 +53,8 @@ STAGE_KEYS = ("epochs", "lr", "global_batch", "micro_batch", "warmup_ratio", "sc
 class TrainConfig:
     """A run's training config: params.yaml `train:` + one entry of `runs:` (see from_params); no defaults here."""
     stage1: StageConfig
-    stage2: StageConfig
-    strategy: str                   # stage 2: full | lora
+    stage2: StageConfig | None      # None: stage 1 only (the pretrain stage, shared by every run on its data)
+    strategy: str | None            # stage 2: full | lora
     lora: LoraParams | None         # lora runs only
     gradient_checkpointing: bool    # trade compute for activation memory (large models on GPU)
     attn_implementation: str        # sdpa | eager | flash_attention_2 (where flash-attn is installed)
@@ -63,24 +67,28 @@ class TrainConfig:
     seed: int
 
     def __post_init__(self):
-        strategies.check_strategy(self.strategy)
+        if self.stage2 is not None:
+            strategies.check_strategy(self.strategy)
         for name, sc in (("stage1", self.stage1), ("stage2", self.stage2)):
-            if sc.global_batch <= 0 or sc.micro_batch <= 0 or sc.epochs <= 0 or sc.lr <= 0:
+            if sc is not None and (sc.global_batch <= 0 or sc.micro_batch <= 0 or sc.epochs <= 0 or sc.lr <= 0):
                 raise io.fail(f"train.{name}: batch sizes, epochs and lr must be > 0 (got {asdict(sc)}) in params.yaml")
 
     @classmethod
-    def from_params(cls, train: dict, run: dict, seed: int, name: str = "run") -> "TrainConfig":
-        """params.yaml `train:` section + the entry `runs.<name>` -> config (one clear line on a bad key)."""
+    def from_params(cls, train: dict, run: dict | None, seed: int, name: str = "run") -> "TrainConfig":
+        """params.yaml `train:` section + the entry `runs.<name>` -> config (one clear line on a bad key).
+        run=None: stage 1 alone, which no run's own knobs touch (the pretrain stage)."""
         from vlmlab import params
 
-        train, run = params.check_section("train", train), params.check_run(name, run)
+        train = params.check_section("train", train)
         stage1 = StageConfig(**{k: train[f"stage1_{k}"] for k in STAGE_KEYS})
-        stage2 = StageConfig(**{k: run["lr"] if k == "lr" else train[f"stage2_{k}"] for k in STAGE_KEYS})
-        lora = None
-        if run["strategy"] == "lora":
+        stage2, lora = None, None
+        if run is not None:
+            run = params.check_run(name, run)
+            stage2 = StageConfig(**{k: run["lr"] if k == "lr" else train[f"stage2_{k}"] for k in STAGE_KEYS})
+        if run is not None and run["strategy"] == "lora":
             lora = LoraParams(r=run["lora_r"], alpha=run["lora_alpha"], dropout=run["lora_dropout"],
                               target_modules=list(train["lora_targets"]))
-        return cls(stage1=stage1, stage2=stage2, strategy=run["strategy"], lora=lora, seed=seed,
+        return cls(stage1=stage1, stage2=stage2, strategy=run and run["strategy"], lora=lora, seed=seed,
                    deepspeed=train["deepspeed"] or "", levers=Levers.from_params(train),
                    **{k: train[k] for k in ("gradient_checkpointing", "attn_implementation", "save_steps", "workers",
                                             "group_by_length", "max_length")})
@@ -377,7 +385,7 @@ def prepare_work_dir(work: Path, fp: str, timeout_s: float = 600) -> bool:
             if time.monotonic() - t0 > timeout_s:
                 raise io.fail(f"{work}: rank 0 did not prepare the work dir within {timeout_s:.0f} s")
             time.sleep(0.5)
-        return any(work.glob("stage*/checkpoint-*")) or (work / "stage1" / "connector.safetensors").is_file()
+        return any(work.glob("stage*/checkpoint-*")) or (work / "stage1" / CONNECTOR).is_file()
     if work.is_dir() and stamped():
         return True
     if work.exists():
@@ -403,6 +411,30 @@ def load_connector(model: nn.Module, path: Path) -> None:
     missing, unexpected = model.load_state_dict(load_file(str(path)), strict=False)
     if unexpected:
         raise io.fail(f"{path}: unexpected keys {unexpected[:3]}: stage-1 weights of another model; delete {path.parent}")
+
+
+# stage 1's result, in a pretrain@<data> folder (or work/stage1 of a run that does both stages)
+CONNECTOR, FIGURES = "connector.safetensors", "figures.json"
+MEASURED = ("wall_s", "samples_per_s", "tokens_per_s", "resumed_from_step")  # this process's, not the result's
+
+
+def save_stage1(model: nn.Module, figures: dict, rows: list[dict], folder: Path, measured: bool = True) -> None:
+    """The connector and what stage 1 did (losses, steps, its curve). measured=False leaves out this
+    process's measurements (times, rates, resume): the same training then writes the same bytes."""
+    if not measured:
+        figures = {k: v for k, v in figures.items() if k not in MEASURED}
+        rows = [{k: v for k, v in r.items() if k not in RATES} for r in rows]
+    save_connector(model, folder / CONNECTOR)
+    io.write_json(folder / FIGURES, {"figures": figures, "rows": rows})
+
+
+def load_stage1(model: nn.Module, folder: Path) -> tuple[dict, list[dict]]:
+    """Stage 1's connector into `model`; returns its (figures, curve rows)."""
+    if not (folder / CONNECTOR).is_file() or not (folder / FIGURES).is_file():
+        raise io.fail(f"{folder}: no stage-1 result ({CONNECTOR} + {FIGURES}); run `dvc repro pretrain` first")
+    load_connector(model, folder / CONNECTOR)
+    saved = json.loads((folder / FIGURES).read_text())
+    return saved["figures"], saved["rows"]
 
 
 # ---------------------------------------------------------------- the two stages
@@ -444,37 +476,49 @@ def prepare_data(cfg: TrainConfig, *datasets) -> None:
             fast.cast_pixels(data)
 
 
-def two_stage(model: nn.Module, captions, instruct, collator, cfg: TrainConfig, work: str | Path,
-              live=None, base_path: str | None = None, callbacks=()):
-    """Stage 1 then stage 2 on `model` (fp32, loaded from the base folder).
+def stage_one(model: nn.Module, captions, collator, cfg: TrainConfig, work: str | Path, live=None, callbacks=(),
+              stash: dict | None = None) -> tuple[dict, list[dict]]:
+    """Stage 1 on `model` in place: the connector on caption data, resumed from work/stage1's last
+    checkpoint. `stash`: see prepare_stage (None when no stage 2 follows in this process).
+    Returns (figures, curve rows)."""
+    prepare_data(cfg, captions)
+    model = prepare_stage(model, 1, cfg, stash)
+    _, figures, rows = run_stage(model, captions, collator, cfg.stage1, cfg, Path(work) / "stage1", callbacks, live, stage=1)
+    return figures, rows
 
-    `base_path` is the base folder a `lora` adapter names in its adapter_config.json.
 
-    Returns (trained model — a PeftModel for `lora` —, the stage-2 Trainer, figures by stage).
-    """
-    work = Path(work)
-    s1_weights = work / "stage1" / "connector.safetensors"
-    s1_figures = work / "stage1" / "figures.json"
-    stash: dict = {}
-    prepare_data(cfg, captions, instruct)
-    if s1_weights.is_file() and s1_figures.is_file():
-        load_connector(model, s1_weights)  # stage 1 finished in an earlier, interrupted run
-        saved = json.loads(s1_figures.read_text())
-        fig1, rows1 = saved["figures"], saved["rows"]
-        fig1["skipped"] = 1
-    else:
-        model = prepare_stage(model, 1, cfg, stash)
-        _, fig1, rows1 = run_stage(model, captions, collator, cfg.stage1, cfg, work / "stage1", callbacks, live, stage=1)
-        if rank() == 0:
-            save_connector(model, s1_weights)
-            io.write_json(s1_figures, {"figures": fig1, "rows": rows1})
-        fig1["skipped"] = 0
+def stage_two(model: nn.Module, instruct, collator, cfg: TrainConfig, work: str | Path, stage1: tuple[dict, list],
+              live=None, base_path: str | None = None, callbacks=(), stash: dict | None = None):
+    """Stage 2 (the run's strategy) on `model`, whose connector stage 1 trained: `stage1` = (its figures,
+    its curve rows), which the curves continue. `base_path` is the base folder a `lora` adapter names.
 
+    Returns (trained model — a PeftModel for `lora` —, the stage-2 Trainer, figures by stage)."""
+    fig1, rows1 = stage1
+    prepare_data(cfg, instruct)
+    stash = {} if stash is None else stash
     model = prepare_stage(model, 2, cfg, stash, base_path)
     stash.clear()  # what stage 2 trains has its float32 values back; the rest stays frozen
-    trainer, fig2, _ = run_stage(model, instruct, collator, cfg.stage2, cfg, work / "stage2", callbacks, live,
+    trainer, fig2, _ = run_stage(model, instruct, collator, cfg.stage2, cfg, Path(work) / "stage2", callbacks, live,
                                  step_offset=fig1["steps"], stage=2, earlier_rows=rows1)
     return model, trainer, {"stage1": fig1, "stage2": fig2}
+
+
+def two_stage(model: nn.Module, captions, instruct, collator, cfg: TrainConfig, work: str | Path,
+              live=None, base_path: str | None = None, callbacks=()):
+    """Stage 1 then stage 2 in one process (`model`: fp32, loaded from the base folder); a stage 1
+    finished in an earlier, interrupted call is loaded from work/stage1, not run again.
+    Returns what `stage_two` does."""
+    s1 = Path(work) / "stage1"
+    stash: dict = {}
+    if (s1 / CONNECTOR).is_file() and (s1 / FIGURES).is_file():
+        figures, rows = load_stage1(model, s1)
+        figures["skipped"] = 1
+    else:
+        figures, rows = stage_one(model, captions, collator, cfg, work, live, callbacks, stash)
+        if rank() == 0:
+            save_stage1(model, figures, rows, s1)
+        figures["skipped"] = 0
+    return stage_two(model, instruct, collator, cfg, work, (figures, rows), live, base_path, callbacks, stash)
 
 
 def save_trained(model: nn.Module, trainer, out: str | Path, processor=None) -> None:
@@ -503,16 +547,16 @@ def save_trained(model: nn.Module, trainer, out: str | Path, processor=None) -> 
 def run_metrics(figures: dict, trainable: dict, rejects: dict, monitor: dict) -> dict:
     """The run's final figures, flat enough for `dvc exp show` (nested dicts become dotted keys)."""
     s1, s2 = figures["stage1"], figures["stage2"]
-    train_s = s1["wall_s"] * (1 - s1.get("skipped", 0)) + s2["wall_s"]
-    samples = s1["samples"] * (1 - s1.get("skipped", 0)) + s2["samples"]
+    own = [s2] + ([s1] if "wall_s" in s1 and not s1.get("skipped") else [])  # a loaded stage 1 is not this run's time
+    train_s = sum(s["wall_s"] for s in own)
     return {
         "train_loss": s2["loss"],            # stage 2 mean loss (answer tokens only)
         "final_loss": s2["final_loss"],      # last logged stage-2 step
         "stage1_loss": s1["final_loss"],
         "wall_s": monitor.get("wall_s", train_s),
         "train_s": round(train_s, 2),
-        "samples_per_s": round(samples / max(train_s, 1e-9), 2),
-        "tokens_per_s": round((s1["tokens"] * (1 - s1.get("skipped", 0)) + s2["tokens"]) / max(train_s, 1e-9), 1),
+        "samples_per_s": round(sum(s["samples"] for s in own) / max(train_s, 1e-9), 2),
+        "tokens_per_s": round(sum(s["tokens"] for s in own) / max(train_s, 1e-9), 1),
         "stage1": {k: v for k, v in s1.items() if isinstance(v, (int, float))},
         "stage2": {k: v for k, v in s2.items() if isinstance(v, (int, float))},
         "trainable": trainable,
