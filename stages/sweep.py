@@ -47,7 +47,7 @@ def queue_teacher(seeds: str = "3,4", jobs: int = 1):
 
 def queue_dose(sizes: str = "300,1000", accurate: int = 4000, seeds: str = "", jobs: int = 1):
     """Stage-1 caption sets of other sizes (world.raw_size) and one all accurate (world.noise_rate=0):
-    train@baseline and evaluate@baseline on each. Does stage-1 data move the eval metrics?
+    pretrain@raw, train@baseline and evaluate@baseline on each (targets bring their upstream). Does stage-1 data move the eval metrics?
     `seeds`: replicate each set over these seeds (queue the seed sweep first: its zoo runs are reused
     from DVC's run cache, and its replicates are the committed set's row for their seed)."""
     variants = [(f"{sweep.DOSE_PREFIX}{n}", [f"world.raw_size={n}"]) for n in _split(sizes)]

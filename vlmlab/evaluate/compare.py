@@ -23,6 +23,8 @@ HEADLINE = list(items.HEADLINE)  # the metrics with intervals (metrics/eval/<mod
 DATA_KEYS = [("samples", "samples"), ("rejects.total", "rejects"), ("caption_words.mean", "words/caption"),
              ("caption_chars.mean", "chars/caption"), ("vocab_size", "vocabulary"),
              ("duplicate_caption_share", "duplicate share")]
+PRETRAIN_KEYS = [("stage1.wall_s", "stage-1 s"), ("stage1.samples_per_s", "samples/s"), ("stage1.tokens_per_s", "tokens/s"),
+                 ("stage1.steps", "steps"), ("stage1_loss", "stage-1 final loss")]
 TRAIN_KEYS = [("train_s", "train s"), ("samples_per_s", "samples/s"), ("tokens_per_s", "tokens/s"),
               ("trainable.total", "trainable params"), ("train_loss", "stage-2 loss"), ("final_loss", "final loss")]
 PEAK_KEYS = [("monitor.wall_s", "wall s"), ("monitor.peak_rss_mb", "peak RSS MB"),
@@ -32,6 +34,7 @@ PEAK_KEYS = [("monitor.wall_s", "wall s"), ("monitor.peak_rss_mb", "peak RSS MB"
 @dataclass
 class Collected:
     data: dict[str, dict | None] = field(default_factory=dict)    # dataset -> flat metrics (None: absent)
+    pretrain: dict[str, dict | None] = field(default_factory=dict)  # caption set -> its stage 1's flat metrics
     train: dict[str, dict | None] = field(default_factory=dict)   # run -> flat metrics
     eval: dict[str, dict | None] = field(default_factory=dict)    # model -> flat metrics
     model_paths: dict[str, str] = field(default_factory=dict)     # model -> folder
@@ -69,6 +72,7 @@ def collect(root: Path, datasets: list[str], runs: list[str], models: dict[str, 
     m = root / "metrics"
     return Collected(
         data={d: _read(m / "data" / f"{d}.json") for d in datasets},
+        pretrain={d: _read(m / "pretrain" / f"{d}.json") for d in datasets},
         train={r: _read(m / "train" / f"{r}.json") for r in runs},
         eval={name: _read(m / "eval" / f"{name}.json") for name in models},
         model_paths=dict(models),
@@ -284,8 +288,11 @@ def render_markdown(col: Collected, metric: str, tolerance: float, figures: dict
         out += [f"| {m} | {c['adapter']} | {c['max_abs_diff']:.4g} | {_fmt(c['within_tolerance'])} |" for m, c in checks.items()]
         out += [""]
     out += ["## Data: raw vs enhanced", ""] + _table("set", col.data, DATA_KEYS) + [""]
-    out += ["## Training cost", ""] + _table("run", col.train, TRAIN_KEYS) + [""]
+    out += ["## Training cost", "", "Stage 1 runs once per caption set (`pretrain@<set>`) and its runs share it; "
+            "a run's own cost is its stage 2.", ""]
+    out += _table("set", col.pretrain, PRETRAIN_KEYS) + [""] + _table("run", col.train, TRAIN_KEYS) + [""]
     peaks = dict(col.other)
+    peaks.update({f"pretrain {d}": m for d, m in col.pretrain.items() if m})
     peaks.update({f"train {r}": m for r, m in col.train.items()})
     peaks.update({f"evaluate {n}": m for n, m in col.eval.items()})
     out += ["## Memory and time peaks (per stage)", ""] + _table("stage", peaks, PEAK_KEYS, score=False) + [""]
