@@ -67,7 +67,7 @@ def main(name: str, base: str = "models/zoo", pretrained: str = "models/pretrain
         live = Live(str(plots), dvcyaml=None, save_dvc_exp=False) if main_process else None
         model, trainer, figures = recipe.stage_two(model, data, recipe.make_collator(processor.tokenizer.pad_token_id, cfg),
                                                    cfg, work, stage1, live=live, base_path=base)
-        recipe.save_trained(model, trainer, out, processor)  # a LoRA adapter names `base` (set by two_stage)
+        recipe.save_trained(model, trainer, out, processor)  # a LoRA adapter names `base` (set by stage_two)
         if live is not None:
             live.end()
             # dvclive's own summary repeats the last step; the run's figures are in `metrics`
