@@ -34,8 +34,6 @@ from vlmlab.monitor import Monitor  # noqa: E402
 from vlmlab.params import load as load_params  # noqa: E402
 from vlmlab.train import recipe  # noqa: E402
 
-SEED_OFFSET = 400  # the train stage's share of the master seed: stage 1 draws what it drew inside train@<run>
-
 
 def main(data: str, base: str = "models/zoo", captions: str = "", out: str = "", metrics: str = "", plots: str = "",
          memory: str = "", work: str = "", params: str = "params.yaml", local_rank: int = -1) -> None:
@@ -43,7 +41,7 @@ def main(data: str, base: str = "models/zoo", captions: str = "", out: str = "",
     p = load_params(params)
     if not p["train"]["cuda_deterministic"]:
         relax_cuda()  # CUDA hosts: the fast kernels (a CPU run stays pinned, bit for bit)
-    cfg = recipe.TrainConfig.from_params(p["train"], None, seed=p["seed"] + SEED_OFFSET)
+    cfg = recipe.TrainConfig.from_params(p["train"], None, seed=p["seed"] + recipe.SEED_OFFSET)
     captions = captions or f"data/{data}/llava.json"
     out, metrics = Path(out or f"models/pretrain/{data}"), metrics or f"metrics/pretrain/{data}.json"
     plots, work = Path(plots or f"plots/pretrain/{data}"), Path(work or f"work/pretrain/{data}")

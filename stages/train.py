@@ -37,8 +37,6 @@ from vlmlab.monitor import Monitor  # noqa: E402
 from vlmlab.params import load as load_params  # noqa: E402
 from vlmlab.train import recipe, strategies  # noqa: E402
 
-SEED_OFFSET = 400  # this stage's share of the master seed
-
 
 def main(name: str, base: str = "models/zoo", pretrained: str = "models/pretrain/raw",
          instruct: str = "data/world/instruct/llava.json", out: str = "", metrics: str = "", plots: str = "",
@@ -52,7 +50,7 @@ def main(name: str, base: str = "models/zoo", pretrained: str = "models/pretrain
     runs = p.get("runs") or {}
     if run not in runs:
         raise io.fail(f"run {run!r} is not in params.yaml runs: ({', '.join(runs) or 'empty'}); add it there")
-    cfg = recipe.TrainConfig.from_params(p["train"], runs[run], seed=p["seed"] + SEED_OFFSET, name=run)
+    cfg = recipe.TrainConfig.from_params(p["train"], runs[run], seed=p["seed"] + recipe.SEED_OFFSET, name=run)
     out, metrics = out or f"models/runs/{run}", metrics or f"metrics/train/{run}.json"
     plots, work = Path(plots or f"plots/train/{run}"), Path(work or f"work/train/{run}")
     main_process = recipe.rank() == 0  # under a multi-process launcher only rank 0 writes files

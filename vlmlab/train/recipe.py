@@ -46,6 +46,7 @@ class StageConfig:
     weight_decay: float = 0.0      # MGM: 0 (not a params knob)
 
 
+SEED_OFFSET = 400  # the training stages' share of the master seed (pretrain@<set> and train@<run> alike)
 STAGE_KEYS = ("epochs", "lr", "global_batch", "micro_batch", "warmup_ratio", "scheduler")  # train.stage<N>_<key>
 
 
@@ -85,9 +86,9 @@ class TrainConfig:
         if run is not None:
             run = params.check_run(name, run)
             stage2 = StageConfig(**{k: run["lr"] if k == "lr" else train[f"stage2_{k}"] for k in STAGE_KEYS})
-        if run is not None and run["strategy"] == "lora":
-            lora = LoraParams(r=run["lora_r"], alpha=run["lora_alpha"], dropout=run["lora_dropout"],
-                              target_modules=list(train["lora_targets"]))
+            if run["strategy"] == "lora":
+                lora = LoraParams(r=run["lora_r"], alpha=run["lora_alpha"], dropout=run["lora_dropout"],
+                                  target_modules=list(train["lora_targets"]))
         return cls(stage1=stage1, stage2=stage2, strategy=run and run["strategy"], lora=lora, seed=seed,
                    deepspeed=train["deepspeed"] or "", levers=Levers.from_params(train),
                    **{k: train[k] for k in ("gradient_checkpointing", "attn_implementation", "save_steps", "workers",
