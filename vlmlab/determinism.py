@@ -54,6 +54,7 @@ ENV = {
     "OPENBLAS_CORETYPE": "Haswell",  # numpy's OpenBLAS (any np.dot/matmul): AVX2 kernels on every CPU ...
     "OPENBLAS_NUM_THREADS": "1",     # ... and one thread: a split reduction sums in another order
     "CUBLAS_WORKSPACE_CONFIG": ":4096:8",  # GPU hosts: what deterministic cuBLAS needs
+    "TORCHINDUCTOR_DETERMINISTIC": "1",    # torch.compile's deterministic mode (what use_deterministic_algorithms sets)
 }
 MKL_CBWR_BRANCH, MKL_CBWR_COMPATIBLE = 1, 3  # from mkl_cbwr.h
 
@@ -76,8 +77,17 @@ def pin(threads: int = 1) -> dict:
         raise RuntimeError("MKL refused MKL_CBWR=COMPATIBLE: it already ran before vlmlab.determinism.pin()")
     torch.backends.mkldnn.enabled = False
     # CPU kernels are deterministic at a fixed thread count; on GPU hosts some ops have no deterministic
-    # kernel, and training there is not bitwise across GPUs anyway: warn, don't stop the run
-    torch.use_deterministic_algorithms(True, warn_only=True)
+    # kernel, and training there is not bitwise across GPUs anyway: warn, don't stop the run. The C flag
+    # directly: torch.use_deterministic_algorithms also imports inductor (2.2 s a process) to set
+    # its config flag, which TORCHINDUCTOR_DETERMINISTIC (ENV) sets at inductor's own import instead
+    torch._C._set_deterministic_algorithms(True, warn_only=True)
+    from vlmlab import cpu_gemm
+
+    cpu_gemm.install()  # CPU GEMMs on OpenBLAS's Haswell kernels: pinned like MKL_CBWR, 3x faster
+    if not torch.cuda.is_available():
+        # SDPA's fused CPU kernel calls MKL from inside ATen (COMPATIBLE: slow); its math path is matmuls
+        # and a softmax, so attention reaches cpu_gemm. The flag is global, so CUDA hosts keep flash
+        torch.backends.cuda.enable_flash_sdp(False)
     set_threads(threads)
     if os.environ.get("VLMLAB_NO_VML") == "1":
         no_vml().__enter__()  # for the rest of the process
@@ -122,7 +132,8 @@ def relax_cuda() -> bool:
     if not torch.cuda.is_available():
         return False
     os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
-    torch.use_deterministic_algorithms(False)
+    os.environ.pop("TORCHINDUCTOR_DETERMINISTIC", None)
+    torch.use_deterministic_algorithms(False)  # also inductor's flag, if it was imported already
     return True
 
 
@@ -173,6 +184,14 @@ def check() -> dict:
 
     if any(numpy_isa.get(target) for target in ("X86_V4", "AVX512_SKX", "AVX512_ICL", "AVX512_SPR")):
         raise RuntimeError("numpy dispatches AVX-512 ufuncs: it was imported before vlmlab.determinism.pin()")
+    from vlmlab import cpu_gemm
+
+    state["openblas"] = cpu_gemm.corename()
+    if state["openblas"] != "haswell":
+        raise RuntimeError(f"numpy's OpenBLAS runs {state['openblas']} kernels, not Haswell: numpy was imported "
+                           "before vlmlab.determinism.pin() (OPENBLAS_CORETYPE is read when it loads)")
+    if not cpu_gemm.installed():
+        raise RuntimeError("CPU GEMMs are not routed to OpenBLAS: call vlmlab.determinism.pin()")
     if state["mkl_cbwr"] != MKL_CBWR_COMPATIBLE:
         raise RuntimeError(f"MKL's CNR branch is {state['mkl_cbwr']}, not COMPATIBLE ({MKL_CBWR_COMPATIBLE})")
     return state
