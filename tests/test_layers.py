@@ -13,8 +13,8 @@ REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "vlmlab"
 # each top-level part of vlmlab and its layer: an import may only go to a lower layer (or stay inside its part)
 LAYERS = {
-    "io": 0, "determinism": 0, "seeding": 0, "batching": 0,
-    "params": 1, "data": 1, "models": 1, "monitor": 1, "evaluate": 1,
+    "io": 0, "cpu_gemm": 0, "seeding": 0, "batching": 0,
+    "params": 1, "determinism": 1, "data": 1, "models": 1, "monitor": 1, "evaluate": 1,
     "synth": 2, "train": 2,
     "infer": 3,
     "sim": 4,   # the tiny world: it writes the real path's inputs and may use the whole core; nothing uses it
