@@ -73,6 +73,13 @@ def _shown(exp_json: str, where: list[str]) -> list:
         raise io.fail(f"{exp_json or 'dvc exp show --json'}: not JSON ({e.msg})") from None
 
 
+def _same_pipeline(a: str, b: str) -> bool:
+    """Commits `a` and `b` hold the same dvc.yaml, dvc.lock and params.yaml (so the same code, by hash)."""
+    def show(rev: str, path: str) -> bytes:
+        return subprocess.run(["git", "show", f"{rev}:{path}"], check=True, capture_output=True).stdout
+    return all(show(a, f) == show(b, f) for f in ("dvc.yaml", "dvc.lock", "params.yaml"))
+
+
 def _start(jobs: int) -> None:
     subprocess.run(["dvc", "queue", "start", "-j", str(jobs)], check=True)
     print("queued; `dvc queue status` until done, then `python stages/sweep.py report`")
@@ -122,7 +129,8 @@ def report(exp_json: str = "", report: str = "reports/sweep.md", plot: str = "pl
     figure = os.path.relpath(plot, Path(report).parent) if drawn else None
     doses = sweep.dose(shown)
     if dose_rev:
-        doses = sweep.dose_of_another_commit(sweep.dose(_shown("", ["--rev", str(dose_rev)])), doses)
+        same = _same_pipeline(str(rev) or "HEAD", str(dose_rev))
+        doses = sweep.dose_of_another_commit(sweep.dose(_shown("", ["--rev", str(dose_rev)])), doses, same)
     steps, spans = [], []
     if doses and paired:
         ev = io.load_params()["evaluate"]

@@ -158,6 +158,11 @@ def test_dose_of_another_commit_only_where_this_commits_runs_score_the_same():
     more = sweep.dose(commit("new", 2, [("new-seed2", {"seed": 2}, _eval(0.45, 0.05))]))
     with pytest.raises(StageError, match="seed 2 there"):
         sweep.dose_of_another_commit(old, more)
+    # the same pipeline (dvc.lock) in both commits: a seed the other has no run of needs none; the rest are checked
+    joined = sweep.dose_of_another_commit(old, more, same_pipeline=True)
+    assert [sorted(r["seeds"]) for r in joined] == [[0], [0, 1, 2]]  # 300 captions; 4000 with this commit's seed 2
+    with pytest.raises(StageError, match="`new-seed1` cider 0.46 != `old-seed1` 0.45 there"):
+        sweep.dose_of_another_commit(old, moved, same_pipeline=True)
 
 
 def test_only_keeps_one_recipes_experiments_from_every_commit():

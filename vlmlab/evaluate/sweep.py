@@ -270,18 +270,27 @@ def dose(shown: list[dict], model: str = "baseline") -> list[dict]:
             for (size, noise), by_seed in sorted(runs.items(), key=lambda kv: (kv[0][0], -kv[0][1]))]
 
 
-def dose_of_another_commit(doses: list[dict], here: list[dict]) -> list[dict]:
+def dose_of_another_commit(doses: list[dict], here: list[dict], same_pipeline: bool = False) -> list[dict]:
     """`doses`, another commit's dose side study (`dose` of its experiments), for this commit's report.
 
     Sound only where this commit's change leaves the dose model's runs alone (a new teacher recipe: the
     `baseline` trains on raw captions only): then each of this commit's own runs, `here` (`dose` of its
     states), scores exactly as the other commit's run of its stage-1 set and seed, on every headline
-    metric and interval. Anything else fails: the dose study must be queued again."""
+    metric and interval. Anything else fails: the dose study must be queued again. `same_pipeline`: the two
+    commits hold the same dvc.yaml, dvc.lock and params.yaml (every stage's code by hash), so this commit's
+    run of a seed the other commit has none of is the run that commit would make: it joins the rows; the runs
+    the other commit has are still checked."""
     rows = {(r["captions"], r["noise_rate"]): r for r in doses}
-    checked = 0
+    checked, joined = 0, False
     for row in here:
         for seed, run in row["seeds"].items():
-            other = rows.get((row["captions"], row["noise_rate"]), {}).get("seeds", {}).get(seed)
+            key = (row["captions"], row["noise_rate"])
+            other = rows.get(key, {}).get("seeds", {}).get(seed)
+            if other is None and same_pipeline:
+                target = rows.setdefault(key, {"captions": key[0], "noise_rate": key[1], "seeds": {}})
+                target["seeds"] = dict(sorted({**target["seeds"], seed: run}.items()))
+                joined = True
+                continue
             if other is None:
                 raise io.fail(f"dose of another commit: no run of {row['captions']} captions "
                               f"(noise {row['noise_rate']}), seed {seed} there to check `{run['name']}` against")
@@ -293,7 +302,7 @@ def dose_of_another_commit(doses: list[dict], here: list[dict]) -> list[dict]:
             checked += 1
     if not checked:
         raise io.fail("dose of another commit: this commit has no run of the dose model to check it against")
-    return doses
+    return sorted(rows.values(), key=lambda r: (r["captions"], -r["noise_rate"])) if joined else doses
 
 
 def dose_steps(doses: list[dict], statistics, metrics: list[str], samples: int, seed: int, level: float,
@@ -408,9 +417,10 @@ def _render_steps(steps: list[dict], metrics: list[str]) -> list[str]:
 def _render_dose(doses: list[dict], metrics: list[str], model: str, dose_rev: str = "") -> list[str]:
     many = any(len(r["seeds"]) > 1 for r in doses)
     source = [] if not dose_rev else [
-        f"These experiments were queued from commit `{dose_rev}`. On every seed this commit's own `{model}` run "
-        "scores exactly as that commit's (every headline metric and interval; `dose_of_another_commit` checks it), "
-        "so this commit's change does not touch them.", ""]
+        f"These experiments were queued from commit `{dose_rev}`. Wherever that commit has a `{model}` run of a "
+        "seed, this commit's own run scores exactly as it (every headline metric and interval; "
+        "`dose_of_another_commit` checks it); a seed it has none of is accepted only where both commits hold "
+        "the same dvc.yaml, dvc.lock and params.yaml. So this commit's change does not touch them.", ""]
     out = ["## Stage-1 data dose-response", "", *source,
            f"`{model}` (stage 1 on the raw seed captions, stage 2 full) with another stage-1 caption set: "
            "`world.raw_size` captions, `world.noise_rate` of them wrong or off-topic (0: all accurate). " +
