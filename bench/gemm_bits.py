@@ -4,8 +4,8 @@
     python bench/gemm_bits.py speed [--out F]   # torch under pin(): OpenBLAS route vs MKL COMPATIBLE, one run
     python bench/gemm_bits.py steps [--out F]   # tiny MGM training steps, pin()'s route vs MKL + SDPA's fused kernel
 
-`bits` needs nothing but numpy (the constraints file's pin), so it also runs on a host with another torch
-build (the GPU machine's CPU): equal digests on two CPUs mean equal GEMM bits there.
+`bits` computes with numpy alone (the constraints file's pin; torch is imported, not used), so it also runs on a
+host with another torch build (the GPU machine's CPU): equal digests on two CPUs mean equal GEMM bits there.
 """
 from __future__ import annotations
 
@@ -104,7 +104,7 @@ def steps(out: str = "", rounds: int = 3, n: int = 4) -> dict:
     for _ in range(rounds):
         for route in ("openblas", "mkl"):
             if route == "mkl":
-                cpu_gemm._LIB._destroy()  # the four aten kernels go back to ATen's (MKL)
+                cpu_gemm.uninstall()  # the four aten kernels go back to ATen's (MKL)
             torch.backends.cuda.enable_flash_sdp(route == "mkl")
             for setting in ("stage1", "stage2"):
                 m.set_trainable(model, setting)
@@ -115,7 +115,6 @@ def steps(out: str = "", rounds: int = 3, n: int = 4) -> dict:
                     model(**batch).loss.backward()
                 times.setdefault(f"{setting}_{route}", []).append((time.perf_counter() - t0) / n * 1e3)
             if route == "mkl":
-                cpu_gemm._LIB = None
                 cpu_gemm.install()
     result = {"cpu": cpu(), "torch": torch.__version__, "ms_per_step": {k: [round(v, 1) for v in vs]
                                                                          for k, vs in times.items()}}

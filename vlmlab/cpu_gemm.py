@@ -1,9 +1,10 @@
 """CPU matrix products through numpy's OpenBLAS, pinned to its Haswell kernels: the same bits on any x86-64-v3 CPU,
-and 3-3.5x MKL's speed under the pin.
+and 2.5-3.6x MKL's speed under the pin.
 
 Why not torch's own GEMM: its wheel calls MKL, and the one MKL code path that Intel and AMD CPUs both run is
-COMPATIBLE (vlmlab/determinism.py), which ran 14-26 GFLOP/s on one thread of a 2-core AMD EPYC where OpenBLAS's
-Haswell kernels ran 40-77 (tiny-world shapes, `python bench/gemm_bits.py speed`). OpenBLAS's kernel
+COMPATIBLE (vlmlab/determinism.py), which ran 18-26 GFLOP/s on one thread of a 2-core AMD EPYC where OpenBLAS's
+Haswell kernels ran 62-82 (tiny-world shapes, `python bench/gemm_bits.py speed`,
+bench/results/gemm_speed_amd_zen3.json). OpenBLAS's kernel
 for a core type is fixed code (assembly, blocking constants of that core), so pinning the type
 (OPENBLAS_CORETYPE=Haswell, read when numpy loads it) pins the bits, as MKL_CBWR does for MKL. numpy bundles
 its OpenBLAS in its wheel, so the library version is the constraints file's numpy pin.
@@ -34,6 +35,15 @@ def _ours(*ts: torch.Tensor) -> bool:
     return ts[0].dtype in _FLOATS and all(t.dtype == ts[0].dtype and not t.is_conj() and not t.is_neg() for t in ts)
 
 
+def _product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.from_numpy(np.matmul(_np(a), _np(b)))
+
+
+def _out(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """An empty result for ATen's own `.out` kernel (the ops not ours: other dtypes), 2-d or batched."""
+    return a.new_empty((*a.shape[:-1], b.shape[-1]))
+
+
 def _scaled(prod: torch.Tensor, inp: torch.Tensor, beta, alpha) -> torch.Tensor:
     """beta * inp + alpha * prod, as ATen defines addmm (beta 0: inp ignored, NaNs included)."""
     if alpha != 1:
@@ -44,29 +54,23 @@ def _scaled(prod: torch.Tensor, inp: torch.Tensor, beta, alpha) -> torch.Tensor:
 
 
 def mm(a, b):
-    if not _ours(a, b):
-        return torch.ops.aten.mm.out(a, b, out=a.new_empty((a.shape[0], b.shape[1])))
-    return torch.from_numpy(np.matmul(_np(a), _np(b)))
+    return _product(a, b) if _ours(a, b) else torch.ops.aten.mm.out(a, b, out=_out(a, b))
 
 
 def bmm(a, b):
-    if not _ours(a, b):
-        return torch.ops.aten.bmm.out(a, b, out=a.new_empty((a.shape[0], a.shape[1], b.shape[2])))
-    return torch.from_numpy(np.matmul(_np(a), _np(b)))
+    return _product(a, b) if _ours(a, b) else torch.ops.aten.bmm.out(a, b, out=_out(a, b))
 
 
 def addmm(inp, m1, m2, *, beta=1, alpha=1):
     if not _ours(inp, m1, m2):
-        return torch.ops.aten.addmm.out(inp, m1, m2, beta=beta, alpha=alpha,
-                                        out=m1.new_empty((m1.shape[0], m2.shape[1])))
-    return _scaled(torch.from_numpy(np.matmul(_np(m1), _np(m2))), inp, beta, alpha)
+        return torch.ops.aten.addmm.out(inp, m1, m2, beta=beta, alpha=alpha, out=_out(m1, m2))
+    return _scaled(_product(m1, m2), inp, beta, alpha)
 
 
 def baddbmm(inp, b1, b2, *, beta=1, alpha=1):
     if not _ours(inp, b1, b2):
-        return torch.ops.aten.baddbmm.out(inp, b1, b2, beta=beta, alpha=alpha,
-                                          out=b1.new_empty((b1.shape[0], b1.shape[1], b2.shape[2])))
-    return _scaled(torch.from_numpy(np.matmul(_np(b1), _np(b2))), inp, beta, alpha)
+        return torch.ops.aten.baddbmm.out(inp, b1, b2, beta=beta, alpha=alpha, out=_out(b1, b2))
+    return _scaled(_product(b1, b2), inp, beta, alpha)
 
 
 def install() -> None:
@@ -82,6 +86,14 @@ def install() -> None:
         for name, fn in (("mm", mm), ("bmm", bmm), ("addmm", addmm), ("baddbmm", baddbmm)):
             lib.impl(name, fn, "CPU")
     _LIB = lib
+
+
+def uninstall() -> None:
+    """ATen's own kernels (MKL) back, e.g. to time both routes in one process (bench/gemm_bits.py steps)."""
+    global _LIB
+    if _LIB is not None:
+        _LIB._destroy()
+        _LIB = None
 
 
 def installed() -> bool:
