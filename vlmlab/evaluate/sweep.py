@@ -283,21 +283,21 @@ def dose_of_another_commit(doses: list[dict], here: list[dict], same_pipeline: b
     rows = {(r["captions"], r["noise_rate"]): r for r in doses}
     checked, joined = 0, False
     for row in here:
+        key = (row["captions"], row["noise_rate"])
         for seed, run in row["seeds"].items():
-            key = (row["captions"], row["noise_rate"])
             other = rows.get(key, {}).get("seeds", {}).get(seed)
             if other is None and same_pipeline:
-                target = rows.setdefault(key, {"captions": key[0], "noise_rate": key[1], "seeds": {}})
-                target["seeds"] = dict(sorted({**target["seeds"], seed: run}.items()))
+                target = rows.get(key, {"captions": key[0], "noise_rate": key[1], "seeds": {}})
+                rows[key] = dict(target, seeds=dict(sorted({**target["seeds"], seed: run}.items())))  # doses' rows stay
                 joined = True
                 continue
             if other is None:
                 raise io.fail(f"dose of another commit: no run of {row['captions']} captions "
                               f"(noise {row['noise_rate']}), seed {seed} there to check `{run['name']}` against")
-            for key in (f"{m}{end}" for m in items.HEADLINE for end in ("", "_ci_low", "_ci_high")):
-                if run["metrics"].get(key) != other["metrics"].get(key):
-                    raise io.fail(f"dose of another commit: `{run['name']}` {key} {run['metrics'].get(key)} != "
-                                  f"`{other['name']}` {other['metrics'].get(key)} there: this commit changed its runs; "
+            for name in (f"{m}{end}" for m in items.HEADLINE for end in ("", "_ci_low", "_ci_high")):
+                if run["metrics"].get(name) != other["metrics"].get(name):
+                    raise io.fail(f"dose of another commit: `{run['name']}` {name} {run['metrics'].get(name)} != "
+                                  f"`{other['name']}` {other['metrics'].get(name)} there: this commit changed its runs; "
                                   "queue the dose study again")
             checked += 1
     if not checked:
