@@ -1,6 +1,7 @@
 """Do the fast and the stock captioning op draw captions of the same quality? A check on the tiny world (CPU).
 
     python bench/synth_distribution.py --out bench/results/synth_distribution.json     # ~10 min on 2 cores
+    python bench/synth_distribution.py --seeds 60,61,62 --out bench/results/synth_distribution.json
 
 Builds a tiny world (the default params' curated set; `--images` held-out caption images with 5
 references each), trains the teacher with the default params' recipe, and re-captions the held-out images
@@ -11,21 +12,25 @@ candidate is scored, not only those the filters keep. Reported per op: CIDEr-D a
 caption_num candidates against the image's references (pycocoevalcap, vlmlab.evaluate.captions), the
 share of captions the filters keep, and the paired difference fast - stock with a 95% bootstrap interval
 over images (resampling images, both ops' candidates of an image together). "Same" = each interval
-holds 0.
+holds 0. Under `pin()`, as the stages, so the teacher and its captions are the same on any x86 CPU.
+With several seeds, each seed is reported (`per_seed`) and all of them together (`pooled`: an image's
+candidates from every seed scored as one set, one interval over images): the test that does not count
+on each of several intervals, one in twenty of which misses 0 by chance, holding 0.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import sys
-import time
 from pathlib import Path
 
-import numpy as np
-import torch
-import yaml
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/...` from a plain checkout
+from vlmlab.determinism import pin; pin()  # noqa: E402,E702  first, as the stages: the same teacher and captions on any x86
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import time  # noqa: E402
+
+import numpy as np  # noqa: E402
+import yaml  # noqa: E402
 
 from vlmlab import io  # noqa: E402
 from vlmlab.data.formats import caption_of  # noqa: E402
@@ -99,34 +104,9 @@ def interval(values: np.ndarray) -> list[float]:
     return [round(float(np.percentile(values, 2.5)), 4), round(float(np.percentile(values, 97.5)), 4)]
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--images", type=int, default=400, help="held-out images re-captioned by each op")
-    ap.add_argument("--bootstrap", type=int, default=1000, help="resamples (CIDEr-D, kept share)")
-    ap.add_argument("--bootstrap-bleu", type=int, default=200, help="resamples for corpus BLEU-4 (slower)")
-    ap.add_argument("--work", default="work/synth_distribution")
-    ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--seed", type=int, default=None, help="seed of the captioning runs (default: the stage's)")
-    ap.add_argument("--reuse", action="store_true", help="reuse --work's world and teacher from an earlier run")
-    ap.add_argument("--out", required=True)
-    a = ap.parse_args()
-    torch.set_num_threads(1)
-    params = io.load_params(a.params)
-    work = Path(a.work)
-    t0 = time.perf_counter()
-    if a.reuse and (work / "teacher" / "config.json").is_file():
-        teacher, rows = work / "teacher", io.read_jsonl(work / "world" / "eval" / "captions.jsonl")
-    else:
-        teacher, rows = teacher_folder(work, params, a.images)
-    teacher_s = time.perf_counter() - t0
-    refs = {str(r["id"]): r["captions"] for r in rows}
-    seed_rows = [{"id": str(r["id"]), "text": f"<__dj__image>\n{r['captions'][0]} <|__dj__eoc|>",
-                  "images": [str((work / "world" / "eval" / r["image"]).resolve())]} for r in rows]
-    io.write_jsonl(work / "seed.jsonl", seed_rows)
-    seed = params["seed"] + 60 if a.seed is None else a.seed
-    runs = {op: recaption(op, params, teacher, work / "seed.jsonl", work / f"{op}_{seed}", seed) for op in ("stock", "fast")}
+def compare(runs: dict, refs: dict[str, list[str]], n: int, a) -> dict:
+    """Scores of each op's `n` candidates per image and fast - stock with 95% bootstrap intervals over images."""
     ids = sorted(refs)
-    n = params["synth"]["caption_num"]
     for op, run in runs.items():
         missing = [i for i in ids if len(run["captions"].get(i, [])) != n]
         if missing:
@@ -142,9 +122,7 @@ def main() -> None:
     d_bleu = np.array([corpus_bleu4(scored["fast"][2], keys["fast"][d].ravel().tolist())
                        - corpus_bleu4(scored["stock"][2], keys["stock"][d].ravel().tolist())
                        for d in draws[:a.bootstrap_bleu]])
-    result = {"images": len(ids), "caption_num": n, "references_per_image": len(rows[0]["captions"]),
-              "seed": seed, "teacher_train_s": round(teacher_s, 1), "params": a.params,
-              "ops": {op: {"cider_d": round(float(cider[op].mean()), 4),
+    result = {"ops": {op: {"cider_d": round(float(cider[op].mean()), 4),
                            "bleu_4": round(corpus_bleu4(scored[op][2], scored[op][0]), 4),
                            "kept_share": round(float(kept[op].mean()), 4), "mapper_s": runs[op]["mapper_s"]}
                       for op in runs},
@@ -154,6 +132,45 @@ def main() -> None:
                                    "kept_share": {"ci95": interval(d_kept), "resamples": a.bootstrap}}}
     result["fast_minus_stock"]["bleu_4"]["diff"] = round(result["ops"]["fast"]["bleu_4"] - result["ops"]["stock"]["bleu_4"], 4)
     result["same"] = {k: v["ci95"][0] <= 0 <= v["ci95"][1] for k, v in result["fast_minus_stock"].items()}
+    return result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--images", type=int, default=400, help="held-out images re-captioned by each op")
+    ap.add_argument("--bootstrap", type=int, default=1000, help="resamples (CIDEr-D, kept share)")
+    ap.add_argument("--bootstrap-bleu", type=int, default=200, help="resamples for corpus BLEU-4 (slower)")
+    ap.add_argument("--work", default="work/synth_distribution")
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--seeds", default=None, help="seeds of the captioning runs, comma-separated (default: the "
+                    "stage's); with several, also `pooled`: every seed's candidates of an image scored together")
+    ap.add_argument("--reuse", action="store_true", help="reuse --work's world and teacher from an earlier run")
+    ap.add_argument("--out", required=True)
+    a = ap.parse_args()
+    params = io.load_params(a.params)
+    work = Path(a.work)
+    t0 = time.perf_counter()
+    if a.reuse and (work / "teacher" / "config.json").is_file():
+        teacher, rows = work / "teacher", io.read_jsonl(work / "world" / "eval" / "captions.jsonl")
+    else:
+        teacher, rows = teacher_folder(work, params, a.images)
+    teacher_s = time.perf_counter() - t0
+    refs = {str(r["id"]): r["captions"] for r in rows}
+    seed_rows = [{"id": str(r["id"]), "text": f"<__dj__image>\n{r['captions'][0]} <|__dj__eoc|>",
+                  "images": [str((work / "world" / "eval" / r["image"]).resolve())]} for r in rows]
+    io.write_jsonl(work / "seed.jsonl", seed_rows)
+    seeds = [params["seed"] + 60] if a.seeds is None else [int(s) for s in str(a.seeds).split(",")]
+    n = params["synth"]["caption_num"]
+    runs = {s: {op: recaption(op, params, teacher, work / "seed.jsonl", work / f"{op}_{s}", s) for op in ("stock", "fast")}
+            for s in seeds}
+    result = {"images": len(refs), "caption_num": n, "references_per_image": len(rows[0]["captions"]),
+              "seeds": seeds, "teacher_train_s": round(teacher_s, 1), "params": a.params,
+              "per_seed": {s: compare(by_op, refs, n, a) for s, by_op in runs.items()}}
+    if len(seeds) > 1:  # every seed's candidates of an image together: one interval over images for all seeds
+        pooled = {op: {part: {i: [c for s in seeds for c in runs[s][op][part].get(i, [])] for i in refs}
+                       for part in ("captions", "kept")} | {"mapper_s": sum(runs[s][op]["mapper_s"] for s in seeds)}
+                  for op in ("stock", "fast")}
+        result["pooled"] = compare(pooled, refs, n * len(seeds), a)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
